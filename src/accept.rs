@@ -1,0 +1,118 @@
+//! Accepting clients: admission under the global and listen maxconn, then one task per
+//! session. Accept errors (EMFILE when out of descriptors, ECONNABORTED…) back off
+//! instead of spinning or stopping the listener.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, warn};
+
+use crate::net;
+use crate::refusal::Refusal;
+use crate::session::{self, Admission};
+use crate::state::ListenState;
+
+/// Refused clients are answered by short tasks; this caps how many run at once so a
+/// flood beyond maxconn costs bounded work (beyond it, the socket is simply closed).
+const MAX_REFUSING: usize = 256;
+
+/// What every accept loop shares.
+#[derive(Clone)]
+pub struct Shared {
+    /// Global maxconn.
+    pub global: Arc<Semaphore>,
+    pub global_limit: usize,
+    /// Bounds the tasks that answer refused clients.
+    pub refusing: Arc<Semaphore>,
+    /// Session tasks, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled when the shutdown grace ends: sessions close.
+    pub close_sessions: CancellationToken,
+}
+
+impl Shared {
+    pub fn new(
+        global_limit: usize,
+        tracker: TaskTracker,
+        close_sessions: CancellationToken,
+    ) -> Self {
+        Shared {
+            global: Arc::new(Semaphore::new(global_limit)),
+            global_limit,
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            tracker,
+            close_sessions,
+        }
+    }
+}
+
+/// Accepts until `stop` is cancelled, then drops the listener (the port closes).
+pub async fn accept_loop(
+    listener: TcpListener,
+    listen: Arc<ListenState>,
+    shared: Shared,
+    stop: CancellationToken,
+) {
+    const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(conn) => {
+                backoff = FIRST_BACKOFF;
+                conn
+            }
+            Err(e) => {
+                warn!(listen = %listen.cfg.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stop.cancelled() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        if let Err(e) = net::tune(&stream) {
+            debug!(client = %peer, error = %e, "cannot set socket options");
+        }
+        let admission = match admit(&listen, &shared) {
+            Ok(admission) => admission,
+            Err(()) => {
+                debug!(client = %peer, "too many refusals in flight: closing");
+                continue;
+            }
+        };
+        let (listen, close) = (Arc::clone(&listen), shared.close_sessions.clone());
+        shared
+            .tracker
+            .spawn(session::serve(stream, peer, listen, admission, close));
+    }
+}
+
+/// Takes a global and a listen permit, or decides the refusal. Err when even the
+/// refusal cannot be afforded.
+fn admit(listen: &Arc<ListenState>, shared: &Shared) -> Result<Admission, ()> {
+    let refusal = |scope, limit| Refusal::TooManyClients {
+        listen: listen.cfg.name.clone(),
+        scope,
+        limit,
+    };
+    let global = Arc::clone(&shared.global).try_acquire_owned();
+    let local = Arc::clone(&listen.maxconn).try_acquire_owned();
+    let refused = match (global, local) {
+        (Ok(g), Ok(l)) => return Ok(Admission::Admitted(vec![g, l])),
+        (Err(_), _) => refusal("global", shared.global_limit),
+        (_, Err(_)) => refusal("listen", listen.cfg.maxconn),
+    };
+    match Arc::clone(&shared.refusing).try_acquire_owned() {
+        Ok(permit) => Ok(Admission::Refused(refused, permit)),
+        Err(_) => Err(()),
+    }
+}

@@ -1,0 +1,21 @@
+//! pglb: a PostgreSQL-aware TCP load balancer for fleets of PgBouncers.
+//!
+//! The data path, one module per step:
+//! [`accept`] → [`startup`] → [`pick`] (with [`balance`]) → [`relay`], driven per client
+//! by [`session`]. Server and listen state lives in [`state`], shared by everything.
+
+pub mod accept;
+pub mod balance;
+pub mod cancel;
+pub mod config;
+pub mod daemon;
+pub mod net;
+pub mod pick;
+pub mod refusal;
+pub mod relay;
+pub mod session;
+pub mod startup;
+pub mod state;
+
+pub use config::Config;
+pub use daemon::run;

@@ -1,0 +1,430 @@
+//! The startup phase: the first packet(s) a client sends before any server is involved.
+//!
+//! Protocol reference: <https://www.postgresql.org/docs/current/protocol-message-formats.html>
+//! (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest). These packets have no type
+//! byte: a 4-byte length (including itself) then a 4-byte code or protocol version.
+
+use std::collections::BTreeMap;
+
+use bytes::{Bytes, BytesMut};
+use pgwire::messages::cancel::CancelRequest;
+use pgwire::messages::startup::Startup;
+use pgwire::messages::{DecodeContext, Message, ProtocolVersion};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Shortest startup-phase packet: length + code.
+pub const MIN_PACKET: usize = 8;
+/// Longest startup-phase packet PostgreSQL accepts (`MAX_STARTUP_PACKET_LENGTH`, pqcomm.h).
+pub const MAX_PACKET: usize = 10_000;
+
+const CANCEL_REQUEST_CODE: u32 = 1234 << 16 | 5678;
+const SSL_REQUEST_CODE: u32 = 1234 << 16 | 5679;
+const GSSENC_REQUEST_CODE: u32 = 1234 << 16 | 5680;
+
+/// One decoded startup-phase packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packet {
+    /// SSLRequest: the client asks for TLS.
+    Ssl,
+    /// GSSENCRequest: the client asks for GSSAPI encryption.
+    GssEnc,
+    /// CancelRequest, arriving on its own connection.
+    Cancel(CancelKey),
+    /// StartupMessage: the session proper.
+    Startup(StartupMessage),
+}
+
+/// The (pid, secret) pair a server hands out in BackendKeyData and a CancelRequest echoes.
+/// The secret is 4 bytes in protocol 3.0 and up to 256 bytes in 3.2.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct CancelKey {
+    pub pid: i32,
+    pub secret: Bytes,
+}
+
+impl std::fmt::Debug for CancelKey {
+    // The secret is what makes a cancel legitimate: keep it out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "CancelKey {{ pid: {}, secret: MASKED }}", self.pid)
+    }
+}
+
+impl CancelKey {
+    /// The CancelRequest packet carrying this key, as a client would send it.
+    pub fn to_packet(&self) -> Vec<u8> {
+        let len = 12 + self.secret.len();
+        let mut p = Vec::with_capacity(len);
+        p.extend_from_slice(&(len as u32).to_be_bytes());
+        p.extend_from_slice(&CANCEL_REQUEST_CODE.to_be_bytes());
+        p.extend_from_slice(&self.pid.to_be_bytes());
+        p.extend_from_slice(&self.secret);
+        p
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupMessage {
+    pub version: (u16, u16),
+    pub params: BTreeMap<String, String>,
+    /// The packet as received, forwarded unchanged to the server.
+    pub raw: Bytes,
+}
+
+impl StartupMessage {
+    pub fn param(&self, key: &str) -> Option<&str> {
+        self.params.get(key).map(String::as_str)
+    }
+}
+
+/// Why a startup packet was refused. Each maps to the ErrorResponse the client gets.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("invalid startup packet length {0}")]
+    BadLength(i64),
+    #[error("unsupported frontend protocol {0}.{1}: pglb supports 3.0 to 3.2")]
+    UnsupportedVersion(u16, u16),
+    #[error("invalid startup packet: {0}")]
+    Malformed(&'static str),
+    #[error("no PostgreSQL user name specified in startup packet")]
+    NoUser,
+    #[error("client closed the connection during startup")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl StartupError {
+    /// SQLSTATE of the ErrorResponse that reports this error.
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            StartupError::UnsupportedVersion(..) => "0A000",
+            StartupError::NoUser => "28000",
+            _ => "08P01",
+        }
+    }
+}
+
+/// Reads one length-prefixed startup-phase packet. The claimed length is checked against
+/// [`MIN_PACKET`]..=[`MAX_PACKET`] before anything is allocated for it.
+pub async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> Result<Bytes, StartupError> {
+    let mut len_bytes = [0u8; 4];
+    match r.read_exact(&mut len_bytes).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(StartupError::Closed);
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let len = i32::from_be_bytes(len_bytes);
+    let len = check_length(len)?;
+    let mut packet = BytesMut::zeroed(len);
+    packet[..4].copy_from_slice(&len_bytes);
+    match r.read_exact(&mut packet[4..]).await {
+        Ok(_) => Ok(packet.freeze()),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StartupError::Closed),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn check_length(len: i32) -> Result<usize, StartupError> {
+    match usize::try_from(len) {
+        Ok(n) if (MIN_PACKET..=MAX_PACKET).contains(&n) => Ok(n),
+        _ => Err(StartupError::BadLength(len.into())),
+    }
+}
+
+/// Decodes a whole packet as returned by [`read_packet`].
+pub fn decode(packet: Bytes) -> Result<Packet, StartupError> {
+    if packet.len() < MIN_PACKET {
+        return Err(StartupError::BadLength(packet.len() as i64));
+    }
+    let len = check_length(i32::from_be_bytes([
+        packet[0], packet[1], packet[2], packet[3],
+    ]))?;
+    if len != packet.len() {
+        return Err(StartupError::Malformed("length does not match the packet"));
+    }
+    let code = u32::from_be_bytes([packet[4], packet[5], packet[6], packet[7]]);
+    match code {
+        SSL_REQUEST_CODE | GSSENC_REQUEST_CODE if len != 8 => {
+            Err(StartupError::Malformed("encryption request with a body"))
+        }
+        SSL_REQUEST_CODE => Ok(Packet::Ssl),
+        GSSENC_REQUEST_CODE => Ok(Packet::GssEnc),
+        CANCEL_REQUEST_CODE => decode_cancel(&packet).map(Packet::Cancel),
+        _ => decode_startup(packet, code),
+    }
+}
+
+fn decode_cancel(packet: &Bytes) -> Result<CancelKey, StartupError> {
+    // 3.0 sends a 4-byte secret; 3.2 allows up to 256 bytes.
+    if !(16..=12 + 256).contains(&packet.len()) {
+        return Err(StartupError::Malformed(
+            "cancel request of the wrong length",
+        ));
+    }
+    let mut buf = BytesMut::from(&packet[..]);
+    let ctx = DecodeContext::new(ProtocolVersion::PROTOCOL3_2);
+    match CancelRequest::decode(&mut buf, &ctx) {
+        Ok(Some(req)) => Ok(CancelKey {
+            pid: req.pid,
+            secret: req.secret_key.to_bytes(),
+        }),
+        _ => Err(StartupError::Malformed("cancel request")),
+    }
+}
+
+fn decode_startup(packet: Bytes, code: u32) -> Result<Packet, StartupError> {
+    let (major, minor) = ((code >> 16) as u16, code as u16);
+    // PostgreSQL accepts any 3.x and negotiates the minor version down; so do we (the
+    // server behind us does the negotiating).
+    if major != 3 {
+        return Err(StartupError::UnsupportedVersion(major, minor));
+    }
+    if !well_formed_parameters(&packet[8..]) {
+        return Err(StartupError::Malformed(
+            "parameters must be name/value pairs ending with one empty name",
+        ));
+    }
+    let mut buf = BytesMut::from(&packet[..]);
+    let ctx = DecodeContext::default();
+    let startup = match Startup::decode(&mut buf, &ctx) {
+        Ok(Some(s)) => s,
+        _ => return Err(StartupError::Malformed("cannot decode parameters")),
+    };
+    if startup.parameters.get("user").is_none_or(|u| u.is_empty()) {
+        return Err(StartupError::NoUser);
+    }
+    Ok(Packet::Startup(StartupMessage {
+        version: (major, minor),
+        params: startup.parameters,
+        raw: packet,
+    }))
+}
+
+/// Parameters are NUL-terminated name/value pairs; an empty name ends the list and must
+/// be the last byte (as PostgreSQL requires).
+fn well_formed_parameters(mut rest: &[u8]) -> bool {
+    loop {
+        let Some(name_end) = rest.iter().position(|&b| b == 0) else {
+            return false;
+        };
+        if name_end == 0 {
+            return rest.len() == 1;
+        }
+        rest = &rest[name_end + 1..];
+        let Some(value_end) = rest.iter().position(|&b| b == 0) else {
+            return false;
+        };
+        rest = &rest[value_end + 1..];
+    }
+}
+
+/// What the client asked for once encryption negotiation that pglb itself answers is done.
+#[derive(Debug)]
+pub enum Hello {
+    /// SSLRequest: forwarded to the server (TLS passthrough). Carries the raw request.
+    Ssl(Bytes),
+    Cancel(CancelKey),
+    Startup(StartupMessage),
+}
+
+/// Reads the client's opening packets. GSSENCRequest is answered `N` here (pglb cannot
+/// pass GSSAPI encryption through meaningfully), after which the client sends its next
+/// packet, as libpq does.
+pub async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Hello, StartupError> {
+    let mut gss_refused = false;
+    loop {
+        let raw = read_packet(s).await?;
+        match decode(raw.clone())? {
+            Packet::Ssl => return Ok(Hello::Ssl(raw)),
+            Packet::Cancel(key) => return Ok(Hello::Cancel(key)),
+            Packet::Startup(m) => return Ok(Hello::Startup(m)),
+            Packet::GssEnc if !gss_refused => {
+                gss_refused = true;
+                s.write_all(b"N").await?;
+            }
+            Packet::GssEnc => return Err(StartupError::Malformed("GSSENCRequest sent twice")),
+        }
+    }
+}
+
+/// After answering an SSLRequest with `N`, the client's next packet must be a
+/// StartupMessage (or it gives up and closes).
+pub async fn read_startup_after_ssl_refusal<R: AsyncRead + Unpin>(
+    r: &mut R,
+) -> Result<StartupMessage, StartupError> {
+    match decode(read_packet(r).await?)? {
+        Packet::Startup(m) => Ok(m),
+        _ => Err(StartupError::Malformed(
+            "expected a StartupMessage after SSL was refused",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup_packet(version: u32, params: &[(&str, &str)]) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        for (k, v) in params {
+            body.extend_from_slice(k.as_bytes());
+            body.push(0);
+            body.extend_from_slice(v.as_bytes());
+            body.push(0);
+        }
+        body.push(0);
+        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        p.extend(body);
+        p
+    }
+
+    fn decode_bytes(b: &[u8]) -> Result<Packet, StartupError> {
+        decode(Bytes::copy_from_slice(b))
+    }
+
+    #[test]
+    fn decodes_startup_3_0_and_3_2() {
+        for version in [0x0003_0000, 0x0003_0002] {
+            let p = startup_packet(version, &[("user", "app"), ("database", "db")]);
+            let Packet::Startup(m) = decode_bytes(&p).expect("valid") else {
+                panic!("not a startup message")
+            };
+            assert_eq!(m.param("user"), Some("app"));
+            assert_eq!(m.param("database"), Some("db"));
+            assert_eq!(m.version, (3, (version & 0xffff) as u16));
+            assert_eq!(&m.raw[..], &p[..], "raw bytes are kept for forwarding");
+        }
+    }
+
+    #[test]
+    fn decodes_ssl_gss_and_cancel() {
+        assert_eq!(
+            decode_bytes(&[0, 0, 0, 8, 4, 210, 22, 47]).ok(),
+            Some(Packet::Ssl)
+        );
+        assert_eq!(
+            decode_bytes(&[0, 0, 0, 8, 4, 210, 22, 48]).ok(),
+            Some(Packet::GssEnc)
+        );
+        let key = CancelKey {
+            pid: 4242,
+            secret: Bytes::from_static(&[1, 2, 3, 4]),
+        };
+        assert_eq!(
+            decode_bytes(&key.to_packet()).ok(),
+            Some(Packet::Cancel(key))
+        );
+        // Protocol 3.2: a 32-byte secret.
+        let long = CancelKey {
+            pid: 7,
+            secret: Bytes::from(vec![9u8; 32]),
+        };
+        assert_eq!(
+            decode_bytes(&long.to_packet()).ok(),
+            Some(Packet::Cancel(long))
+        );
+    }
+
+    #[test]
+    fn refuses_bad_lengths() {
+        assert!(matches!(
+            decode_bytes(&[0, 0, 0, 4, 0, 3, 0, 0]),
+            Err(StartupError::BadLength(4))
+        ));
+        assert!(matches!(
+            decode_bytes(&[0xff, 0xff, 0xff, 0xf0, 0, 3, 0, 0]),
+            Err(StartupError::BadLength(-16))
+        ));
+        assert!(matches!(
+            decode_bytes(&[0, 0, 0x27, 0x11, 0, 3, 0, 0]),
+            Err(StartupError::BadLength(10001))
+        ));
+        assert!(matches!(
+            decode_bytes(&[0, 0, 0]),
+            Err(StartupError::BadLength(3))
+        ));
+        // Length field disagrees with the bytes given.
+        let mut p = startup_packet(0x0003_0000, &[("user", "a")]);
+        p.push(0);
+        assert!(matches!(decode_bytes(&p), Err(StartupError::Malformed(_))));
+        // A cancel request with a 2-byte secret.
+        assert!(decode_bytes(&[0, 0, 0, 14, 4, 210, 22, 46, 0, 0, 0, 1, 0, 0]).is_err());
+        assert!(decode_bytes(&[0, 0, 0, 9, 4, 210, 22, 47, 0]).is_err());
+    }
+
+    #[test]
+    fn refuses_garbage_and_missing_user() {
+        assert!(matches!(
+            decode_bytes(&startup_packet(0x0002_0000, &[("user", "a")])),
+            Err(StartupError::UnsupportedVersion(2, 0))
+        ));
+        assert!(matches!(
+            decode_bytes(&startup_packet(0x0003_0000, &[("database", "a")])),
+            Err(StartupError::NoUser)
+        ));
+        let mut unterminated = startup_packet(0x0003_0000, &[("user", "a")]);
+        unterminated.pop();
+        unterminated.push(b'x');
+        assert!(matches!(
+            decode_bytes(&unterminated),
+            Err(StartupError::Malformed(_))
+        ));
+        // Invalid UTF-8 and odd shapes must not panic.
+        let weird = startup_packet(0x0003_0000, &[("user", "\u{fffd}"), ("x", "")]);
+        let _ = decode_bytes(&weird);
+        let mut p = vec![0, 0, 0, 12, 0, 3, 0, 0, 0xff, 0xfe, 0, 0];
+        assert!(
+            matches!(decode_bytes(&p), Err(StartupError::Malformed(_))),
+            "value without terminator"
+        );
+        p[8] = 0;
+        assert!(
+            matches!(decode_bytes(&p), Err(StartupError::Malformed(_))),
+            "bytes after the terminator"
+        );
+    }
+
+    #[tokio::test]
+    async fn read_packet_checks_before_allocating() {
+        // Claims 2 GB: refused from the 4 length bytes alone.
+        let mut r: &[u8] = &[0x7f, 0xff, 0xff, 0xff, 0, 3];
+        assert!(matches!(
+            read_packet(&mut r).await,
+            Err(StartupError::BadLength(_))
+        ));
+        // Truncated: announces 16 bytes, sends 10, then closes.
+        let mut r: &[u8] = &[0, 0, 0, 16, 0, 3, 0, 0, b'u', 0];
+        assert!(matches!(
+            read_packet(&mut r).await,
+            Err(StartupError::Closed)
+        ));
+        let mut r: &[u8] = &[];
+        assert!(matches!(
+            read_packet(&mut r).await,
+            Err(StartupError::Closed)
+        ));
+        let p = startup_packet(0x0003_0000, &[("user", "app")]);
+        let mut r: &[u8] = &p;
+        assert_eq!(
+            &read_packet(&mut r).await.expect("whole packet")[..],
+            &p[..]
+        );
+    }
+
+    #[tokio::test]
+    async fn gssenc_is_refused_then_startup_read() {
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut sent = vec![0, 0, 0, 8, 4, 210, 22, 48];
+        sent.extend(startup_packet(0x0003_0000, &[("user", "app")]));
+        client.write_all(&sent).await.expect("write");
+        let hello = read_hello(&mut server).await.expect("hello");
+        assert!(matches!(hello, Hello::Startup(m) if m.param("user") == Some("app")));
+        let mut answer = [0u8; 1];
+        client.read_exact(&mut answer).await.expect("answer");
+        assert_eq!(&answer, b"N");
+    }
+}

@@ -1,0 +1,200 @@
+//! The one model of listen and server state. The proxy path, the health checker and the
+//! stats renderers all read and update these structures; nothing keeps a copy.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::Semaphore;
+
+use crate::config;
+use crate::pick::Dispatch;
+
+/// Monotonic counter helpers; Relaxed is enough for statistics.
+pub trait Counter {
+    fn inc(&self);
+    fn add(&self, n: u64);
+    fn get(&self) -> u64;
+}
+
+impl Counter for AtomicU64 {
+    fn inc(&self) {
+        self.fetch_add(1, Relaxed);
+    }
+    fn add(&self, n: u64) {
+        self.fetch_add(n, Relaxed);
+    }
+    fn get(&self) -> u64 {
+        self.load(Relaxed)
+    }
+}
+
+/// Raises a high-water mark.
+pub fn raise_max(max: &AtomicUsize, value: usize) {
+    max.fetch_max(value, Relaxed);
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Counters of one server, named after HAProxy's stats columns.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Sessions ever assigned (stot / lbtot).
+    pub stot: AtomicU64,
+    /// Highest concurrent sessions seen (smax).
+    pub smax: AtomicUsize,
+    /// Bytes from clients to this server (bin).
+    pub bin: AtomicU64,
+    /// Bytes from this server to clients (bout).
+    pub bout: AtomicU64,
+    /// Failed connection attempts (econ).
+    pub econ: AtomicU64,
+    /// Connect retries started after a failure on this server (wretr).
+    pub wretr: AtomicU64,
+    /// Sessions moved to another server after failing here (wredis).
+    pub wredis: AtomicU64,
+    /// Unix time of the last session assigned (lastsess).
+    pub last_session: AtomicU64,
+}
+
+/// One server of a listen.
+#[derive(Debug)]
+pub struct ServerState {
+    /// 1-based position in its listen (HAProxy's sid).
+    pub sid: u32,
+    pub cfg: config::Server,
+    /// Whether the last health verdict lets it take clients. Written by the checker.
+    up: AtomicBool,
+    /// Current effective weight; starts at the configured one.
+    weight: AtomicU32,
+    pub counters: ServerCounters,
+}
+
+impl ServerState {
+    pub fn new(sid: u32, cfg: config::Server) -> Self {
+        ServerState {
+            sid,
+            weight: AtomicU32::new(cfg.weight),
+            cfg,
+            up: AtomicBool::new(true),
+            counters: ServerCounters::default(),
+        }
+    }
+
+    /// May the balancer send it new clients?
+    pub fn usable(&self) -> bool {
+        self.up.load(Relaxed) && self.weight() > 0
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Relaxed)
+    }
+
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Relaxed)
+    }
+
+    pub(crate) fn set_up(&self, up: bool) {
+        self.up.store(up, Relaxed);
+    }
+
+    pub(crate) fn note_session(&self) {
+        self.counters.stot.inc();
+        self.counters.last_session.store(unix_now(), Relaxed);
+    }
+}
+
+/// Counters of a listen's front door (HAProxy's FRONTEND row).
+#[derive(Debug, Default)]
+pub struct ListenCounters {
+    /// Client sessions open now (scur).
+    pub cur: AtomicUsize,
+    pub smax: AtomicUsize,
+    /// Client connections accepted (stot).
+    pub stot: AtomicU64,
+    pub bin: AtomicU64,
+    pub bout: AtomicU64,
+    /// Clients refused by maxconn (dreq/denied).
+    pub denied: AtomicU64,
+    /// Bad or missing startup packets (ereq).
+    pub ereq: AtomicU64,
+    /// Clients refused because no server could take them.
+    pub no_server: AtomicU64,
+    /// Clients whose queue wait ran out.
+    pub queue_timeouts: AtomicU64,
+    /// Highest queue length seen (qmax).
+    pub qmax: AtomicUsize,
+}
+
+/// A listen: its configuration, its servers, and the dispatcher that hands out slots.
+#[derive(Debug)]
+pub struct ListenState {
+    /// 1-based position in the config (HAProxy's iid).
+    pub iid: u32,
+    pub cfg: config::Listen,
+    pub servers: Vec<Arc<ServerState>>,
+    pub counters: ListenCounters,
+    /// Per-listen maxconn; a permit is held for the whole client session.
+    pub maxconn: Arc<Semaphore>,
+    /// Session counts per server, the balancer's memory and the queue.
+    dispatch: Mutex<Dispatch>,
+    pub started: Instant,
+}
+
+impl ListenState {
+    pub fn new(iid: u32, cfg: config::Listen) -> Self {
+        let servers: Vec<_> = cfg
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| Arc::new(ServerState::new(i as u32 + 1, s.clone())))
+            .collect();
+        ListenState {
+            iid,
+            maxconn: Arc::new(Semaphore::new(cfg.maxconn)),
+            dispatch: Mutex::new(Dispatch::new(servers.len())),
+            servers,
+            cfg,
+            counters: ListenCounters::default(),
+            started: Instant::now(),
+        }
+    }
+
+    pub(crate) fn dispatch(&self) -> MutexGuard<'_, Dispatch> {
+        // A panic while holding this lock would be a bug in pick.rs; the data (counts)
+        // stays consistent enough to keep serving, so recover rather than poison everything.
+        self.dispatch
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sessions each server holds now, and the queue length.
+    pub fn load(&self) -> (Vec<usize>, usize) {
+        let d = self.dispatch();
+        (d.current().to_vec(), d.queued())
+    }
+
+    pub fn server(&self, name: &str) -> Option<&Arc<ServerState>> {
+        self.servers.iter().find(|s| s.cfg.name == name)
+    }
+
+    /// Servers that are up, split (active, backup).
+    pub fn up_counts(&self) -> (usize, usize) {
+        let active = self
+            .servers
+            .iter()
+            .filter(|s| !s.cfg.backup && s.is_up())
+            .count();
+        let backup = self
+            .servers
+            .iter()
+            .filter(|s| s.cfg.backup && s.is_up())
+            .count();
+        (active, backup)
+    }
+}
