@@ -5,12 +5,17 @@
 
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
 use crate::net;
 use crate::startup::CancelKey;
 use crate::state::ListenState;
+
+/// How long a server may take to act on a cancel before pglb hangs up.
+const LINGER: Duration = Duration::from_secs(5);
 
 /// Sends the cancel to every server that is up; returns how many received it.
 pub async fn forward(listen: &Arc<ListenState>, key: &CancelKey) -> usize {
@@ -22,7 +27,15 @@ pub async fn forward(listen: &Arc<ListenState>, key: &CancelKey) -> usize {
         sends.spawn(async move {
             let mut stream = net::connect(addr, timeout).await?;
             stream.write_all(&packet).await?;
-            stream.shutdown().await
+            // Like libpq, wait for the server to close: PgBouncer drops a cancel whose
+            // sender hangs up before it has passed the cancel on.
+            let mut sink = [0u8; 64];
+            let _ = tokio::time::timeout(LINGER, async {
+                while stream.read(&mut sink).await? > 0 {}
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            Ok::<_, std::io::Error>(())
         });
     }
     let mut delivered = 0;

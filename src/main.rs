@@ -1,5 +1,6 @@
 //! The `pglb` binary: parse arguments, set up logging and signals, run the daemon.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let runtime = match tokio::runtime::Builder::new_multi_thread()

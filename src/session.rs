@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
@@ -112,33 +112,37 @@ pub async fn serve(
     let srv = Arc::clone(slot.server());
 
     // 3. Replay what the client already sent, then relay.
-    let (first, params) = match &hello {
-        Hello::Ssl(raw) => (raw.clone(), None),
-        Hello::Startup(m) => (m.raw.clone(), Some(m)),
-        Hello::Cancel(_) => unreachable!("cancel requests returned above"),
+    let idle = Idle {
+        client: t.client,
+        server: t.server,
     };
-    let outcome = match server.write_all(&first).await {
-        Ok(()) => {
-            srv.counters.bin.add(first.len() as u64);
-            listen.counters.bin.add(first.len() as u64);
-            let idle = Idle {
-                client: t.client,
-                server: t.server,
-            };
-            let meters = Meters {
-                to_server: [&listen.counters.bin, &srv.counters.bin],
-                to_client: [&listen.counters.bout, &srv.counters.bout],
-            };
+    let meters = Meters {
+        to_server: [&listen.counters.bin, &srv.counters.bin],
+        to_client: [&listen.counters.bout, &srv.counters.bout],
+    };
+    let (params, outcome) = match replay_opening(&mut client, &mut server, hello, &listen).await {
+        Ok(opening) => {
+            for m in meters.to_server {
+                m.add(opening.to_server);
+            }
+            for m in meters.to_client {
+                m.add(opening.to_client);
+            }
             let mut o = relay::relay(&mut client, &mut server, idle, meters, &stop).await;
-            o.to_server += first.len() as u64;
-            o
+            o.to_server += opening.to_server;
+            o.to_client += opening.to_client;
+            (opening.startup, o)
         }
-        Err(e) => relay::Outcome {
-            to_server: 0,
-            to_client: 0,
-            end: relay::End::ServerError(e),
-        },
+        Err(end) => (
+            None,
+            relay::Outcome {
+                to_server: 0,
+                to_client: 0,
+                end,
+            },
+        ),
     };
+    let params = params.as_ref();
     drop(slot);
 
     // 4. One line per finished session.
@@ -160,6 +164,66 @@ pub async fn serve(
         tls = params.is_none(),
         "session closed"
     );
+}
+
+/// What the opening exchange established.
+struct Opening {
+    /// The StartupMessage, unless the session went TLS end to end.
+    startup: Option<StartupMessage>,
+    to_server: u64,
+    to_client: u64,
+}
+
+/// Replays the client's opening packet to the server. For an SSLRequest the server's
+/// one-byte answer goes back to the client; when the server declines (`N`), the client's
+/// plaintext StartupMessage is read and replayed too, so pglb still sees who connected.
+async fn replay_opening(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+    hello: Hello,
+    listen: &ListenState,
+) -> Result<Opening, relay::End> {
+    use relay::End;
+    let t = listen.cfg.timeouts;
+    let raw = match hello {
+        Hello::Startup(m) => {
+            server.write_all(&m.raw).await.map_err(End::ServerError)?;
+            return Ok(Opening {
+                to_server: m.raw.len() as u64,
+                to_client: 0,
+                startup: Some(m),
+            });
+        }
+        Hello::Ssl(raw) => raw,
+        Hello::Cancel(_) => unreachable!("cancel requests never reach a session's server"),
+    };
+    server.write_all(&raw).await.map_err(End::ServerError)?;
+    let mut answer = [0u8; 1];
+    match timeout(t.server, server.read_exact(&mut answer)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(End::ServerError(e)),
+        Err(_) => return Err(End::ServerTimeout),
+    }
+    client.write_all(&answer).await.map_err(End::ClientError)?;
+    let mut opening = Opening {
+        startup: None,
+        to_server: raw.len() as u64,
+        to_client: 1,
+    };
+    if answer[0] != b'N' {
+        // 'S': TLS end to end from here on; anything else is the server's error to relay.
+        return Ok(opening);
+    }
+    let m = match timeout(t.startup, startup::read_startup_after_ssl_refusal(client)).await {
+        Ok(Ok(m)) => m,
+        Ok(Err(StartupError::Io(e))) => return Err(End::ClientError(e)),
+        Ok(Err(e)) => return Err(End::ClientError(std::io::Error::other(e.to_string()))),
+        Err(_) => return Err(End::ClientTimeout),
+    };
+    server.write_all(&m.raw).await.map_err(End::ServerError)?;
+    opening.to_server += m.raw.len() as u64;
+    opening.startup = Some(m);
+    Ok(opening)
 }
 
 /// Picks a server and connects; on failure tries another (up to `retries` more times).

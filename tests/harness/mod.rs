@@ -1,0 +1,590 @@
+//! The one test harness: real PostgreSQL, real PgBouncers and the real pglb binary on
+//! loopback, each in a temporary directory, each stopped by pid when dropped (also when a
+//! test panics). PostgreSQL refuses to run as root, so as root the servers run as the
+//! `postgres` user.
+#![allow(dead_code)] // each test file uses a different part
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const APP_USER: &str = "app";
+pub const APP_PASSWORD: &str = "app-secret";
+pub const APP_DB: &str = "app";
+pub const ADMIN_USER: &str = "pgb_admin";
+pub const ADMIN_PASSWORD: &str = "admin-secret";
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free loopback port")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A command run as the `postgres` user when we are root.
+fn as_service_user(program: &Path) -> Command {
+    if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args([
+            "--reuid=postgres",
+            "--regid=postgres",
+            "--init-groups",
+            "--",
+        ])
+        .arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A temporary directory the service user can write to.
+fn service_dir(prefix: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "chown of {} to postgres failed", dir.path().display());
+    }
+    dir
+}
+
+/// Finds a PostgreSQL server binary: PATH first, then Debian's versioned directory.
+pub fn pg_bin(name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+    {
+        return p;
+    }
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin").join(name))
+                .collect()
+        })
+        .unwrap_or_default();
+    versions.sort();
+    versions
+        .pop()
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{name} not found: install postgresql (see README)"))
+}
+
+/// A child process stopped by pid on drop: `signal` first, SIGKILL if it lingers.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+    stop_signal: i32,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as i32, sig);
+        }
+    }
+
+    /// Stops the process and waits for it; returns its exit status if it exited in time.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            return Some(status);
+        }
+        self.signal(self.stop_signal);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
+    /// Waits for the process to exit on its own within `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub fn wait_listening(addr: SocketAddr, what: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} did not listen on {addr} within {limit:?}");
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A throwaway PostgreSQL 15 cluster on 127.0.0.1.
+pub struct Postgres {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub proc: Option<Proc>,
+}
+
+impl Postgres {
+    pub fn start() -> Postgres {
+        let dir = service_dir("pglb-pg-");
+        let data = dir.path().join("data");
+        let pwfile = dir.path().join("pw");
+        std::fs::write(&pwfile, "postgres-secret\n").expect("pwfile");
+        if is_root() {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&pwfile)
+                .status();
+        }
+        run_ok(
+            as_service_user(&pg_bin("initdb"))
+                .arg("-D")
+                .arg(&data)
+                .args([
+                    "-U",
+                    "postgres",
+                    "--auth-local=trust",
+                    "--auth-host=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                ])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .stdout(Stdio::null()),
+            "initdb",
+        );
+        let port = free_port();
+        let mut conf = String::new();
+        let _ = writeln!(conf, "port = {port}");
+        let _ = writeln!(conf, "listen_addresses = '127.0.0.1'");
+        let _ = writeln!(conf, "unix_socket_directories = '{}'", dir.path().display());
+        conf.push_str(
+            "max_connections = 300\nfsync = off\nsynchronous_commit = off\nfull_page_writes = off\n\
+             shared_buffers = 32MB\nwal_level = replica\nmax_wal_senders = 5\nlog_min_messages = warning\n",
+        );
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut existing = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        existing.push_str(&conf);
+        std::fs::write(&conf_path, existing).expect("postgresql.auto.conf");
+        let mut hba = std::fs::read_to_string(data.join("pg_hba.conf")).unwrap_or_default();
+        hba.push_str("host replication all 127.0.0.1/32 scram-sha-256\n");
+        std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
+
+        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
+        if is_root() {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path().join("postgres.log"))
+                .status();
+        }
+        let child = as_service_user(&pg_bin("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        // SIGINT is PostgreSQL's fast shutdown.
+        let proc = Proc {
+            child,
+            name: "postgres".into(),
+            stop_signal: libc::SIGINT,
+        };
+        let pg = Postgres {
+            port,
+            dir,
+            proc: Some(proc),
+        };
+        pg.wait_ready();
+        pg.psql(&format!(
+            "CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"
+        ));
+        pg.psql(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"));
+        pg
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = Command::new(pg_bin("pg_isready"))
+                .args(["-q", "-h"])
+                .arg(self.dir.path())
+                .args(["-p", &self.port.to_string()])
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("postgres did not start: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+
+    /// Runs SQL as the superuser over the unix socket.
+    pub fn psql(&self, sql: &str) -> String {
+        self.psql_db("postgres", sql)
+    }
+
+    pub fn psql_db(&self, db: &str, sql: &str) -> String {
+        run_ok(
+            Command::new("psql")
+                .args(["-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h"])
+                .arg(self.dir.path())
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-d",
+                    db,
+                    "-c",
+                    sql,
+                ]),
+            "psql",
+        )
+    }
+
+    /// Creates pgbench tables in the app database (scale 1), owned by the app user.
+    pub fn pgbench_init(&self) {
+        run_ok(
+            Command::new("pgbench")
+                .args(["-i", "-q", "-s", "1", "-h"])
+                .arg(self.dir.path())
+                .args(["-p", &self.port.to_string(), "-U", APP_USER, APP_DB])
+                .env("PGPASSWORD", APP_PASSWORD),
+            "pgbench -i",
+        );
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+}
+
+/// Options for a PgBouncer.
+#[derive(Clone)]
+pub struct BouncerOpts {
+    pub auth_type: &'static str,
+    pub max_client_conn: u32,
+    pub pool_size: u32,
+}
+
+impl Default for BouncerOpts {
+    fn default() -> Self {
+        BouncerOpts {
+            auth_type: "scram-sha-256",
+            max_client_conn: 2000,
+            pool_size: 20,
+        }
+    }
+}
+
+/// A PgBouncer in transaction pooling mode in front of `Postgres`.
+pub struct Bouncer {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub proc: Option<Proc>,
+    pg_port: u16,
+    opts: BouncerOpts,
+}
+
+impl Bouncer {
+    pub fn start(pg: &Postgres, opts: BouncerOpts) -> Bouncer {
+        let dir = service_dir("pglb-pgb-");
+        let mut b = Bouncer {
+            port: free_port(),
+            dir,
+            proc: None,
+            pg_port: pg.port,
+            opts,
+        };
+        b.write_config();
+        b.restart();
+        b
+    }
+
+    fn write_config(&self) {
+        let d = self.dir.path();
+        let ini = format!(
+            "[databases]\n\
+             {APP_DB} = host=127.0.0.1 port={pg} dbname={APP_DB}\n\
+             postgres = host=127.0.0.1 port={pg} dbname=postgres\n\
+             [pgbouncer]\n\
+             listen_addr = 127.0.0.1\n\
+             listen_port = {port}\n\
+             unix_socket_dir =\n\
+             auth_type = {auth}\n\
+             auth_file = {d}/userlist.txt\n\
+             admin_users = {ADMIN_USER}\n\
+             pool_mode = transaction\n\
+             default_pool_size = {pool}\n\
+             max_client_conn = {maxc}\n\
+             ignore_startup_parameters = extra_float_digits,options\n\
+             logfile = {d}/pgbouncer.log\n\
+             server_login_retry = 1\n",
+            pg = self.pg_port,
+            port = self.port,
+            auth = self.opts.auth_type,
+            pool = self.opts.pool_size,
+            maxc = self.opts.max_client_conn,
+            d = d.display(),
+        );
+        std::fs::write(d.join("pgbouncer.ini"), ini).expect("pgbouncer.ini");
+        std::fs::write(
+            d.join("userlist.txt"),
+            format!("\"{APP_USER}\" \"{APP_PASSWORD}\"\n\"{ADMIN_USER}\" \"{ADMIN_PASSWORD}\"\n"),
+        )
+        .expect("userlist");
+    }
+
+    /// (Re)starts the process on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        let child = as_service_user(Path::new("/usr/sbin/pgbouncer"))
+            .arg(self.dir.path().join("pgbouncer.ini"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start pgbouncer (install the pgbouncer package)");
+        self.proc = Some(Proc {
+            child,
+            name: "pgbouncer".into(),
+            stop_signal: libc::SIGINT,
+        });
+        wait_listening(self.addr(), "pgbouncer", Duration::from_secs(10));
+    }
+
+    /// Stops the process (the port then refuses connections).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.stop();
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+
+    /// Clients of the app database connected to this PgBouncer (`SHOW CLIENTS`).
+    pub async fn app_clients(&self) -> usize {
+        let (client, conn) = tokio_postgres::connect(
+            &format!(
+                "host=127.0.0.1 port={} user={ADMIN_USER} password={ADMIN_PASSWORD} dbname=pgbouncer",
+                self.port
+            ),
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("pgbouncer admin console");
+        tokio::spawn(conn);
+        let rows = client
+            .simple_query("SHOW CLIENTS")
+            .await
+            .expect("SHOW CLIENTS");
+        rows.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
+                _ => None,
+            })
+            .filter(|r| r.get("database") == Some(APP_DB) && r.get("user") == Some(APP_USER))
+            .count()
+    }
+}
+
+/// PostgreSQL plus `n` PgBouncers: the production topology on loopback.
+pub struct Stack {
+    pub pg: Postgres,
+    pub bouncers: Vec<Bouncer>,
+}
+
+impl Stack {
+    pub fn start(n: usize) -> Stack {
+        Stack::start_with(n, BouncerOpts::default())
+    }
+
+    pub fn start_with(n: usize, opts: BouncerOpts) -> Stack {
+        let pg = Postgres::start();
+        let bouncers = (0..n).map(|_| Bouncer::start(&pg, opts.clone())).collect();
+        Stack { pg, bouncers }
+    }
+
+    /// `[[listen.server]]` entries pgb1..pgbN for a pglb config.
+    pub fn servers_toml(&self) -> String {
+        self.bouncers
+            .iter()
+            .enumerate()
+            .map(|(i, b)| {
+                format!(
+                    "[[listen.server]]\nname = \"pgb{}\"\naddr = \"{}\"\n",
+                    i + 1,
+                    b.addr()
+                )
+            })
+            .collect()
+    }
+}
+
+/// The pglb binary under test, with its config and stderr log in a temporary directory.
+pub struct Pglb {
+    pub dir: tempfile::TempDir,
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Pglb {
+    /// Starts pglb with `config` (which must bind `127.0.0.1:{port}`) and waits for the port.
+    pub fn start(config: &str, port: u16) -> Pglb {
+        let dir = tempfile::Builder::new()
+            .prefix("pglb-")
+            .tempdir()
+            .expect("tempdir");
+        let cfg = dir.path().join("pglb.toml");
+        std::fs::write(&cfg, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("pglb.log")).expect("log");
+        let child = Command::new(env!("CARGO_BIN_EXE_pglb"))
+            .arg("--config")
+            .arg(&cfg)
+            .env(
+                "RUST_LOG",
+                std::env::var("PGLB_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start pglb");
+        let p = Pglb {
+            dir,
+            proc: Proc {
+                child,
+                name: "pglb".into(),
+                stop_signal: libc::SIGTERM,
+            },
+            port,
+        };
+        // Ready once it logged "listening" (a probe connection would count as a client).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !p.log().contains("listening") {
+            assert!(
+                Instant::now() < deadline,
+                "pglb did not start listening on port {port}: {}",
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        p
+    }
+
+    /// A simple config: one listen on a fresh port over `servers_toml`.
+    pub fn config(port: u16, listen_extra: &str, servers_toml: &str) -> String {
+        format!(
+            "[global]\nmaxconn = 5000\ngrace = \"5s\"\n\n[[listen]]\nname = \"postgres\"\nbind = \"127.0.0.1:{port}\"\n{listen_extra}\n{servers_toml}"
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pglb.log")).unwrap_or_default()
+    }
+
+    /// Waits until `count` log lines contain all of `needles`; returns the log.
+    pub fn wait_log(&self, needles: &[&str], count: usize, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            let n = log
+                .lines()
+                .filter(|l| needles.iter().all(|n| l.contains(n)))
+                .count();
+            if n >= count || Instant::now() > deadline {
+                return log;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// libpq-style connection string for the app user through pglb.
+    pub fn dsn(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={APP_USER} password={APP_PASSWORD} dbname={APP_DB}",
+            self.port
+        )
+    }
+
+    /// Connects a tokio-postgres client through pglb (connection task spawned).
+    pub async fn connect(&self) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        connect_dsn(&self.dsn()).await
+    }
+}
+
+pub async fn connect_dsn(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// The SQLSTATE and message of a tokio-postgres error, if the server sent one.
+pub fn db_error(e: &tokio_postgres::Error) -> Option<(String, String)> {
+    e.as_db_error()
+        .map(|d| (d.code().code().to_owned(), d.message().to_owned()))
+}
