@@ -15,14 +15,24 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// A configuration error, already located in its file.
-#[derive(Debug, thiserror::Error)]
-#[error("{file}:{line}: {reason}")]
+#[derive(Debug)]
 pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based line; 0 when the error concerns the file as a whole (unreadable).
     pub line: usize,
     pub reason: String,
 }
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            0 => write!(f, "{}: {}", self.file.display(), self.reason),
+            n => write!(f, "{}:{n}: {}", self.file.display(), self.reason),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// The validated configuration the daemon runs on.
 #[derive(Debug, Clone)]

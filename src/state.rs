@@ -99,6 +99,7 @@ impl ServerState {
         self.weight.load(Relaxed)
     }
 
+    #[allow(dead_code)] // written by the health checker
     pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Relaxed);
     }

@@ -503,7 +503,10 @@ impl Pglb {
         let cfg = dir.path().join("pglb.toml");
         std::fs::write(&cfg, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("pglb.log")).expect("log");
-        let child = Command::new(env!("CARGO_BIN_EXE_pglb"))
+        let Some(binary) = option_env!("CARGO_BIN_EXE_pglb") else {
+            panic!("Pglb::start runs from integration tests, where cargo names the binary");
+        };
+        let child = Command::new(binary)
             .arg("--config")
             .arg(&cfg)
             .env(

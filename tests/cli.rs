@@ -1,0 +1,78 @@
+//! The binary's command line: `--check` accepts good files and refuses bad ones with
+//! file, line and reason, as an operator would see it.
+
+use std::path::Path;
+use std::process::Command;
+
+fn pglb(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_pglb"))
+        .args(args)
+        .output()
+        .expect("run pglb");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pglb.toml");
+    let (ok, stdout, stderr) = pglb(&["--config", path.to_str().expect("utf-8 path"), "--check"]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("configuration is valid"));
+}
+
+#[test]
+fn bad_configs_are_refused_with_file_line_and_reason() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/configs");
+    for (file, line, reason) in [
+        ("unknown_key.toml", 5, "unknown field `max_conn`"),
+        (
+            "duplicate_server.toml",
+            10,
+            "duplicate server name \"pgb1\"",
+        ),
+        ("bad_address.toml", 7, "needs a port"),
+        ("bad_duration.toml", 5, "invalid duration \"five seconds\""),
+    ] {
+        let path = dir.join(file);
+        let path = path.to_str().expect("utf-8 path");
+        let (ok, _, stderr) = pglb(&["--config", path, "--check"]);
+        assert!(!ok, "{file} must be refused");
+        let expected = format!("{path}:{line}: ");
+        assert!(
+            stderr.contains(&expected),
+            "{file}: expected {expected:?} in {stderr:?}"
+        );
+        assert!(
+            stderr.contains(reason),
+            "{file}: expected {reason:?} in {stderr:?}"
+        );
+        // Starting the daemon with it fails the same way, before binding anything.
+        let (ok, _, stderr) = pglb(&["--config", path]);
+        assert!(!ok && stderr.contains(&expected), "{stderr}");
+    }
+}
+
+#[test]
+fn missing_file_is_named() {
+    let (ok, _, stderr) = pglb(&["--config", "/nonexistent/pglb.toml", "--check"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("/nonexistent/pglb.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn version_and_help() {
+    let (ok, stdout, _) = pglb(&["--version"]);
+    assert!(ok && stdout.starts_with("pglb "), "{stdout}");
+    let (ok, stdout, _) = pglb(&["--help"]);
+    assert!(
+        ok && stdout.contains("--check") && stdout.contains("--config"),
+        "{stdout}"
+    );
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: installs the system packages the tests need,
+# checks formatting and lints, then runs every unit and integration test (real
+# PostgreSQL, PgBouncers and clients on loopback).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash deploy/apt-deps.sh
+cargo fmt --all -- --check
+cargo clippy --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --no-fail-fast
+else
+  cargo test --locked --no-fail-fast
+fi
