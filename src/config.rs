@@ -78,6 +78,9 @@ pub struct Listen {
     pub backlog: u32,
     /// Connect attempts after the first one fails, each on another server when possible.
     pub retries: u32,
+    /// With `expect_role = "replica"`: when no replica is up, send clients to servers whose
+    /// only fault is being the primary.
+    pub fallback_to_primary: bool,
     pub timeouts: Timeouts,
     pub servers: Vec<Server>,
 }
@@ -91,6 +94,77 @@ pub struct Timeouts {
     pub startup: Duration,
 }
 
+/// How a server's health is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// No checks: the server is always usable ("no check").
+    None,
+    /// TCP connect, closed with an RST.
+    Tcp,
+    /// HAProxy's pgsql-check: StartupMessage, pass on an authentication request.
+    Pgsql,
+    /// SSLRequest, pass on `S` or `N`.
+    Ssl,
+    /// Log in, run a query, optionally check the role.
+    Query,
+}
+
+/// The role a query check expects of the PostgreSQL behind the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Any,
+    Primary,
+    Replica,
+}
+
+/// A password: never printed by Debug, logs or the stats page.
+#[derive(Clone, Default, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("MASKED")
+    }
+}
+
+/// Health-check settings of one server (listen defaults with its overrides applied).
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub kind: CheckKind,
+    pub interval: Duration,
+    pub fastinter: Duration,
+    pub downinter: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+    pub user: String,
+    pub password: Secret,
+    pub database: String,
+    pub query: String,
+    pub expect_role: Role,
+    /// Consecutive connection errors on live traffic that mark the server DOWN (0: off).
+    pub error_limit: u32,
+}
+
+/// What happens to a server's sessions when it is marked DOWN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnMarkedDown {
+    /// Sessions continue (HAProxy's default).
+    None,
+    /// Sessions are closed so clients reconnect elsewhere.
+    ShutdownSessions,
+}
+
 #[derive(Debug, Clone)]
 pub struct Server {
     pub name: String,
@@ -101,6 +175,10 @@ pub struct Server {
     /// 0 means unlimited.
     pub maxconn: usize,
     pub backup: bool,
+    pub check: Check,
+    pub on_marked_down: OnMarkedDown,
+    /// After recovery, the weight ramps up over this long (zero: at once).
+    pub slowstart: Duration,
 }
 
 /// Serde mirror of the file. Defaults live here, next to the keys.
@@ -150,7 +228,41 @@ mod raw {
         #[serde(default)]
         pub timeouts: Timeouts,
         #[serde(default)]
+        pub check: Option<Spanned<CheckTable>>,
+        #[serde(default)]
         pub server: Vec<Spanned<Server>>,
+    }
+
+    /// `[listen.check]` and a server's `check` override: every key optional so that a
+    /// server inherits what it does not set.
+    #[derive(Deserialize, Default, Clone)]
+    #[serde(deny_unknown_fields)]
+    pub struct CheckTable {
+        #[serde(rename = "type")]
+        pub kind: Option<CheckKind>,
+        pub interval: Option<HumanDuration>,
+        pub fastinter: Option<HumanDuration>,
+        pub downinter: Option<HumanDuration>,
+        pub timeout: Option<HumanDuration>,
+        pub rise: Option<Spanned<u32>>,
+        pub fall: Option<Spanned<u32>>,
+        pub user: Option<String>,
+        pub password: Option<Secret>,
+        pub database: Option<String>,
+        pub query: Option<String>,
+        pub expect_role: Option<Role>,
+        pub error_limit: Option<u32>,
+        pub fallback_to_primary: Option<bool>,
+    }
+
+    impl CheckTable {
+        /// `self` with the keys `over` sets replaced.
+        pub fn merged(&self, over: &CheckTable) -> CheckTable {
+            macro_rules! pick {
+                ($($f:ident),*) => { CheckTable { $($f: over.$f.clone().or_else(|| self.$f.clone()),)* } };
+            }
+            pick!(kind, interval, fastinter, downinter, timeout, rise, fall, user, password, database, query, expect_role, error_limit, fallback_to_primary)
+        }
     }
 
     fn default_balance() -> Balance {
@@ -200,6 +312,16 @@ mod raw {
         pub maxconn: usize,
         #[serde(default)]
         pub backup: bool,
+        #[serde(default)]
+        pub check: Option<CheckTable>,
+        #[serde(default = "default_on_marked_down")]
+        pub on_marked_down: OnMarkedDown,
+        #[serde(default)]
+        pub slowstart: Option<HumanDuration>,
+    }
+
+    fn default_on_marked_down() -> OnMarkedDown {
+        OnMarkedDown::None
     }
 
     fn default_weight() -> Spanned<u32> {
@@ -208,7 +330,7 @@ mod raw {
 }
 
 /// A duration written as "5s", "30m", "250ms", "1h 30m".
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HumanDuration(pub Duration);
 
 impl<'de> Deserialize<'de> for HumanDuration {
@@ -346,9 +468,16 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 ));
             }
         }
+        let listen_check = l.check.as_ref().map(|c| c.get_ref().clone());
+        let check_line = l.check.as_ref().map(|c| c.span().start).unwrap_or(span.start);
+        let fallback_to_primary = listen_check
+            .as_ref()
+            .and_then(|c| c.fallback_to_primary)
+            .unwrap_or(true);
         let mut server_names = HashSet::new();
         let mut servers = Vec::new();
         for s in l.server {
+            let server_line = s.span().start;
             let s = s.into_inner();
             let sname = s.name.get_ref().clone();
             if sname.is_empty() || sname.contains([',', '/', ' ', '"']) {
@@ -374,6 +503,10 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             }
             let addr = resolve(s.addr.get_ref())
                 .map_err(|reason| at.at(&s.addr, format!("server '{name}/{sname}': {reason}")))?;
+            let check = resolve_check(listen_check.as_ref(), s.check.as_ref())
+                .map_err(|(reason, own)| {
+                    at.error(if own { server_line } else { check_line }, format!("server '{name}/{sname}': {reason}"))
+                })?;
             servers.push(Server {
                 name: sname,
                 addr_text: s.addr.get_ref().clone(),
@@ -381,6 +514,9 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 weight: s.weight.into_inner(),
                 maxconn: s.maxconn,
                 backup: s.backup,
+                check,
+                on_marked_down: s.on_marked_down,
+                slowstart: s.slowstart.map(|d| d.0).unwrap_or(Duration::ZERO),
             });
         }
         listens.push(Listen {
@@ -390,6 +526,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             maxconn: l.maxconn.into_inner(),
             backlog: l.backlog,
             retries: l.retries,
+            fallback_to_primary,
             timeouts: Timeouts {
                 connect: t.connect.0,
                 client: t.client.0,
@@ -401,6 +538,57 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
         });
     }
     Ok(Config { global, listens })
+}
+
+/// The check a server runs: built-in defaults, then `[listen.check]`, then the server's
+/// own `check` table. Without `[listen.check]` and without an override, servers are not
+/// checked. Errors say whether the server's own table (true) or the listen's is at fault.
+fn resolve_check(listen: Option<&raw::CheckTable>, own: Option<&raw::CheckTable>) -> Result<Check, (String, bool)> {
+    let base = listen.cloned().unwrap_or_default();
+    let c = match own {
+        Some(o) => base.merged(o),
+        None => base,
+    };
+    let configured = listen.is_some() || own.is_some();
+    let kind = c.kind.unwrap_or(if configured { CheckKind::Tcp } else { CheckKind::None });
+    let d = |v: Option<HumanDuration>, default_ms: u64| v.map(|h| h.0).unwrap_or(Duration::from_millis(default_ms));
+    let interval = d(c.interval, 2000);
+    let check = Check {
+        kind,
+        interval,
+        fastinter: c.fastinter.map(|h| h.0).unwrap_or(interval),
+        downinter: c.downinter.map(|h| h.0).unwrap_or(interval),
+        timeout: d(c.timeout, 1000),
+        rise: c.rise.as_ref().map(|r| *r.get_ref()).unwrap_or(2),
+        fall: c.fall.as_ref().map(|f| *f.get_ref()).unwrap_or(3),
+        user: c.user.clone().unwrap_or_else(|| "pglb_check".into()),
+        password: c.password.clone().unwrap_or_default(),
+        database: c.database.clone().unwrap_or_else(|| "postgres".into()),
+        query: c.query.clone().unwrap_or_else(|| "SELECT 1".into()),
+        expect_role: c.expect_role.unwrap_or(Role::Any),
+        error_limit: c.error_limit.unwrap_or(if configured { 3 } else { 0 }),
+    };
+    let own_sets = |f: fn(&raw::CheckTable) -> bool| own.is_some_and(f);
+    if check.rise == 0 {
+        return Err(("check rise must be at least 1".into(), own_sets(|o| o.rise.is_some())));
+    }
+    if check.fall == 0 {
+        return Err(("check fall must be at least 1".into(), own_sets(|o| o.fall.is_some())));
+    }
+    for (key, v) in [
+        ("interval", check.interval),
+        ("fastinter", check.fastinter),
+        ("downinter", check.downinter),
+        ("timeout", check.timeout),
+    ] {
+        if v < Duration::from_millis(10) {
+            return Err((format!("check {key} must be at least 10ms"), own.is_some()));
+        }
+    }
+    if check.expect_role != Role::Any && check.kind != CheckKind::Query {
+        return Err(("expect_role needs check type \"query\"".into(), own.is_some()));
+    }
+    Ok(check)
 }
 
 /// Resolves `host:port`; host names are looked up now (at start and at reload).
@@ -497,6 +685,25 @@ backup = true
         let e = error_of(&GOOD.replace("localhost:6433", "no-such-host.invalid:6433"));
         assert_eq!(e.line, 19, "{e}");
         assert_eq!(e.to_string().split(':').next(), Some("t.toml"));
+    }
+
+    #[test]
+    fn checks_inherit_and_override() {
+        let text = GOOD.replace(
+            "[[listen.server]]\nname = \"pgb1\"",
+            "[listen.check]\ntype = \"query\"\nfall = 2\npassword = \"hunter2\"\n\n[[listen.server]]\nname = \"pgb1\"\ncheck = { type = \"tcp\", rise = 5 }",
+        );
+        let c = parse(&text).expect("valid");
+        let (a, b) = (&c.listens[0].servers[0].check, &c.listens[0].servers[1].check);
+        assert_eq!((a.kind, a.rise, a.fall), (CheckKind::Tcp, 5, 2));
+        assert_eq!((b.kind, b.rise, b.fall), (CheckKind::Query, 2, 2));
+        assert_eq!(b.password.expose(), "hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"), "passwords are masked in Debug");
+        // Without [listen.check], servers are not checked.
+        assert_eq!(parse(GOOD).expect("valid").listens[0].servers[0].check.kind, CheckKind::None);
+        let e = error_of(&text.replace("fall = 2", "fall = 0"));
+        assert!(e.reason.contains("fall must be at least 1"), "{e}");
+        assert_eq!(e.line, 13, "{e}");
     }
 
     #[test]

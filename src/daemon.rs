@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::accept::{self, Shared};
 use crate::config::Config;
-use crate::net;
+use crate::{checker, events, net};
 use crate::state::ListenState;
 
 /// Extra time given to sessions to unwind once told to close.
@@ -21,11 +21,12 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Runs pglb until `shutdown` completes. Binding errors are returned before any client
 /// is accepted, so a bad port fails the start instead of running half a config.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let events = events::channel();
     let listens: Vec<Arc<ListenState>> = config
         .listens
         .iter()
         .enumerate()
-        .map(|(i, l)| Arc::new(ListenState::new(i as u32 + 1, l.clone())))
+        .map(|(i, l)| Arc::new(ListenState::new(i as u32 + 1, l.clone(), events.clone())))
         .collect();
     let mut listeners = Vec::new();
     for l in &listens {
@@ -42,6 +43,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         tracker.clone(),
         close_sessions.clone(),
     );
+    let stop_checks = CancellationToken::new();
+    for l in &listens {
+        checker::spawn(l, &stop_checks);
+    }
     let mut loops = JoinSet::new();
     for (listener, l) in listeners.into_iter().zip(&listens) {
         info!(
@@ -81,6 +86,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         close_sessions.cancel();
         let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
     }
+    stop_checks.cancel();
     info!("pglb stopped");
     Ok(())
 }

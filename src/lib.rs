@@ -2,15 +2,20 @@
 //!
 //! The data path, one module per step:
 //! [`accept`] → [`startup`] → [`pick`] (with [`balance`]) → [`relay`], driven per client
-//! by [`session`]. Server and listen state lives in [`state`], shared by everything.
+//! by [`session`]. Server and listen state lives in [`state`], shared by everything;
+//! [`checker`] (with [`probe`] and [`health`]) keeps it truthful.
 
 pub mod accept;
 pub mod balance;
 pub mod cancel;
+pub mod checker;
 pub mod config;
 pub mod daemon;
+pub mod events;
+pub mod health;
 pub mod net;
 pub mod pick;
+pub mod probe;
 pub mod refusal;
 pub mod relay;
 pub mod session;

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::oneshot;
 
@@ -49,14 +50,20 @@ impl Dispatch {
         self.queue.iter().filter(|w| !w.is_closed()).count()
     }
 
-    /// Active servers first; backups only when no active server is usable at all.
+    /// Active servers first; backups only when no active server is usable at all; last,
+    /// on a replica listen, healthy primaries (when `fallback_to_primary`).
     fn find(&mut self, listen: &ListenState, exclude: &[usize]) -> Found {
-        for backup in [false, true] {
+        let tiers: [&dyn Fn(&ServerState) -> bool; 3] = [
+            &|s| !s.cfg.backup && s.usable(),
+            &|s| s.cfg.backup && s.usable(),
+            &|s| listen.cfg.fallback_to_primary && s.weight() > 0 && s.fallback_ok.load(Relaxed),
+        ];
+        for tier in tiers {
             let usable = listen
                 .servers
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| s.cfg.backup == backup && s.usable() && !exclude.contains(i));
+                .filter(|(i, s)| tier(s) && !exclude.contains(i));
             let mut any = false;
             let cands: Vec<Candidate> = usable
                 .inspect(|_| any = true)
@@ -208,7 +215,7 @@ pub fn sessions_on(listen: &ListenState, idx: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, Listen, Server, Timeouts};
+    use crate::config::{Balance, Check, CheckKind, Listen, OnMarkedDown, Role, Secret, Server, Timeouts};
     use std::time::Duration;
 
     fn listen(maxconn: &[usize], backup: &[bool], queue: Duration) -> Arc<ListenState> {
@@ -223,6 +230,23 @@ mod tests {
                 weight: 100,
                 maxconn,
                 backup,
+                check: Check {
+                    kind: CheckKind::None,
+                    interval: Duration::from_secs(2),
+                    fastinter: Duration::from_secs(2),
+                    downinter: Duration::from_secs(2),
+                    timeout: Duration::from_secs(1),
+                    rise: 2,
+                    fall: 3,
+                    user: String::new(),
+                    password: Secret::default(),
+                    database: String::new(),
+                    query: String::new(),
+                    expect_role: Role::Any,
+                    error_limit: 0,
+                },
+                on_marked_down: OnMarkedDown::None,
+                slowstart: Duration::ZERO,
             })
             .collect();
         let d = Duration::from_secs(1);
@@ -235,6 +259,7 @@ mod tests {
                 maxconn: 100,
                 backlog: 16,
                 retries: 3,
+                fallback_to_primary: false,
                 timeouts: Timeouts {
                     connect: d,
                     client: d,
@@ -244,6 +269,7 @@ mod tests {
                 },
                 servers,
             },
+            crate::events::channel(),
         ))
     }
 

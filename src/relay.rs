@@ -5,6 +5,7 @@
 //! flows, so an idle session costs no buffer memory. Writes apply backpressure: a client
 //! that stops reading stops pglb reading from its server (at most one buffer in flight).
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
@@ -14,7 +15,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep_until};
-use tokio_util::sync::CancellationToken;
 
 use crate::state::Counter;
 
@@ -32,6 +32,8 @@ pub enum End {
     ServerError(io::Error),
     /// pglb's shutdown grace ran out.
     Shutdown,
+    /// The server was marked DOWN and its sessions are shut down.
+    ServerDown,
 }
 
 impl End {
@@ -44,6 +46,7 @@ impl End {
             End::ClientError(_) => "CD",
             End::ServerError(_) => "SD",
             End::Shutdown => "KD",
+            End::ServerDown => "SK",
         }
     }
 
@@ -56,6 +59,7 @@ impl End {
             End::ClientError(e) => format!("client error: {e}"),
             End::ServerError(e) => format!("server error: {e}"),
             End::Shutdown => "closed by shutdown".into(),
+            End::ServerDown => "server marked down: session shut down".into(),
         }
     }
 }
@@ -126,13 +130,14 @@ async fn pump(
     }
 }
 
-/// Relays until the session ends. `stop` is pglb's "close remaining sessions" signal.
+/// Relays until the session ends. `stop` completes with the reason when pglb must close
+/// the session (shutdown grace over, server marked down with shutdown-sessions).
 pub async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
     idle: Idle,
     meters: Meters<'_>,
-    stop: &CancellationToken,
+    stop: impl Future<Output = End>,
 ) -> Outcome {
     let epoch = Instant::now();
     let (to_server, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -155,7 +160,7 @@ pub async fn relay(
         epoch,
         meters.to_client,
     );
-    tokio::pin!(upstream, downstream);
+    tokio::pin!(upstream, downstream, stop);
     let (mut up_done, mut down_done) = (false, false);
 
     let end = loop {
@@ -187,7 +192,7 @@ pub async fn relay(
                     break timeout_end;
                 }
             }
-            _ = stop.cancelled() => break End::Shutdown,
+            end = &mut stop => break end,
         }
         if down_done && !up_done {
             // The server closed: the client's half is finished too.

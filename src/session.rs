@@ -17,7 +17,7 @@ use crate::refusal::Refusal;
 use crate::relay::{self, Idle, Meters};
 use crate::startup::{self, Hello, StartupError, StartupMessage};
 use crate::state::{Counter, ListenState, raise_max};
-use crate::{cancel, net};
+use crate::{cancel, checker, net};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
 pub enum Admission {
@@ -128,7 +128,14 @@ pub async fn serve(
             for m in meters.to_client {
                 m.add(opening.to_client);
             }
-            let mut o = relay::relay(&mut client, &mut server, idle, meters, &stop).await;
+            let mut kill = srv.kill.subscribe();
+            let stop = async {
+                tokio::select! {
+                    _ = stop.cancelled() => relay::End::Shutdown,
+                    _ = kill.changed() => relay::End::ServerDown,
+                }
+            };
+            let mut o = relay::relay(&mut client, &mut server, idle, meters, stop).await;
             o.to_server += opening.to_server;
             o.to_client += opening.to_client;
             (opening.startup, o)
@@ -245,10 +252,14 @@ async fn connect_with_retries(
         let server = Arc::clone(slot.server());
         let t1 = Instant::now();
         match net::connect(server.cfg.addr, listen.cfg.timeouts.connect).await {
-            Ok(stream) => return Ok((slot, stream, wait, connect + t1.elapsed())),
+            Ok(stream) => {
+                checker::connect_succeeded(&server);
+                return Ok((slot, stream, wait, connect + t1.elapsed()));
+            }
             Err(e) => {
                 connect += t1.elapsed();
                 server.counters.econ.inc();
+                checker::connect_failed(listen, slot.index(), &e);
                 warn!(
                     listen = %listen.cfg.name,
                     server = %server.cfg.name,

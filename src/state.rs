@@ -5,10 +5,18 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering:
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{Notify, Semaphore, broadcast, watch};
 
 use crate::config;
+use crate::events::Event;
+use crate::health::Health;
 use crate::pick::Dispatch;
+
+/// Locks a mutex whose data stays usable even if a holder panicked (counters and
+/// health verdicts are always in a consistent state between statements).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// Monotonic counter helpers; Relaxed is enough for statistics.
 pub trait Counter {
@@ -68,22 +76,42 @@ pub struct ServerState {
     /// 1-based position in its listen (HAProxy's sid).
     pub sid: u32,
     pub cfg: config::Server,
-    /// Whether the last health verdict lets it take clients. Written by the checker.
+    /// Mirror of `health.up` for the pick fast path. Written only with `health` locked.
     up: AtomicBool,
-    /// Current effective weight; starts at the configured one.
+    /// Current effective weight; starts at the configured one (slowstart lowers it).
     weight: AtomicU32,
     pub counters: ServerCounters,
+    /// The health verdict and last check; the checker writes, everyone reads.
+    pub health: Mutex<Health>,
+    /// Connection errors on live traffic since the last success (passive health).
+    pub consecutive_errors: AtomicU32,
+    /// A healthy primary failing a replica check: a fallback target for replica listens.
+    pub fallback_ok: AtomicBool,
+    /// Bumped to close this server's sessions (on-marked-down shutdown-sessions).
+    pub kill: watch::Sender<u64>,
+    /// Wakes the checker early (after passive health marked the server down).
+    pub wake_checker: Notify,
 }
 
 impl ServerState {
     pub fn new(sid: u32, cfg: config::Server) -> Self {
+        let health = Health::new(&cfg.check);
         ServerState {
             sid,
             weight: AtomicU32::new(cfg.weight),
+            up: AtomicBool::new(health.up),
+            health: Mutex::new(health),
             cfg,
-            up: AtomicBool::new(true),
             counters: ServerCounters::default(),
+            consecutive_errors: AtomicU32::new(0),
+            fallback_ok: AtomicBool::new(false),
+            kill: watch::Sender::new(0),
+            wake_checker: Notify::new(),
         }
+    }
+
+    pub fn health(&self) -> MutexGuard<'_, Health> {
+        lock(&self.health)
     }
 
     /// May the balancer send it new clients?
@@ -99,9 +127,12 @@ impl ServerState {
         self.weight.load(Relaxed)
     }
 
-    #[allow(dead_code)] // written by the health checker
     pub(crate) fn set_up(&self, up: bool) {
         self.up.store(up, Relaxed);
+    }
+
+    pub(crate) fn set_weight(&self, weight: u32) {
+        self.weight.store(weight, Relaxed);
     }
 
     pub(crate) fn note_session(&self) {
@@ -145,10 +176,12 @@ pub struct ListenState {
     /// Session counts per server, the balancer's memory and the queue.
     dispatch: Mutex<Dispatch>,
     pub started: Instant,
+    /// Where server state changes are published (logs, stats, alerts).
+    pub events: broadcast::Sender<Event>,
 }
 
 impl ListenState {
-    pub fn new(iid: u32, cfg: config::Listen) -> Self {
+    pub fn new(iid: u32, cfg: config::Listen, events: broadcast::Sender<Event>) -> Self {
         let servers: Vec<_> = cfg
             .servers
             .iter()
@@ -163,6 +196,7 @@ impl ListenState {
             cfg,
             counters: ListenCounters::default(),
             started: Instant::now(),
+            events,
         }
     }
 

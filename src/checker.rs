@@ -1,0 +1,318 @@
+//! The health checker: one task per checked server runs probes at HAProxy's intervals and
+//! turns results into UP/DOWN transitions, with the log lines, events and side effects
+//! (queue re-run, shutdown-sessions, slowstart) they imply. Passive health — connection
+//! errors on live traffic — enters here too.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{CheckKind, OnMarkedDown};
+use crate::events::Event;
+use crate::health::{CheckResult, CheckStatus, Transition};
+use crate::pick;
+use crate::probe;
+use crate::state::{ListenState, ServerState};
+
+/// Starts the checks of every checked server of `listen`.
+pub fn spawn(listen: &Arc<ListenState>, stop: &CancellationToken) {
+    for idx in 0..listen.servers.len() {
+        let server = Arc::clone(&listen.servers[idx]);
+        if server.cfg.check.kind == CheckKind::None {
+            continue;
+        }
+        let (listen, stop) = (Arc::clone(listen), stop.clone());
+        tokio::spawn(async move {
+            let probe = move || {
+                let server = Arc::clone(&server);
+                async move { probe::probe(&server.cfg.check, server.cfg.addr).await }
+            };
+            run(listen, idx, probe, stop).await;
+        });
+    }
+}
+
+/// The check loop of one server. `probe` is injected so tests can script results.
+pub async fn run<F, Fut>(listen: Arc<ListenState>, idx: usize, mut probe: F, stop: CancellationToken)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = CheckResult>,
+{
+    let server = Arc::clone(&listen.servers[idx]);
+    loop {
+        let result = tokio::select! {
+            r = probe() => r,
+            _ = stop.cancelled() => return,
+        };
+        record(&listen, idx, result);
+        let wait = jitter(server.health().next_interval(&server.cfg.check));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = server.wake_checker.notified() => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Spreads checks of many servers so they do not fire together: ±10 %.
+fn jitter(d: Duration) -> Duration {
+    let spread = d.as_millis() as u64 / 10;
+    if spread == 0 {
+        return d;
+    }
+    d + Duration::from_millis(fastrand::u64(0..=2 * spread)) - Duration::from_millis(spread)
+}
+
+/// Applies a check result to the server's health and acts on a transition.
+pub fn record(listen: &Arc<ListenState>, idx: usize, result: CheckResult) {
+    let server = &listen.servers[idx];
+    let role_fallback = result.status == CheckStatus::L7Sts && result.primary == Some(true);
+    server.fallback_ok.store(role_fallback, Relaxed);
+    let (transition, before) = {
+        let mut h = server.health();
+        let before = h.status_text();
+        let t = h.record(result.clone(), Instant::now().into_std());
+        server.set_up(h.up);
+        (t, before)
+    };
+    if result.status.passed() {
+        server.consecutive_errors.store(0, Relaxed);
+    }
+    if let Some(t) = transition {
+        announce(listen, idx, t, &before, &result);
+    }
+}
+
+/// Passive health: a connect on live traffic failed. After `error_limit` in a row the
+/// server is marked DOWN at once and the checker takes over (fastinter until it rises).
+pub fn connect_failed(listen: &Arc<ListenState>, idx: usize, error: &std::io::Error) {
+    let server = &listen.servers[idx];
+    let limit = server.cfg.check.error_limit;
+    if limit == 0 || server.cfg.check.kind == CheckKind::None {
+        return;
+    }
+    let errors = server.consecutive_errors.fetch_add(1, Relaxed) + 1;
+    if errors < limit {
+        return;
+    }
+    let mut result = CheckResult::new(
+        CheckStatus::L4Con,
+        format!("{errors} consecutive connection errors on live traffic, last: {error}"),
+    );
+    result.code = None;
+    let (transition, before) = {
+        let mut h = server.health();
+        let before = h.status_text();
+        let t = h.force_down(result.clone(), Instant::now().into_std());
+        server.set_up(h.up);
+        (t, before)
+    };
+    if let Some(t) = transition {
+        announce(listen, idx, t, &before, &result);
+        server.wake_checker.notify_one();
+    }
+}
+
+/// A connect on live traffic succeeded: the passive error streak ends.
+pub fn connect_succeeded(server: &ServerState) {
+    if server.consecutive_errors.load(Relaxed) != 0 {
+        server.consecutive_errors.store(0, Relaxed);
+    }
+}
+
+/// Logs a transition in HAProxy's words, publishes it, and applies its side effects.
+fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, r: &CheckResult) {
+    let server = &listen.servers[idx];
+    let name = format!("{}/{}", listen.cfg.name, server.cfg.name);
+    let (active, backup) = listen.up_counts();
+    let sessions = pick::sessions_on(listen, idx);
+    let queued = pick::queue_len(listen);
+    let code = r.code.as_deref().map(|c| format!(", code: {c}")).unwrap_or_default();
+    let ms = r.duration.as_millis();
+    let reason = r.status.description();
+    match t {
+        Transition::WentDown => warn!(
+            "Server {name} is DOWN, reason: {reason}{code}, info: \"{}\", check duration: {ms}ms. \
+             {active} active and {backup} backup servers left. {sessions} sessions active, 0 requeued, \
+             {queued} remaining in queue.",
+            r.detail
+        ),
+        Transition::WentUp => info!(
+            "Server {name} is UP, reason: {reason}{code}, info: \"{}\", check duration: {ms}ms. \
+             {active} active and {backup} backup servers online. 0 sessions requeued, {queued} total in queue.",
+            r.detail
+        ),
+    }
+    let to = server.health().status_text();
+    let _ = listen.events.send(Event {
+        listen: listen.cfg.name.clone(),
+        server: Some(server.cfg.name.clone()),
+        from: before.to_owned(),
+        to,
+        reason: if r.detail.is_empty() {
+            reason.to_owned()
+        } else {
+            format!("{reason}: {}", r.detail)
+        },
+        at: SystemTime::now(),
+    });
+
+    match t {
+        Transition::WentDown => {
+            if server.cfg.on_marked_down == OnMarkedDown::ShutdownSessions {
+                server.kill.send_modify(|n| *n += 1);
+            }
+            server.set_weight(server.cfg.weight);
+            if active + backup == 0 {
+                error!("listen '{}' has no server available!", listen.cfg.name);
+                let _ = listen.events.send(Event {
+                    listen: listen.cfg.name.clone(),
+                    server: None,
+                    from: "available".into(),
+                    to: "no server available".into(),
+                    reason: format!("last server {} went down", server.cfg.name),
+                    at: SystemTime::now(),
+                });
+            }
+        }
+        Transition::WentUp => {
+            if !server.cfg.slowstart.is_zero() {
+                tokio::spawn(slowstart(Arc::clone(listen), idx));
+            }
+        }
+    }
+    pick::servers_changed(listen);
+}
+
+/// Ramps the weight from 1 to the configured one over `slowstart`, so a server that just
+/// recovered is not flooded by leastconn (it has the fewest sessions of all).
+async fn slowstart(listen: Arc<ListenState>, idx: usize) {
+    let server = &listen.servers[idx];
+    let (full, span) = (server.cfg.weight, server.cfg.slowstart);
+    let started = Instant::now();
+    let step = (span / 20).max(Duration::from_millis(100));
+    while started.elapsed() < span {
+        if !server.is_up() {
+            return;
+        }
+        let share = started.elapsed().as_secs_f64() / span.as_secs_f64();
+        server.set_weight(((f64::from(full) * share).ceil() as u32).clamp(1, full.max(1)));
+        tokio::time::sleep(step).await;
+    }
+    server.set_weight(full);
+    pick::servers_changed(&listen);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Balance, Check, Listen, Role, Secret, Server, Timeouts};
+    use std::sync::Mutex;
+
+    fn listen(rise: u32, fall: u32) -> Arc<ListenState> {
+        let d = Duration::from_secs(1);
+        let check = Check {
+            kind: CheckKind::Tcp,
+            interval: Duration::from_secs(2),
+            fastinter: Duration::from_millis(500),
+            downinter: Duration::from_secs(5),
+            timeout: d,
+            rise,
+            fall,
+            user: "u".into(),
+            password: Secret::default(),
+            database: "d".into(),
+            query: "SELECT 1".into(),
+            expect_role: Role::Any,
+            error_limit: 3,
+        };
+        let server = Server {
+            name: "pgb1".into(),
+            addr_text: "127.0.0.1:1".into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            weight: 100,
+            maxconn: 0,
+            backup: false,
+            check,
+            on_marked_down: OnMarkedDown::None,
+            slowstart: Duration::ZERO,
+        };
+        Arc::new(ListenState::new(
+            1,
+            Listen {
+                name: "pg".into(),
+                bind: "127.0.0.1:0".parse().expect("addr"),
+                balance: Balance::Leastconn,
+                maxconn: 10,
+                backlog: 16,
+                retries: 3,
+                fallback_to_primary: true,
+                timeouts: Timeouts { connect: d, client: d, server: d, queue: d, startup: d },
+                servers: vec![server],
+            },
+            crate::events::channel(),
+        ))
+    }
+
+    /// Scripted probe: returns the next result and records when it was called.
+    fn scripted(results: Vec<bool>, calls: Arc<Mutex<Vec<Instant>>>) -> impl FnMut() -> std::future::Ready<CheckResult> {
+        let mut results = results.into_iter();
+        move || {
+            calls.lock().expect("calls").push(Instant::now());
+            let ok = results.next().unwrap_or(true);
+            std::future::ready(if ok {
+                CheckResult::new(CheckStatus::L4Ok, "")
+            } else {
+                CheckResult::new(CheckStatus::L4Con, "Connection refused")
+            })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn intervals_follow_the_state() {
+        let l = listen(2, 3);
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let mut events = l.events.subscribe();
+        let stop = CancellationToken::new();
+        // pass (UP), pass, fail, fail, fail (DOWN), fail, pass, pass (UP)
+        let script = vec![true, true, false, false, false, false, true, true];
+        let task = tokio::spawn(run(Arc::clone(&l), 0, scripted(script, Arc::clone(&calls)), stop.clone()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        stop.cancel();
+        let _ = task.await;
+
+        let calls = calls.lock().expect("calls").clone();
+        let gaps: Vec<u64> = calls.windows(2).map(|w| (w[1] - w[0]).as_millis() as u64).collect();
+        // Gap i follows result i: UP settled → interval 2s; failing → fastinter 500ms;
+        // settled DOWN → downinter 5s; rising → fastinter. Each ±10 % jitter.
+        let expected = [2000, 2000, 500, 500, 5000, 5000, 500, 2000];
+        for (i, (&gap, &want)) in gaps.iter().zip(&expected).enumerate() {
+            assert!(gap.abs_diff(want) <= want / 10 + 1, "gap {i}: {gap}ms, expected about {want}ms ({gaps:?})");
+        }
+        let mut seen = Vec::new();
+        while let Ok(e) = events.try_recv() {
+            seen.push((e.from, e.to));
+        }
+        let to: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
+        assert_eq!(to, ["UP", "DOWN", "no server available", "UP"], "{seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passive_errors_mark_down_at_the_limit() {
+        let l = listen(2, 3);
+        record(&l, 0, CheckResult::new(CheckStatus::L4Ok, ""));
+        assert!(l.servers[0].is_up());
+        let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        connect_failed(&l, 0, &e);
+        connect_failed(&l, 0, &e);
+        assert!(l.servers[0].is_up(), "two errors are below the limit");
+        connect_failed(&l, 0, &e);
+        assert!(!l.servers[0].is_up());
+        assert_eq!(l.servers[0].health().status_text(), "DOWN");
+    }
+}
