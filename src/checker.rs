@@ -38,8 +38,12 @@ pub fn spawn(listen: &Arc<ListenState>, stop: &CancellationToken) {
 }
 
 /// The check loop of one server. `probe` is injected so tests can script results.
-pub async fn run<F, Fut>(listen: Arc<ListenState>, idx: usize, mut probe: F, stop: CancellationToken)
-where
+pub async fn run<F, Fut>(
+    listen: Arc<ListenState>,
+    idx: usize,
+    mut probe: F,
+    stop: CancellationToken,
+) where
     F: FnMut() -> Fut,
     Fut: Future<Output = CheckResult>,
 {
@@ -132,7 +136,11 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
     let (active, backup) = listen.up_counts();
     let sessions = pick::sessions_on(listen, idx);
     let queued = pick::queue_len(listen);
-    let code = r.code.as_deref().map(|c| format!(", code: {c}")).unwrap_or_default();
+    let code = r
+        .code
+        .as_deref()
+        .map(|c| format!(", code: {c}"))
+        .unwrap_or_default();
     let ms = r.duration.as_millis();
     let reason = r.status.description();
     match t {
@@ -252,7 +260,13 @@ mod tests {
                 backlog: 16,
                 retries: 3,
                 fallback_to_primary: true,
-                timeouts: Timeouts { connect: d, client: d, server: d, queue: d, startup: d },
+                timeouts: Timeouts {
+                    connect: d,
+                    client: d,
+                    server: d,
+                    queue: d,
+                    startup: d,
+                },
                 servers: vec![server],
             },
             crate::events::channel(),
@@ -260,7 +274,10 @@ mod tests {
     }
 
     /// Scripted probe: returns the next result and records when it was called.
-    fn scripted(results: Vec<bool>, calls: Arc<Mutex<Vec<Instant>>>) -> impl FnMut() -> std::future::Ready<CheckResult> {
+    fn scripted(
+        results: Vec<bool>,
+        calls: Arc<Mutex<Vec<Instant>>>,
+    ) -> impl FnMut() -> std::future::Ready<CheckResult> {
         let mut results = results.into_iter();
         move || {
             calls.lock().expect("calls").push(Instant::now());
@@ -281,18 +298,29 @@ mod tests {
         let stop = CancellationToken::new();
         // pass (UP), pass, fail, fail, fail (DOWN), fail, pass, pass (UP)
         let script = vec![true, true, false, false, false, false, true, true];
-        let task = tokio::spawn(run(Arc::clone(&l), 0, scripted(script, Arc::clone(&calls)), stop.clone()));
+        let task = tokio::spawn(run(
+            Arc::clone(&l),
+            0,
+            scripted(script, Arc::clone(&calls)),
+            stop.clone(),
+        ));
         tokio::time::sleep(Duration::from_secs(30)).await;
         stop.cancel();
         let _ = task.await;
 
         let calls = calls.lock().expect("calls").clone();
-        let gaps: Vec<u64> = calls.windows(2).map(|w| (w[1] - w[0]).as_millis() as u64).collect();
+        let gaps: Vec<u64> = calls
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_millis() as u64)
+            .collect();
         // Gap i follows result i: UP settled → interval 2s; failing → fastinter 500ms;
         // settled DOWN → downinter 5s; rising → fastinter. Each ±10 % jitter.
         let expected = [2000, 2000, 500, 500, 5000, 5000, 500, 2000];
         for (i, (&gap, &want)) in gaps.iter().zip(&expected).enumerate() {
-            assert!(gap.abs_diff(want) <= want / 10 + 1, "gap {i}: {gap}ms, expected about {want}ms ({gaps:?})");
+            assert!(
+                gap.abs_diff(want) <= want / 10 + 1,
+                "gap {i}: {gap}ms, expected about {want}ms ({gaps:?})"
+            );
         }
         let mut seen = Vec::new();
         while let Ok(e) = events.try_recv() {

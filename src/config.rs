@@ -261,7 +261,22 @@ mod raw {
             macro_rules! pick {
                 ($($f:ident),*) => { CheckTable { $($f: over.$f.clone().or_else(|| self.$f.clone()),)* } };
             }
-            pick!(kind, interval, fastinter, downinter, timeout, rise, fall, user, password, database, query, expect_role, error_limit, fallback_to_primary)
+            pick!(
+                kind,
+                interval,
+                fastinter,
+                downinter,
+                timeout,
+                rise,
+                fall,
+                user,
+                password,
+                database,
+                query,
+                expect_role,
+                error_limit,
+                fallback_to_primary
+            )
         }
     }
 
@@ -469,7 +484,11 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             }
         }
         let listen_check = l.check.as_ref().map(|c| c.get_ref().clone());
-        let check_line = l.check.as_ref().map(|c| c.span().start).unwrap_or(span.start);
+        let check_line = l
+            .check
+            .as_ref()
+            .map(|c| c.span().start)
+            .unwrap_or(span.start);
         let fallback_to_primary = listen_check
             .as_ref()
             .and_then(|c| c.fallback_to_primary)
@@ -503,10 +522,14 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             }
             let addr = resolve(s.addr.get_ref())
                 .map_err(|reason| at.at(&s.addr, format!("server '{name}/{sname}': {reason}")))?;
-            let check = resolve_check(listen_check.as_ref(), s.check.as_ref())
-                .map_err(|(reason, own)| {
-                    at.error(if own { server_line } else { check_line }, format!("server '{name}/{sname}': {reason}"))
-                })?;
+            let check = resolve_check(listen_check.as_ref(), s.check.as_ref()).map_err(
+                |(reason, own)| {
+                    at.error(
+                        if own { server_line } else { check_line },
+                        format!("server '{name}/{sname}': {reason}"),
+                    )
+                },
+            )?;
             servers.push(Server {
                 name: sname,
                 addr_text: s.addr.get_ref().clone(),
@@ -543,15 +566,24 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
 /// The check a server runs: built-in defaults, then `[listen.check]`, then the server's
 /// own `check` table. Without `[listen.check]` and without an override, servers are not
 /// checked. Errors say whether the server's own table (true) or the listen's is at fault.
-fn resolve_check(listen: Option<&raw::CheckTable>, own: Option<&raw::CheckTable>) -> Result<Check, (String, bool)> {
+fn resolve_check(
+    listen: Option<&raw::CheckTable>,
+    own: Option<&raw::CheckTable>,
+) -> Result<Check, (String, bool)> {
     let base = listen.cloned().unwrap_or_default();
     let c = match own {
         Some(o) => base.merged(o),
         None => base,
     };
     let configured = listen.is_some() || own.is_some();
-    let kind = c.kind.unwrap_or(if configured { CheckKind::Tcp } else { CheckKind::None });
-    let d = |v: Option<HumanDuration>, default_ms: u64| v.map(|h| h.0).unwrap_or(Duration::from_millis(default_ms));
+    let kind = c.kind.unwrap_or(if configured {
+        CheckKind::Tcp
+    } else {
+        CheckKind::None
+    });
+    let d = |v: Option<HumanDuration>, default_ms: u64| {
+        v.map(|h| h.0).unwrap_or(Duration::from_millis(default_ms))
+    };
     let interval = d(c.interval, 2000);
     let check = Check {
         kind,
@@ -570,10 +602,16 @@ fn resolve_check(listen: Option<&raw::CheckTable>, own: Option<&raw::CheckTable>
     };
     let own_sets = |f: fn(&raw::CheckTable) -> bool| own.is_some_and(f);
     if check.rise == 0 {
-        return Err(("check rise must be at least 1".into(), own_sets(|o| o.rise.is_some())));
+        return Err((
+            "check rise must be at least 1".into(),
+            own_sets(|o| o.rise.is_some()),
+        ));
     }
     if check.fall == 0 {
-        return Err(("check fall must be at least 1".into(), own_sets(|o| o.fall.is_some())));
+        return Err((
+            "check fall must be at least 1".into(),
+            own_sets(|o| o.fall.is_some()),
+        ));
     }
     for (key, v) in [
         ("interval", check.interval),
@@ -586,7 +624,10 @@ fn resolve_check(listen: Option<&raw::CheckTable>, own: Option<&raw::CheckTable>
         }
     }
     if check.expect_role != Role::Any && check.kind != CheckKind::Query {
-        return Err(("expect_role needs check type \"query\"".into(), own.is_some()));
+        return Err((
+            "expect_role needs check type \"query\"".into(),
+            own.is_some(),
+        ));
     }
     Ok(check)
 }
@@ -694,13 +735,22 @@ backup = true
             "[listen.check]\ntype = \"query\"\nfall = 2\npassword = \"hunter2\"\n\n[[listen.server]]\nname = \"pgb1\"\ncheck = { type = \"tcp\", rise = 5 }",
         );
         let c = parse(&text).expect("valid");
-        let (a, b) = (&c.listens[0].servers[0].check, &c.listens[0].servers[1].check);
+        let (a, b) = (
+            &c.listens[0].servers[0].check,
+            &c.listens[0].servers[1].check,
+        );
         assert_eq!((a.kind, a.rise, a.fall), (CheckKind::Tcp, 5, 2));
         assert_eq!((b.kind, b.rise, b.fall), (CheckKind::Query, 2, 2));
         assert_eq!(b.password.expose(), "hunter2");
-        assert!(!format!("{c:?}").contains("hunter2"), "passwords are masked in Debug");
+        assert!(
+            !format!("{c:?}").contains("hunter2"),
+            "passwords are masked in Debug"
+        );
         // Without [listen.check], servers are not checked.
-        assert_eq!(parse(GOOD).expect("valid").listens[0].servers[0].check.kind, CheckKind::None);
+        assert_eq!(
+            parse(GOOD).expect("valid").listens[0].servers[0].check.kind,
+            CheckKind::None
+        );
         let e = error_of(&text.replace("fall = 2", "fall = 0"));
         assert!(e.reason.contains("fall must be at least 1"), "{e}");
         assert_eq!(e.line, 13, "{e}");

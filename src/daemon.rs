@@ -12,8 +12,8 @@ use tracing::{info, warn};
 
 use crate::accept::{self, Shared};
 use crate::config::Config;
-use crate::{checker, events, net};
 use crate::state::ListenState;
+use crate::{checker, events, net};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);

@@ -62,7 +62,10 @@ impl CheckStatus {
     }
 
     pub fn passed(self) -> bool {
-        matches!(self, CheckStatus::L4Ok | CheckStatus::L6Ok | CheckStatus::L7Ok)
+        matches!(
+            self,
+            CheckStatus::L4Ok | CheckStatus::L6Ok | CheckStatus::L7Ok
+        )
     }
 }
 
@@ -175,7 +178,11 @@ impl Health {
     pub fn force_down(&mut self, result: CheckResult, now: Instant) -> Option<Transition> {
         self.failures += 1;
         self.last = Some((result, SystemTime::now()));
-        if self.up { Some(self.set_down(now)) } else { None }
+        if self.up {
+            Some(self.set_down(now))
+        } else {
+            None
+        }
     }
 
     fn set_up(&mut self, now: Instant) -> Transition {
@@ -214,7 +221,11 @@ impl Health {
         }
         if self.up {
             let failed = self.max() - self.counter;
-            if failed == 0 { "UP".into() } else { format!("UP {failed}/{}", self.fall) }
+            if failed == 0 {
+                "UP".into()
+            } else {
+                format!("UP {failed}/{}", self.fall)
+            }
         } else if self.counter == 0 {
             "DOWN".into()
         } else {
@@ -334,8 +345,14 @@ mod tests {
         let t0 = Instant::now();
         h.record(ok(), t0);
         h.record(bad(), t0 + Duration::from_secs(10));
-        assert_eq!(h.downtime(t0 + Duration::from_secs(15)), Duration::from_secs(5));
+        assert_eq!(
+            h.downtime(t0 + Duration::from_secs(15)),
+            Duration::from_secs(5)
+        );
         h.record(ok(), t0 + Duration::from_secs(20));
-        assert_eq!(h.downtime(t0 + Duration::from_secs(99)), Duration::from_secs(10));
+        assert_eq!(
+            h.downtime(t0 + Duration::from_secs(99)),
+            Duration::from_secs(10)
+        );
     }
 }

@@ -215,7 +215,9 @@ pub fn sessions_on(listen: &ListenState, idx: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, Check, CheckKind, Listen, OnMarkedDown, Role, Secret, Server, Timeouts};
+    use crate::config::{
+        Balance, Check, CheckKind, Listen, OnMarkedDown, Role, Secret, Server, Timeouts,
+    };
     use std::time::Duration;
 
     fn listen(maxconn: &[usize], backup: &[bool], queue: Duration) -> Arc<ListenState> {

@@ -111,8 +111,14 @@ async fn ssl(stream: &mut TcpStream) -> CheckResult {
     match stream.read(&mut answer).await {
         Ok(1) if answer[0] == b'S' => CheckResult::new(CheckStatus::L6Ok, "SSLRequest answered S"),
         Ok(1) if answer[0] == b'N' => CheckResult::new(CheckStatus::L6Ok, "SSLRequest answered N"),
-        Ok(1) => CheckResult::new(CheckStatus::L6Rsp, format!("unexpected answer {:?} to SSLRequest", answer[0] as char)),
-        Ok(_) => CheckResult::new(CheckStatus::L6Rsp, "connection closed before answering SSLRequest"),
+        Ok(1) => CheckResult::new(
+            CheckStatus::L6Rsp,
+            format!("unexpected answer {:?} to SSLRequest", answer[0] as char),
+        ),
+        Ok(_) => CheckResult::new(
+            CheckStatus::L6Rsp,
+            "connection closed before answering SSLRequest",
+        ),
         Err(e) => CheckResult::new(CheckStatus::L6Rsp, describe_io(&e)),
     }
 }
@@ -129,7 +135,10 @@ async fn pgsql(check: &Check, stream: &mut TcpStream) -> CheckResult {
             | Message::AuthenticationGss
             | Message::AuthenticationSspi
             | Message::AuthenticationKerberosV5
-            | Message::AuthenticationScmCredential => Ok(CheckResult::new(CheckStatus::L7Ok, "PostgreSQL server is ok")),
+            | Message::AuthenticationScmCredential => Ok(CheckResult::new(
+                CheckStatus::L7Ok,
+                "PostgreSQL server is ok",
+            )),
             other => Err(unexpected(other)),
         }
     };
@@ -140,11 +149,17 @@ async fn pgsql(check: &Check, stream: &mut TcpStream) -> CheckResult {
 #[derive(Debug)]
 enum ProbeError {
     /// The server said no (ErrorResponse).
-    Server { code: String, message: String },
+    Server {
+        code: String,
+        message: String,
+    },
     /// The server said something a PostgreSQL server would not.
     Protocol(String),
     /// The role does not match `expect_role`.
-    Role { primary: bool, expected: Role },
+    Role {
+        primary: bool,
+        expected: Role,
+    },
     Io(io::Error),
 }
 
@@ -163,7 +178,11 @@ impl ProbeError {
                     format!(
                         "server is a {}, expected a {}",
                         if primary { "primary" } else { "replica" },
-                        if expected == Role::Primary { "primary" } else { "replica" }
+                        if expected == Role::Primary {
+                            "primary"
+                        } else {
+                            "replica"
+                        }
                     ),
                 );
                 r.primary = Some(primary);
@@ -218,7 +237,10 @@ impl<'a> Conn<'a> {
         }
     }
 
-    async fn send(&mut self, encode: impl FnOnce(&mut BytesMut) -> io::Result<()>) -> Result<(), ProbeError> {
+    async fn send(
+        &mut self,
+        encode: impl FnOnce(&mut BytesMut) -> io::Result<()>,
+    ) -> Result<(), ProbeError> {
         let mut out = BytesMut::new();
         encode(&mut out)?;
         self.stream.write_all(&out).await?;
@@ -227,7 +249,8 @@ impl<'a> Conn<'a> {
 
     async fn send_startup(&mut self, params: &[(&str, &str)]) -> Result<(), ProbeError> {
         let params = params.to_vec();
-        self.send(|b| frontend::startup_message(params.iter().copied(), b)).await
+        self.send(|b| frontend::startup_message(params.iter().copied(), b))
+            .await
     }
 
     /// The next backend message. The length is checked before postgres-protocol sees
@@ -235,11 +258,16 @@ impl<'a> Conn<'a> {
     async fn next(&mut self) -> Result<Message, ProbeError> {
         loop {
             if self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
                 if !(4..=MAX_MESSAGE).contains(&len) {
-                    return Err(ProbeError::Protocol(format!("invalid message length {len}")));
+                    return Err(ProbeError::Protocol(format!(
+                        "invalid message length {len}"
+                    )));
                 }
-                if let Some(m) = Message::parse(&mut self.buf).map_err(|e| ProbeError::Protocol(e.to_string()))? {
+                if let Some(m) = Message::parse(&mut self.buf)
+                    .map_err(|e| ProbeError::Protocol(e.to_string()))?
+                {
                     return Ok(m);
                 }
             }
@@ -288,12 +316,17 @@ async fn query(check: &Check, conn: &mut Conn<'_>) -> Result<CheckResult, ProbeE
     conn.until_ready(|_| {}).await?;
     let mut primary = None;
     if check.expect_role != Role::Any {
-        conn.send(|b| frontend::query("SELECT pg_is_in_recovery()", b)).await?;
+        conn.send(|b| frontend::query("SELECT pg_is_in_recovery()", b))
+            .await?;
         let mut in_recovery = None;
         conn.until_ready(|v| in_recovery = Some(v == b"t")).await?;
         let is_primary = match in_recovery {
             Some(r) => !r,
-            None => return Err(ProbeError::Protocol("pg_is_in_recovery() returned no row".into())),
+            None => {
+                return Err(ProbeError::Protocol(
+                    "pg_is_in_recovery() returned no row".into(),
+                ));
+            }
         };
         primary = Some(is_primary);
         if is_primary != (check.expect_role == Role::Primary) {
@@ -331,11 +364,13 @@ async fn authenticate(check: &Check, conn: &mut Conn<'_>) -> Result<(), ProbeErr
         match conn.next().await? {
             Message::AuthenticationOk => return Ok(()),
             Message::AuthenticationCleartextPassword => {
-                conn.send(|b| frontend::password_message(&password, b)).await?;
+                conn.send(|b| frontend::password_message(&password, b))
+                    .await?;
             }
             Message::AuthenticationMd5Password(body) => {
                 let hash = md5_hash(check.user.as_bytes(), &password, body.salt());
-                conn.send(|b| frontend::password_message(hash.as_bytes(), b)).await?;
+                conn.send(|b| frontend::password_message(hash.as_bytes(), b))
+                    .await?;
             }
             Message::AuthenticationSasl(body) => {
                 let mut mechanisms = body.mechanisms();
@@ -344,22 +379,31 @@ async fn authenticate(check: &Check, conn: &mut Conn<'_>) -> Result<(), ProbeErr
                     has_scram |= m == SCRAM_SHA_256;
                 }
                 if !has_scram {
-                    return Err(ProbeError::Protocol("server offers no SCRAM-SHA-256".into()));
+                    return Err(ProbeError::Protocol(
+                        "server offers no SCRAM-SHA-256".into(),
+                    ));
                 }
                 let s = ScramSha256::new(&password, ChannelBinding::unsupported());
                 let first = s.message().to_vec();
-                conn.send(|b| frontend::sasl_initial_response(SCRAM_SHA_256, &first, b)).await?;
+                conn.send(|b| frontend::sasl_initial_response(SCRAM_SHA_256, &first, b))
+                    .await?;
                 scram = Some(s);
             }
             Message::AuthenticationSaslContinue(body) => {
-                let s = scram.as_mut().ok_or_else(|| ProbeError::Protocol("SASL continue before SASL start".into()))?;
-                s.update(body.data()).map_err(|e| ProbeError::Protocol(e.to_string()))?;
+                let s = scram.as_mut().ok_or_else(|| {
+                    ProbeError::Protocol("SASL continue before SASL start".into())
+                })?;
+                s.update(body.data())
+                    .map_err(|e| ProbeError::Protocol(e.to_string()))?;
                 let msg = s.message().to_vec();
                 conn.send(|b| frontend::sasl_response(&msg, b)).await?;
             }
             Message::AuthenticationSaslFinal(body) => {
-                let s = scram.as_mut().ok_or_else(|| ProbeError::Protocol("SASL final before SASL start".into()))?;
-                s.finish(body.data()).map_err(|e| ProbeError::Protocol(format!("SCRAM server signature: {e}")))?;
+                let s = scram
+                    .as_mut()
+                    .ok_or_else(|| ProbeError::Protocol("SASL final before SASL start".into()))?;
+                s.finish(body.data())
+                    .map_err(|e| ProbeError::Protocol(format!("SCRAM server signature: {e}")))?;
             }
             Message::ErrorResponse(body) => return Err(server_error(&body)),
             Message::NoticeResponse(_) => {}

@@ -249,11 +249,15 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
         pglb.connect().await.is_err(),
         "no new clients after SIGTERM"
     );
-    let row = client
-        .query_one("SELECT 42", &[])
+    let rows = client
+        .simple_query("SELECT 42")
         .await
         .expect("existing session still works");
-    assert_eq!(row.get::<_, i32>(0), 42);
+    let value = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(value.as_deref(), Some("42"));
     drop(client);
     let status = pglb
         .proc

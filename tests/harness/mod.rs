@@ -221,37 +221,91 @@ impl Postgres {
         hba.push_str("host replication all 127.0.0.1/32 scram-sha-256\n");
         std::fs::write(data.join("pg_hba.conf"), hba).expect("pg_hba.conf");
 
-        let log = std::fs::File::create(dir.path().join("postgres.log")).expect("log");
-        if is_root() {
-            let _ = Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(dir.path().join("postgres.log"))
-                .status();
-        }
-        let child = as_service_user(&pg_bin("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start postgres");
-        // SIGINT is PostgreSQL's fast shutdown.
-        let proc = Proc {
-            child,
-            name: "postgres".into(),
-            stop_signal: libc::SIGINT,
-        };
-        let pg = Postgres {
+        let mut pg = Postgres {
             port,
             dir,
-            proc: Some(proc),
+            proc: None,
         };
-        pg.wait_ready();
+        pg.launch();
         pg.psql(&format!(
             "CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"
         ));
         pg.psql(&format!("CREATE DATABASE {APP_DB} OWNER {APP_USER}"));
         pg
+    }
+
+    /// A streaming replica of `primary` (pg_basebackup -R), on its own port.
+    pub fn start_replica(primary: &Postgres) -> Postgres {
+        let dir = service_dir("pglb-pgr-");
+        let data = dir.path().join("data");
+        run_ok(
+            as_service_user(&pg_bin("pg_basebackup"))
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &primary.port.to_string(),
+                    "-U",
+                    "postgres",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                    "-D",
+                ])
+                .arg(&data)
+                .env("PGPASSWORD", "postgres-secret"),
+            "pg_basebackup",
+        );
+        let port = free_port();
+        let conf_path = data.join("postgresql.auto.conf");
+        let mut conf = std::fs::read_to_string(&conf_path).unwrap_or_default();
+        let _ = writeln!(conf, "port = {port}");
+        let _ = writeln!(conf, "unix_socket_directories = '{}'", dir.path().display());
+        std::fs::write(&conf_path, conf).expect("replica conf");
+        let mut pg = Postgres {
+            port,
+            dir,
+            proc: None,
+        };
+        pg.launch();
+        pg
+    }
+
+    /// Starts the server process on the existing data directory and waits for it.
+    pub fn launch(&mut self) {
+        let log_path = self.dir.path().join("postgres.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("log");
+        if is_root() {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&log_path)
+                .status();
+        }
+        let child = as_service_user(&pg_bin("postgres"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start postgres");
+        // SIGINT is PostgreSQL's fast shutdown.
+        self.proc = Some(Proc {
+            child,
+            name: "postgres".into(),
+            stop_signal: libc::SIGINT,
+        });
+        self.wait_ready();
+    }
+
+    /// Promotes a replica to primary.
+    pub fn promote(&self) {
+        self.psql("SELECT pg_promote(true, 30)");
     }
 
     fn wait_ready(&self) {
