@@ -49,11 +49,14 @@ pub async fn run<F, Fut>(
 {
     let server = Arc::clone(&listen.servers[idx]);
     loop {
-        let result = tokio::select! {
-            r = probe() => r,
-            _ = stop.cancelled() => return,
-        };
-        record(&listen, idx, result);
+        // In maintenance the server is out of service and not checked.
+        if server.admin() != crate::state::Admin::Maint {
+            let result = tokio::select! {
+                r = probe() => r,
+                _ = stop.cancelled() => return,
+            };
+            record(&listen, idx, result);
+        }
         let wait = jitter(server.health().next_interval(&server.cfg.check));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -175,7 +178,7 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
             if server.cfg.on_marked_down == OnMarkedDown::ShutdownSessions {
                 server.kill.send_modify(|n| *n += 1);
             }
-            server.set_weight(server.cfg.weight);
+            server.set_weight(server.base_weight());
             if active + backup == 0 {
                 error!("listen '{}' has no server available!", listen.cfg.name);
                 let _ = listen.events.send(Event {
@@ -201,7 +204,7 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
 /// recovered is not flooded by leastconn (it has the fewest sessions of all).
 async fn slowstart(listen: Arc<ListenState>, idx: usize) {
     let server = &listen.servers[idx];
-    let (full, span) = (server.cfg.weight, server.cfg.slowstart);
+    let (full, span) = (server.base_weight(), server.cfg.slowstart);
     let started = Instant::now();
     let step = (span / 20).max(Duration::from_millis(100));
     while started.elapsed() < span {

@@ -39,6 +39,36 @@ impl std::error::Error for ConfigError {}
 pub struct Config {
     pub global: Global,
     pub listens: Vec<Listen>,
+    /// The stats/admin HTTP server; none when `[stats]` is absent.
+    pub stats: Option<Stats>,
+    pub alerts: Option<Alerts>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Stats {
+    pub bind: SocketAddr,
+    /// Path of the dashboard; the CSV is at `{uri};csv`.
+    pub uri: String,
+    /// Dashboard auto-refresh period.
+    pub refresh: Duration,
+    /// Basic-auth credentials; admin actions are refused without them.
+    pub auth: Option<StatsAuth>,
+    /// Where admin state (drain, maint, weight) is kept across restarts.
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StatsAuth {
+    pub user: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone)]
+pub struct Alerts {
+    /// Slack-compatible incoming webhook (http:// or https://).
+    pub webhook_url: String,
+    /// Changes of one server within this window are sent as one message.
+    pub coalesce: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -192,6 +222,46 @@ mod raw {
         pub global: Global,
         #[serde(default)]
         pub listen: Vec<Spanned<Listen>>,
+        pub stats: Option<Spanned<Stats>>,
+        pub alerts: Option<Spanned<Alerts>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Stats {
+        pub bind: Spanned<String>,
+        #[serde(default = "default_uri")]
+        pub uri: Spanned<String>,
+        #[serde(default = "default_refresh")]
+        pub refresh: HumanDuration,
+        pub auth: Option<StatsAuth>,
+        pub state_file: Option<PathBuf>,
+    }
+
+    fn default_uri() -> Spanned<String> {
+        Spanned::new(0..0, "/stats".into())
+    }
+    fn default_refresh() -> HumanDuration {
+        HumanDuration(Duration::from_secs(5))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct StatsAuth {
+        pub user: String,
+        pub password: Secret,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Alerts {
+        pub webhook_url: Spanned<String>,
+        #[serde(default = "default_coalesce")]
+        pub coalesce: HumanDuration,
+    }
+
+    fn default_coalesce() -> HumanDuration {
+        HumanDuration(Duration::from_secs(10))
     }
 
     #[derive(Deserialize)]
@@ -560,7 +630,78 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             servers,
         });
     }
-    Ok(Config { global, listens })
+    let stats = match file.stats {
+        None => None,
+        Some(spanned) => {
+            let st = spanned.into_inner();
+            let bind = st.bind.get_ref().parse().map_err(|_| {
+                at.at(
+                    &st.bind,
+                    format!(
+                        "stats bind {:?} is not an IP:port address",
+                        st.bind.get_ref()
+                    ),
+                )
+            })?;
+            if binds.contains(&bind) {
+                return Err(at.at(
+                    &st.bind,
+                    format!("stats bind {bind} is also a listen's bind"),
+                ));
+            }
+            let uri = st.uri.get_ref().clone();
+            if !uri.starts_with('/')
+                || uri.contains([';', '?', ' '])
+                || uri == "/metrics"
+                || uri == "/health"
+            {
+                return Err(at.at(
+                    &st.uri,
+                    format!(
+                        "stats uri {uri:?} must be a path like \"/stats\" (not /metrics or /health)"
+                    ),
+                ));
+            }
+            if let Some(a) = &st.auth
+                && (a.user.is_empty() || a.password.expose().is_empty())
+            {
+                return Err(at.at(&st.bind, "stats.auth needs a non-empty user and password"));
+            }
+            Some(Stats {
+                bind,
+                uri,
+                refresh: st.refresh.0,
+                auth: st.auth.map(|a| StatsAuth {
+                    user: a.user,
+                    password: a.password,
+                }),
+                state_file: st.state_file,
+            })
+        }
+    };
+    let alerts = match file.alerts {
+        None => None,
+        Some(spanned) => {
+            let a = spanned.into_inner();
+            let url = a.webhook_url.get_ref().clone();
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(at.at(
+                    &a.webhook_url,
+                    "alerts webhook_url must start with http:// or https://",
+                ));
+            }
+            Some(Alerts {
+                webhook_url: url,
+                coalesce: a.coalesce.0,
+            })
+        }
+    };
+    Ok(Config {
+        global,
+        listens,
+        stats,
+        alerts,
+    })
 }
 
 /// The check a server runs: built-in defaults, then `[listen.check]`, then the server's

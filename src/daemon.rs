@@ -13,7 +13,8 @@ use tracing::{info, warn};
 use crate::accept::{self, Shared};
 use crate::config::Config;
 use crate::state::ListenState;
-use crate::{checker, events, net};
+use crate::state::Process;
+use crate::{admin, alerts, checker, events, http, net};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -33,6 +34,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let listener = net::bind(l.cfg.bind, l.cfg.backlog)
             .with_context(|| format!("listen '{}': cannot bind {}", l.cfg.name, l.cfg.bind))?;
         listeners.push(listener);
+    }
+
+    if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
+        admin::load(path, &listens);
+    }
+    let process = Arc::new(Process::new(listens.clone(), config.global.maxconn));
+    let stop_http = CancellationToken::new();
+    if let Some(stats) = &config.stats {
+        let listener = net::bind(stats.bind, 128)
+            .with_context(|| format!("stats: cannot bind {}", stats.bind))?;
+        info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
+        let ctx = Arc::new(http::Context {
+            cfg: stats.clone(),
+            process: Arc::clone(&process),
+        });
+        tokio::spawn(http::serve(listener, ctx, stop_http.clone()));
+    }
+    if let Some(a) = &config.alerts {
+        tokio::spawn(alerts::run(
+            a.clone(),
+            events.subscribe(),
+            stop_http.clone(),
+        ));
     }
 
     let tracker = TaskTracker::new();
@@ -65,6 +89,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 
     shutdown.await;
+    process
+        .serving
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     stop_accepting.cancel();
     while loops.join_next().await.is_some() {}
     tracker.close();
@@ -87,6 +114,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
     }
     stop_checks.cancel();
+    stop_http.cancel();
     info!("pglb stopped");
     Ok(())
 }

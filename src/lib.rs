@@ -24,3 +24,7 @@ pub mod state;
 
 pub use config::Config;
 pub use daemon::run;
+pub mod admin;
+pub mod alerts;
+pub mod http;
+pub mod stats;

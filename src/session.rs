@@ -35,6 +35,7 @@ impl<'a> Current<'a> {
     fn enter(listen: &'a ListenState) -> Self {
         let c = &listen.counters;
         c.stot.inc();
+        c.rate.tick();
         let now = c.cur.fetch_add(1, Relaxed) + 1;
         raise_max(&c.smax, now);
         Current(listen)

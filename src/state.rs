@@ -49,6 +49,89 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// Sessions per second, as HAProxy shows it: the count of the current second (or of the
+/// last one, right after it ends), and the highest seen.
+#[derive(Debug, Default)]
+pub struct Rate {
+    /// Unix second in the high 32 bits, count in that second in the low 32.
+    packed: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Rate {
+    pub fn tick(&self) {
+        let now = unix_now() & 0xffff_ffff;
+        let mut cur = self.packed.load(Relaxed);
+        loop {
+            let next = if cur >> 32 == now {
+                cur + 1
+            } else {
+                now << 32 | 1
+            };
+            match self
+                .packed
+                .compare_exchange_weak(cur, next, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    self.max.fetch_max(next & 0xffff_ffff, Relaxed);
+                    return;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// (rate, rate_max).
+    pub fn read(&self) -> (u64, u64) {
+        let now = unix_now() & 0xffff_ffff;
+        let p = self.packed.load(Relaxed);
+        let rate = if p >> 32 == now || p >> 32 == now.wrapping_sub(1) {
+            p & 0xffff_ffff
+        } else {
+            0
+        };
+        (rate, self.max.load(Relaxed))
+    }
+}
+
+/// What an operator set for a server (stats page, API): persisted in the state file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Admin {
+    /// Normal service.
+    Ready,
+    /// No new clients; existing sessions stay.
+    Drain,
+    /// Out of service; checks stop.
+    Maint,
+}
+
+impl Admin {
+    fn to_u8(self) -> u8 {
+        match self {
+            Admin::Ready => 0,
+            Admin::Drain => 1,
+            Admin::Maint => 2,
+        }
+    }
+
+    fn from_u8(v: u8) -> Admin {
+        match v {
+            1 => Admin::Drain,
+            2 => Admin::Maint,
+            _ => Admin::Ready,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Admin::Ready => "ready",
+            Admin::Drain => "drain",
+            Admin::Maint => "maint",
+        }
+    }
+}
+
 /// Counters of one server, named after HAProxy's stats columns.
 #[derive(Debug, Default)]
 pub struct ServerCounters {
@@ -68,6 +151,8 @@ pub struct ServerCounters {
     pub wredis: AtomicU64,
     /// Unix time of the last session assigned (lastsess).
     pub last_session: AtomicU64,
+    /// New sessions per second.
+    pub rate: Rate,
 }
 
 /// One server of a listen.
@@ -80,6 +165,10 @@ pub struct ServerState {
     up: AtomicBool,
     /// Current effective weight; starts at the configured one (slowstart lowers it).
     weight: AtomicU32,
+    /// The weight the server returns to: configured, or set by an operator.
+    base_weight: AtomicU32,
+    /// Operator state (`Admin` as u8).
+    admin: std::sync::atomic::AtomicU8,
     pub counters: ServerCounters,
     /// The health verdict and last check; the checker writes, everyone reads.
     pub health: Mutex<Health>,
@@ -99,6 +188,8 @@ impl ServerState {
         ServerState {
             sid,
             weight: AtomicU32::new(cfg.weight),
+            base_weight: AtomicU32::new(cfg.weight),
+            admin: std::sync::atomic::AtomicU8::new(0),
             up: AtomicBool::new(health.up),
             health: Mutex::new(health),
             cfg,
@@ -116,7 +207,34 @@ impl ServerState {
 
     /// May the balancer send it new clients?
     pub fn usable(&self) -> bool {
-        self.up.load(Relaxed) && self.weight() > 0
+        self.up.load(Relaxed) && self.weight() > 0 && self.admin() == Admin::Ready
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::from_u8(self.admin.load(Relaxed))
+    }
+
+    pub(crate) fn set_admin(&self, admin: Admin) {
+        self.admin.store(admin.to_u8(), Relaxed);
+    }
+
+    /// The weight outside slowstart: configured or set by an operator.
+    pub fn base_weight(&self) -> u32 {
+        self.base_weight.load(Relaxed)
+    }
+
+    pub(crate) fn set_base_weight(&self, weight: u32) {
+        self.base_weight.store(weight, Relaxed);
+        self.weight.store(weight, Relaxed);
+    }
+
+    /// Status as the stats show it: MAINT and DRAIN (operator) before the health text.
+    pub fn status_of(&self, h: &Health) -> String {
+        match self.admin() {
+            Admin::Maint => "MAINT".into(),
+            Admin::Drain if h.up => "DRAIN".into(),
+            _ => h.status_text(),
+        }
     }
 
     pub fn is_up(&self) -> bool {
@@ -137,6 +255,7 @@ impl ServerState {
 
     pub(crate) fn note_session(&self) {
         self.counters.stot.inc();
+        self.counters.rate.tick();
         self.counters.last_session.store(unix_now(), Relaxed);
     }
 }
@@ -161,6 +280,8 @@ pub struct ListenCounters {
     pub queue_timeouts: AtomicU64,
     /// Highest queue length seen (qmax).
     pub qmax: AtomicUsize,
+    /// New client sessions per second.
+    pub rate: Rate,
 }
 
 /// A listen: its configuration, its servers, and the dispatcher that hands out slots.
@@ -231,5 +352,47 @@ impl ListenState {
             .filter(|s| s.cfg.backup && s.is_up())
             .count();
         (active, backup)
+    }
+}
+
+/// The whole process as the stats and admin see it: the listens now served (replaced as a
+/// whole on reload) and process-wide facts.
+#[derive(Debug)]
+pub struct Process {
+    listens: std::sync::RwLock<Arc<Vec<Arc<ListenState>>>>,
+    pub maxconn: usize,
+    pub started: Instant,
+    /// The error of the last failed reload; cleared by a successful one.
+    pub reload_error: Mutex<Option<String>>,
+    /// Cleared when shutdown begins: `/health` then reports 503.
+    pub serving: AtomicBool,
+}
+
+impl Process {
+    pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize) -> Self {
+        Process {
+            listens: std::sync::RwLock::new(Arc::new(listens)),
+            maxconn,
+            started: Instant::now(),
+            reload_error: Mutex::new(None),
+            serving: AtomicBool::new(true),
+        }
+    }
+
+    pub fn listens(&self) -> Arc<Vec<Arc<ListenState>>> {
+        Arc::clone(&self.listens.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn set_listens(&self, listens: Vec<Arc<ListenState>>) {
+        *self.listens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listens);
+    }
+
+    pub fn snapshot(&self) -> crate::stats::Snapshot {
+        crate::stats::snapshot(
+            &self.listens(),
+            self.maxconn,
+            self.started,
+            lock(&self.reload_error).clone(),
+        )
     }
 }

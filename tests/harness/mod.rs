@@ -645,3 +645,48 @@ pub fn db_error(e: &tokio_postgres::Error) -> Option<(String, String)> {
     e.as_db_error()
         .map(|d| (d.code().code().to_owned(), d.message().to_owned()))
 }
+
+/// A minimal HTTP/1.1 client for the stats server: returns (status, headers, body).
+pub async fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    auth: Option<(&str, &str)>,
+    body: &str,
+    content_type: &str,
+) -> (u16, String, String) {
+    use base64::Engine as _;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect to stats");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Type: {content_type}\r\n"));
+    }
+    if let Some((u, p)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.expect("send request");
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.expect("read response");
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (status, _, body) = http(port, "GET", path, None, "", "").await;
+    (status, body)
+}

@@ -1,0 +1,176 @@
+//! Alerts: server state changes posted to a Slack-compatible webhook (`{"text": …}`).
+//!
+//! The alerter is its own task reading the event channel: it never blocks or slows the
+//! proxy (a lagging alerter loses the oldest events and says so). Changes of one server
+//! within `coalesce` become one message (flapping shows as a chain of states); delivery
+//! is retried with backoff and a final failure is logged.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::Request;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::broadcast;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::config;
+use crate::events::Event;
+
+const ATTEMPTS: u32 = 5;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs until `stop`; flushes what is pending first.
+pub async fn run(
+    cfg: config::Alerts,
+    mut events: broadcast::Receiver<Event>,
+    stop: CancellationToken,
+) {
+    let host = hostname();
+    let client = client();
+    let mut pending: Vec<Event> = Vec::new();
+    let mut deadline: Option<Instant> = None;
+    loop {
+        let flush_at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            r = events.recv() => match r {
+                Ok(e) => {
+                    deadline.get_or_insert_with(|| Instant::now() + cfg.coalesce);
+                    pending.push(e);
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => warn!(lost = n, "alerter fell behind: {n} state changes not alerted"),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            _ = sleep_until(flush_at), if deadline.is_some() => {
+                for text in messages(&pending, &host) {
+                    deliver(&client, &cfg.webhook_url, &text).await;
+                }
+                pending.clear();
+                deadline = None;
+            }
+            _ = stop.cancelled() => break,
+        }
+    }
+    for text in messages(&pending, &host) {
+        deliver(&client, &cfg.webhook_url, &text).await;
+    }
+}
+
+/// One message per server (or listen) with its chain of states in order.
+pub fn messages(events: &[Event], host: &str) -> Vec<String> {
+    let mut keys: Vec<(&str, Option<&str>)> = Vec::new();
+    for e in events {
+        let key = (e.listen.as_str(), e.server.as_deref());
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    keys.into_iter()
+        .map(|(listen, server)| {
+            let mine: Vec<&Event> = events.iter().filter(|e| e.listen == listen && e.server.as_deref() == server).collect();
+            let mut chain = vec![mine[0].from.as_str()];
+            chain.extend(mine.iter().map(|e| e.to.as_str()));
+            let last = mine[mine.len() - 1];
+            let flaps = if mine.len() > 2 { format!(" (flapping: {} changes)", mine.len()) } else { String::new() };
+            let at = humantime::format_rfc3339_seconds(last.at);
+            match server {
+                Some(s) => format!(
+                    "[pglb@{host}] listen '{listen}' server '{s}': {}{flaps} — reason: {} — at {at}",
+                    chain.join(" → "),
+                    last.reason
+                ),
+                None => format!("[pglb@{host}] listen '{listen}' has no server available! — {} — at {at}", last.reason),
+            }
+        })
+        .collect()
+}
+
+type WebhookClient = Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    Full<Bytes>,
+>;
+
+fn client() -> WebhookClient {
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_webpki_roots()
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Client::builder(TokioExecutor::new()).build(connector)
+}
+
+/// Posts one message, retrying with exponential backoff.
+async fn deliver(client: &WebhookClient, url: &str, text: &str) {
+    let body = serde_json::json!({ "text": text }).to_string();
+    let mut backoff = Duration::from_millis(500);
+    let mut last_error = String::new();
+    for attempt in 1..=ATTEMPTS {
+        let req = Request::post(url)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.clone())));
+        let req = match req {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(url, error = %e, "alert not sent: invalid webhook URL");
+                return;
+            }
+        };
+        match tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await {
+            Ok(Ok(resp)) if resp.status().is_success() => {
+                debug!(attempt, "alert delivered");
+                return;
+            }
+            Ok(Ok(resp)) => last_error = format!("HTTP {}", resp.status()),
+            Ok(Err(e)) => last_error = e.to_string(),
+            Err(_) => last_error = "timed out".into(),
+        }
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+        }
+    }
+    warn!(error = %last_error, attempts = ATTEMPTS, "alert could not be delivered: {text}");
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn ev(server: Option<&str>, from: &str, to: &str) -> Event {
+        Event {
+            listen: "postgres".into(),
+            server: server.map(Into::into),
+            from: from.into(),
+            to: to.into(),
+            reason: "Layer4 connection problem: Connection refused".into(),
+            at: SystemTime::UNIX_EPOCH,
+        }
+    }
+
+    #[test]
+    fn flapping_is_coalesced_per_server() {
+        let events = [
+            ev(Some("pgb1"), "UP", "DOWN"),
+            ev(Some("pgb2"), "UP", "DRAIN"),
+            ev(Some("pgb1"), "DOWN", "UP"),
+            ev(Some("pgb1"), "UP", "DOWN"),
+            ev(None, "available", "no server available"),
+        ];
+        let m = messages(&events, "lb1");
+        assert_eq!(m.len(), 3);
+        assert!(m[0].starts_with("[pglb@lb1] listen 'postgres' server 'pgb1': UP → DOWN → UP → DOWN (flapping: 3 changes)"), "{}", m[0]);
+        assert!(m[0].contains("reason: Layer4 connection problem: Connection refused"));
+        assert!(m[1].contains("server 'pgb2': UP → DRAIN —"), "{}", m[1]);
+        assert!(m[2].contains("has no server available!"), "{}", m[2]);
+    }
+}

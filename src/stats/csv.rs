@@ -1,0 +1,296 @@
+//! HAProxy's stats CSV (`GET /stats;csv`): the same header and column order (0–99) as
+//! HAProxy 2.6+, the same row types and status strings, so tools written for HAProxy read
+//! it unchanged. Columns that only make sense for HTTP stay empty.
+
+use std::fmt::Write as _;
+
+use super::{ListenSnap, ServerSnap, Snapshot};
+
+/// HAProxy's column names, in order.
+pub const COLUMNS: [&str; 100] = [
+    "pxname",
+    "svname",
+    "qcur",
+    "qmax",
+    "scur",
+    "smax",
+    "slim",
+    "stot",
+    "bin",
+    "bout",
+    "dreq",
+    "dresp",
+    "ereq",
+    "econ",
+    "eresp",
+    "wretr",
+    "wredis",
+    "status",
+    "weight",
+    "act",
+    "bck",
+    "chkfail",
+    "chkdown",
+    "lastchg",
+    "downtime",
+    "qlimit",
+    "pid",
+    "iid",
+    "sid",
+    "throttle",
+    "lbtot",
+    "tracked",
+    "type",
+    "rate",
+    "rate_lim",
+    "rate_max",
+    "check_status",
+    "check_code",
+    "check_duration",
+    "hrsp_1xx",
+    "hrsp_2xx",
+    "hrsp_3xx",
+    "hrsp_4xx",
+    "hrsp_5xx",
+    "hrsp_other",
+    "hanafail",
+    "req_rate",
+    "req_rate_max",
+    "req_tot",
+    "cli_abrt",
+    "srv_abrt",
+    "comp_in",
+    "comp_out",
+    "comp_byp",
+    "comp_rsp",
+    "lastsess",
+    "last_chk",
+    "last_agt",
+    "qtime",
+    "ctime",
+    "rtime",
+    "ttime",
+    "agent_status",
+    "agent_code",
+    "agent_duration",
+    "check_desc",
+    "agent_desc",
+    "check_rise",
+    "check_fall",
+    "check_health",
+    "agent_rise",
+    "agent_fall",
+    "agent_health",
+    "addr",
+    "cookie",
+    "mode",
+    "algo",
+    "conn_rate",
+    "conn_rate_max",
+    "conn_tot",
+    "intercepted",
+    "dcon",
+    "dses",
+    "wrew",
+    "connect",
+    "reuse",
+    "cache_lookups",
+    "cache_hits",
+    "srv_icur",
+    "src_ilim",
+    "qtime_max",
+    "ctime_max",
+    "rtime_max",
+    "ttime_max",
+    "eint",
+    "idle_conn_cur",
+    "safe_conn_cur",
+    "used_conn_cur",
+    "need_conn_est",
+    "uweight",
+];
+
+/// One CSV row being filled by column name.
+struct Row([String; 100]);
+
+impl Row {
+    fn new() -> Self {
+        Row(std::array::from_fn(|_| String::new()))
+    }
+
+    fn set(&mut self, column: &str, value: impl ToString) -> &mut Self {
+        if let Some(i) = COLUMNS.iter().position(|c| *c == column) {
+            self.0[i] = csv_field(&value.to_string());
+        }
+        self
+    }
+
+    fn write(&self, out: &mut String) {
+        for field in &self.0 {
+            out.push_str(field);
+            out.push(',');
+        }
+        out.push('\n');
+    }
+}
+
+/// Quotes a field only when it needs it (commas, quotes, newlines).
+fn csv_field(v: &str) -> String {
+    if v.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", v.replace('"', "\"\""))
+    } else {
+        v.to_owned()
+    }
+}
+
+pub fn render(s: &Snapshot) -> String {
+    let mut out = String::with_capacity(4096);
+    let _ = write!(out, "# {}", COLUMNS.join(","));
+    out.push_str(",\n");
+    for l in &s.listens {
+        frontend(l, s.pid).write(&mut out);
+        for srv in &l.servers {
+            server(l, srv, s.pid).write(&mut out);
+        }
+        backend(l, s.pid).write(&mut out);
+    }
+    out
+}
+
+fn common(r: &mut Row, l: &ListenSnap, svname: &str, pid: u32) {
+    r.set("pxname", &l.name)
+        .set("svname", svname)
+        .set("pid", pid)
+        .set("iid", l.iid)
+        .set("mode", "tcp");
+}
+
+fn frontend(l: &ListenSnap, pid: u32) -> Row {
+    let mut r = Row::new();
+    common(&mut r, l, "FRONTEND", pid);
+    r.set("scur", l.scur)
+        .set("smax", l.smax)
+        .set("slim", l.slim)
+        .set("stot", l.stot)
+        .set("bin", l.bin)
+        .set("bout", l.bout)
+        .set("dreq", l.denied)
+        .set("ereq", l.ereq)
+        .set("status", "OPEN")
+        .set("sid", 0)
+        .set("type", 0)
+        .set("rate", l.rate)
+        .set("rate_lim", 0)
+        .set("rate_max", l.rate_max)
+        .set("conn_rate", l.rate)
+        .set("conn_rate_max", l.rate_max)
+        .set("conn_tot", l.stot + l.denied)
+        .set("dcon", l.denied)
+        .set("dses", 0);
+    r
+}
+
+fn server(l: &ListenSnap, s: &ServerSnap, pid: u32) -> Row {
+    let mut r = Row::new();
+    common(&mut r, l, &s.name, pid);
+    r.set("qcur", 0)
+        .set("qmax", 0)
+        .set("scur", s.scur)
+        .set("smax", s.smax)
+        .set("stot", s.stot)
+        .set("bin", s.bin)
+        .set("bout", s.bout)
+        .set("econ", s.econ)
+        .set("eresp", 0)
+        .set("wretr", s.wretr)
+        .set("wredis", s.wredis)
+        .set("status", &s.status)
+        .set("weight", s.weight)
+        .set("act", u8::from(!s.backup))
+        .set("bck", u8::from(s.backup))
+        .set("lastchg", s.lastchg)
+        .set("sid", s.sid)
+        .set("lbtot", s.stot)
+        .set("type", 2)
+        .set("rate", s.rate)
+        .set("rate_max", s.rate_max)
+        .set("addr", &s.addr)
+        .set("cli_abrt", 0)
+        .set("srv_abrt", 0)
+        .set("uweight", s.weight);
+    if s.slim > 0 {
+        r.set("slim", s.slim);
+    }
+    if s.checked {
+        r.set("chkfail", s.chkfail)
+            .set("chkdown", s.chkdown)
+            .set("downtime", s.downtime)
+            .set("check_rise", s.rise)
+            .set("check_fall", s.fall)
+            .set("check_health", s.health);
+    }
+    if let Some(c) = &s.check {
+        r.set("check_status", c.status)
+            .set("check_duration", c.duration_ms)
+            .set("check_desc", c.description)
+            .set("last_chk", &c.detail);
+        if let Some(code) = &c.code {
+            r.set("check_code", code);
+        }
+    }
+    match s.lastsess {
+        Some(secs) => r.set("lastsess", secs),
+        None => r.set("lastsess", -1),
+    };
+    r
+}
+
+fn backend(l: &ListenSnap, pid: u32) -> Row {
+    let mut r = Row::new();
+    common(&mut r, l, "BACKEND", pid);
+    let sum = |f: fn(&ServerSnap) -> u64| l.servers.iter().map(f).sum::<u64>();
+    let serving = |s: &&ServerSnap| s.up && s.admin == crate::state::Admin::Ready;
+    let act = l
+        .servers
+        .iter()
+        .filter(|s| !s.backup)
+        .filter(serving)
+        .count();
+    let bck = l
+        .servers
+        .iter()
+        .filter(|s| s.backup)
+        .filter(serving)
+        .count();
+    let weight: u32 = l.servers.iter().filter(serving).map(|s| s.weight).sum();
+    r.set("qcur", l.qcur)
+        .set("qmax", l.qmax)
+        .set("scur", l.servers.iter().map(|s| s.scur).sum::<usize>())
+        .set("smax", l.servers.iter().map(|s| s.smax).max().unwrap_or(0))
+        .set("slim", l.slim)
+        .set("stot", sum(|s| s.stot))
+        .set("bin", sum(|s| s.bin))
+        .set("bout", sum(|s| s.bout))
+        .set("econ", sum(|s| s.econ))
+        .set("eresp", 0)
+        .set("wretr", sum(|s| s.wretr))
+        .set("wredis", sum(|s| s.wredis))
+        .set("status", if l.backend_up() { "UP" } else { "DOWN" })
+        .set("weight", weight)
+        .set("act", act)
+        .set("bck", bck)
+        .set("chkdown", sum(|s| s.chkdown))
+        .set("sid", 0)
+        .set("lbtot", sum(|s| s.stot))
+        .set("type", 1)
+        .set("rate", l.servers.iter().map(|s| s.rate).sum::<u64>())
+        .set(
+            "rate_max",
+            l.servers.iter().map(|s| s.rate_max).max().unwrap_or(0),
+        )
+        .set("algo", l.balance)
+        .set("cli_abrt", 0)
+        .set("srv_abrt", 0)
+        .set("uweight", weight);
+    r
+}

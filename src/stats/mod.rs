@@ -1,0 +1,242 @@
+//! The stats model: one snapshot of every listen and server, read from `state`, and three
+//! renderers of it (HTML for people, HAProxy's CSV for tools, Prometheus for metrics).
+
+pub mod csv;
+pub mod html;
+pub mod prometheus;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use crate::pick;
+use crate::state::{Admin, Counter, ListenState};
+
+/// The whole process at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub version: &'static str,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    /// Client sessions open in the whole process.
+    pub current_conns: usize,
+    pub maxconn: usize,
+    pub listens: Vec<ListenSnap>,
+    /// Set when the last configuration reload failed (its error).
+    pub reload_error: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenSnap {
+    pub name: String,
+    pub iid: u32,
+    pub bind: String,
+    pub balance: &'static str,
+    /// Frontend: sessions now, max, limit, total.
+    pub scur: usize,
+    pub smax: usize,
+    pub slim: usize,
+    pub stot: u64,
+    pub bin: u64,
+    pub bout: u64,
+    /// Refused by maxconn.
+    pub denied: u64,
+    /// Bad startup packets.
+    pub ereq: u64,
+    pub no_server: u64,
+    pub queue_timeouts: u64,
+    pub rate: u64,
+    pub rate_max: u64,
+    pub qcur: usize,
+    pub qmax: usize,
+    pub servers: Vec<ServerSnap>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSnap {
+    pub name: String,
+    pub sid: u32,
+    pub addr: String,
+    /// `UP`, `UP 1/3`, `DOWN`, `DOWN 1/2`, `DRAIN`, `MAINT`, `no check`.
+    pub status: String,
+    pub up: bool,
+    pub admin: Admin,
+    pub backup: bool,
+    pub checked: bool,
+    pub weight: u32,
+    pub scur: usize,
+    pub smax: usize,
+    /// 0 when unlimited.
+    pub slim: usize,
+    pub stot: u64,
+    pub bin: u64,
+    pub bout: u64,
+    pub econ: u64,
+    pub wretr: u64,
+    pub wredis: u64,
+    pub rate: u64,
+    pub rate_max: u64,
+    pub chkfail: u64,
+    pub chkdown: u64,
+    /// Seconds since the last UP/DOWN change.
+    pub lastchg: u64,
+    pub downtime: u64,
+    /// Seconds since the last session, if any.
+    pub lastsess: Option<u64>,
+    pub check: Option<LastCheck>,
+    pub check_kind: &'static str,
+    pub rise: u32,
+    pub fall: u32,
+    pub health: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    /// HAProxy code: L4OK, L7STS…
+    pub status: &'static str,
+    pub description: &'static str,
+    /// SQLSTATE when the server answered with an error.
+    pub code: Option<String>,
+    pub detail: String,
+    pub duration_ms: u64,
+    /// Seconds since it ran.
+    pub age: u64,
+}
+
+impl ServerSnap {
+    /// A row colour class shared by the HTML renderer and tests.
+    pub fn state_class(&self) -> &'static str {
+        match (self.admin, self.status.as_str()) {
+            (Admin::Maint, _) => "maint",
+            (Admin::Drain, _) if self.up => "drain",
+            (_, s) if s.starts_with("UP ") => "going-down",
+            (_, s) if s.starts_with("DOWN ") => "going-up",
+            (_, "DOWN") => "down",
+            _ if self.backup => "backup",
+            (_, "no check") => "nocheck",
+            _ => "up",
+        }
+    }
+}
+
+impl ListenSnap {
+    /// The BACKEND row's status: UP while any server can serve.
+    pub fn backend_up(&self) -> bool {
+        self.servers.iter().any(|s| s.up && s.admin != Admin::Maint)
+    }
+}
+
+/// Reads the current state of every listen.
+pub fn snapshot(
+    listens: &[Arc<ListenState>],
+    maxconn: usize,
+    started: Instant,
+    reload_error: Option<String>,
+) -> Snapshot {
+    let now = Instant::now();
+    let unix_now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let listens: Vec<ListenSnap> = listens
+        .iter()
+        .map(|l| listen_snap(l, now, unix_now))
+        .collect();
+    Snapshot {
+        version: env!("CARGO_PKG_VERSION"),
+        pid: std::process::id(),
+        uptime_secs: now.duration_since(started).as_secs(),
+        current_conns: listens.iter().map(|l| l.scur).sum(),
+        maxconn,
+        listens,
+        reload_error,
+    }
+}
+
+fn listen_snap(l: &ListenState, now: Instant, unix_now: u64) -> ListenSnap {
+    let (per_server, qcur) = l.load();
+    let c = &l.counters;
+    let (rate, rate_max) = c.rate.read();
+    let servers = l
+        .servers
+        .iter()
+        .zip(per_server)
+        .map(|(s, scur)| {
+            let h = s.health();
+            let sc = &s.counters;
+            let (rate, rate_max) = sc.rate.read();
+            let last_session = sc.last_session.load(Relaxed);
+            ServerSnap {
+                name: s.cfg.name.clone(),
+                sid: s.sid,
+                addr: s.cfg.addr.to_string(),
+                status: s.status_of(&h),
+                up: h.up,
+                admin: s.admin(),
+                backup: s.cfg.backup,
+                checked: h.checked,
+                weight: s.weight(),
+                scur,
+                smax: sc.smax.load(Relaxed),
+                slim: s.cfg.maxconn,
+                stot: sc.stot.get(),
+                bin: sc.bin.get(),
+                bout: sc.bout.get(),
+                econ: sc.econ.get(),
+                wretr: sc.wretr.get(),
+                wredis: sc.wredis.get(),
+                rate,
+                rate_max,
+                chkfail: h.failures,
+                chkdown: h.downs,
+                lastchg: now.saturating_duration_since(h.changed).as_secs(),
+                downtime: h.downtime(now).as_secs(),
+                lastsess: (last_session > 0).then(|| unix_now.saturating_sub(last_session)),
+                check: h.last.as_ref().map(|(r, at)| LastCheck {
+                    status: r.status.code(),
+                    description: r.status.description(),
+                    code: r.code.clone(),
+                    detail: r.detail.clone(),
+                    duration_ms: r.duration.as_millis() as u64,
+                    age: at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+                }),
+                check_kind: check_kind_name(s.cfg.check.kind),
+                rise: h.rise,
+                fall: h.fall,
+                health: h.counter,
+            }
+        })
+        .collect();
+    ListenSnap {
+        name: l.cfg.name.clone(),
+        iid: l.iid,
+        bind: l.cfg.bind.to_string(),
+        balance: l.cfg.balance.as_str(),
+        scur: c.cur.load(Relaxed),
+        smax: c.smax.load(Relaxed),
+        slim: l.cfg.maxconn,
+        stot: c.stot.get(),
+        bin: c.bin.get(),
+        bout: c.bout.get(),
+        denied: c.denied.get(),
+        ereq: c.ereq.get(),
+        no_server: c.no_server.get(),
+        queue_timeouts: c.queue_timeouts.get(),
+        rate,
+        rate_max,
+        qcur,
+        qmax: c.qmax.load(Relaxed).max(pick::queue_len(l)),
+        servers,
+    }
+}
+
+fn check_kind_name(kind: crate::config::CheckKind) -> &'static str {
+    use crate::config::CheckKind::*;
+    match kind {
+        None => "none",
+        Tcp => "tcp",
+        Pgsql => "pgsql",
+        Ssl => "ssl",
+        Query => "query",
+    }
+}

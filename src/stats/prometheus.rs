@@ -1,0 +1,335 @@
+//! `/metrics` in Prometheus (OpenMetrics) text format, through the prometheus-client crate.
+//! Names follow HAProxy's built-in exporter with the `pglb_` prefix and `listen`/`server`
+//! labels instead of `proxy`/`server` (mapping in the README).
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use super::{ListenSnap, ServerSnap, Snapshot};
+
+/// Content type of the text this module renders.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Exposes one snapshot: a registry is built per scrape, so values are never stale.
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
+
+enum Kind {
+    Gauge,
+    Counter,
+}
+
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: Kind,
+    rows: Vec<(Labels, f64)>,
+) -> Result<(), std::fmt::Error> {
+    match kind {
+        Kind::Gauge => {
+            let mut m =
+                enc.encode_descriptor(name, help, None, ConstGauge::new(0f64).metric_type())?;
+            for (labels, v) in &rows {
+                if labels.is_empty() {
+                    ConstGauge::new(*v).encode(m)?;
+                    break;
+                }
+                ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
+            }
+        }
+        Kind::Counter => {
+            let mut m =
+                enc.encode_descriptor(name, help, None, ConstCounter::new(0f64).metric_type())?;
+            for (labels, v) in &rows {
+                ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn listen_labels(l: &ListenSnap) -> Labels {
+    vec![("listen", l.name.clone())]
+}
+
+fn server_labels(l: &ListenSnap, s: &ServerSnap) -> Labels {
+    vec![("listen", l.name.clone()), ("server", s.name.clone())]
+}
+
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        family(
+            &mut enc,
+            "pglb_process_uptime_seconds",
+            "Seconds since pglb started.",
+            Kind::Gauge,
+            vec![(vec![], s.uptime_secs as f64)],
+        )?;
+        family(
+            &mut enc,
+            "pglb_process_current_connections",
+            "Client sessions open in the process.",
+            Kind::Gauge,
+            vec![(vec![], s.current_conns as f64)],
+        )?;
+        family(
+            &mut enc,
+            "pglb_process_max_connections",
+            "Global maxconn.",
+            Kind::Gauge,
+            vec![(vec![], s.maxconn as f64)],
+        )?;
+        family(
+            &mut enc,
+            "pglb_process_last_reload_success",
+            "1 when the last configuration reload succeeded (or none happened).",
+            Kind::Gauge,
+            vec![(vec![], if s.reload_error.is_some() { 0.0 } else { 1.0 })],
+        )?;
+
+        let per_listen = |f: fn(&ListenSnap) -> f64| -> Vec<(Labels, f64)> {
+            s.listens.iter().map(|l| (listen_labels(l), f(l))).collect()
+        };
+        family(
+            &mut enc,
+            "pglb_listen_current_sessions",
+            "Client sessions open on the listen.",
+            Kind::Gauge,
+            per_listen(|l| l.scur as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_max_sessions",
+            "Highest concurrent client sessions seen.",
+            Kind::Gauge,
+            per_listen(|l| l.smax as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_limit_sessions",
+            "Listen maxconn.",
+            Kind::Gauge,
+            per_listen(|l| l.slim as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_sessions",
+            "Client sessions admitted.",
+            Kind::Counter,
+            per_listen(|l| l.stot as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_bytes_in",
+            "Bytes from clients.",
+            Kind::Counter,
+            per_listen(|l| l.bin as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_bytes_out",
+            "Bytes to clients.",
+            Kind::Counter,
+            per_listen(|l| l.bout as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_listen_current_queue",
+            "Clients waiting for a server slot.",
+            Kind::Gauge,
+            per_listen(|l| l.qcur as f64),
+        )?;
+        let mut refusals = Vec::new();
+        for l in &s.listens {
+            for (reason, v) in [
+                ("maxconn", l.denied),
+                ("no_server", l.no_server),
+                ("queue_timeout", l.queue_timeouts),
+                ("bad_startup", l.ereq),
+            ] {
+                let mut labels = listen_labels(l);
+                labels.push(("reason", reason.to_owned()));
+                refusals.push((labels, v as f64));
+            }
+        }
+        family(
+            &mut enc,
+            "pglb_listen_refused",
+            "Clients refused with an ErrorResponse, by reason.",
+            Kind::Counter,
+            refusals,
+        )?;
+
+        let servers: Vec<(&ListenSnap, &ServerSnap)> = s
+            .listens
+            .iter()
+            .flat_map(|l| l.servers.iter().map(move |srv| (l, srv)))
+            .collect();
+        let per_server = |f: &dyn Fn(&ServerSnap) -> f64| -> Vec<(Labels, f64)> {
+            servers
+                .iter()
+                .map(|(l, srv)| (server_labels(l, srv), f(srv)))
+                .collect()
+        };
+        let mut status = Vec::new();
+        for (l, srv) in &servers {
+            let current = match srv.status.as_str() {
+                "MAINT" => "MAINT",
+                "DRAIN" => "DRAIN",
+                "no check" => "NOCHECK",
+                _ if srv.up => "UP",
+                _ => "DOWN",
+            };
+            for state in ["UP", "DOWN", "DRAIN", "MAINT", "NOCHECK"] {
+                let mut labels = server_labels(l, srv);
+                labels.push(("state", state.to_owned()));
+                status.push((labels, if state == current { 1.0 } else { 0.0 }));
+            }
+        }
+        family(
+            &mut enc,
+            "pglb_server_status",
+            "Current state of the server, one series per state (1 = current).",
+            Kind::Gauge,
+            status,
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_up",
+            "1 when the server may take new clients' sessions (health UP).",
+            Kind::Gauge,
+            per_server(&|srv| f64::from(u8::from(srv.up))),
+        )?;
+        let check_status: Vec<(Labels, f64)> = servers
+            .iter()
+            .filter_map(|(l, srv)| {
+                srv.check.as_ref().map(|c| {
+                    let mut labels = server_labels(l, srv);
+                    labels.push(("code", c.status.to_owned()));
+                    (labels, 1.0)
+                })
+            })
+            .collect();
+        family(
+            &mut enc,
+            "pglb_server_check_status",
+            "Last check status (HAProxy code in the label).",
+            Kind::Gauge,
+            check_status,
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_check_duration_seconds",
+            "Duration of the last check.",
+            Kind::Gauge,
+            per_server(&|srv| {
+                srv.check
+                    .as_ref()
+                    .map(|c| c.duration_ms as f64 / 1000.0)
+                    .unwrap_or(0.0)
+            }),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_current_sessions",
+            "Sessions on the server now.",
+            Kind::Gauge,
+            per_server(&|srv| srv.scur as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_max_sessions",
+            "Highest concurrent sessions seen.",
+            Kind::Gauge,
+            per_server(&|srv| srv.smax as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_sessions",
+            "Sessions assigned to the server.",
+            Kind::Counter,
+            per_server(&|srv| srv.stot as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_bytes_in",
+            "Bytes sent to the server.",
+            Kind::Counter,
+            per_server(&|srv| srv.bin as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_bytes_out",
+            "Bytes received from the server.",
+            Kind::Counter,
+            per_server(&|srv| srv.bout as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_connection_errors",
+            "Failed connection attempts.",
+            Kind::Counter,
+            per_server(&|srv| srv.econ as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_retry_warnings",
+            "Connection retries after a failure.",
+            Kind::Counter,
+            per_server(&|srv| srv.wretr as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_redispatch_warnings",
+            "Sessions moved to another server after a failure.",
+            Kind::Counter,
+            per_server(&|srv| srv.wredis as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_check_failures",
+            "Failed health checks.",
+            Kind::Counter,
+            per_server(&|srv| srv.chkfail as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_check_up_down",
+            "UP to DOWN transitions.",
+            Kind::Counter,
+            per_server(&|srv| srv.chkdown as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_downtime_seconds",
+            "Time spent DOWN.",
+            Kind::Counter,
+            per_server(&|srv| srv.downtime as f64),
+        )?;
+        family(
+            &mut enc,
+            "pglb_server_weight",
+            "Effective weight.",
+            Kind::Gauge,
+            per_server(&|srv| f64::from(srv.weight)),
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders the snapshot as OpenMetrics text.
+pub fn render(snapshot: Snapshot) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SnapshotCollector(snapshot)));
+    let mut out = String::with_capacity(8192);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}

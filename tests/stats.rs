@@ -1,0 +1,406 @@
+//! The stats server against real PgBouncers: HAProxy-compatible CSV, Prometheus metrics,
+//! /health, admin actions with authentication and a state file, and webhook alerts.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Pglb, Stack, free_port, http, http_get};
+
+const CHECK: &str = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 2\nfall = 2\n";
+
+fn stats_toml(port: u16, extra: &str) -> String {
+    format!(
+        "[stats]\nbind = \"127.0.0.1:{port}\"\nrefresh = \"1s\"\n{extra}\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
+    )
+}
+
+/// Parses the CSV with a plain CSV reader into (header, rows).
+fn parse_csv(text: &str) -> (Vec<String>, Vec<csv::StringRecord>) {
+    let text = text.strip_prefix("# ").expect("CSV starts with '# '");
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(false)
+        .from_reader(text.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .expect("header")
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    let rows = reader.records().map(|r| r.expect("row")).collect();
+    (header, rows)
+}
+
+fn field<'a>(header: &[String], row: &'a csv::StringRecord, name: &str) -> &'a str {
+    let i = header
+        .iter()
+        .position(|h| h == name)
+        .unwrap_or_else(|| panic!("no column {name}"));
+    row.get(i).unwrap_or("")
+}
+
+async fn server_status(stats: u16, server: &str) -> String {
+    let (code, body) = http_get(stats, "/stats;csv").await;
+    assert_eq!(code, 200);
+    let (header, rows) = parse_csv(&body);
+    let row = rows
+        .iter()
+        .find(|r| field(&header, r, "svname") == server)
+        .expect("server row");
+    field(&header, row, "status").to_owned()
+}
+
+async fn wait_status(stats: u16, server: &str, want: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let s = server_status(stats, server).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{server} is {s:?}, expected {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn csv_header_matches_the_haproxy_reference() {
+    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/reference/haproxy-compat.md");
+    let text = std::fs::read_to_string(&reference)
+        .unwrap_or_else(|e| panic!("{}: {e}", reference.display()));
+    let expected = text
+        .lines()
+        .find(|l| l.starts_with("pxname,svname,"))
+        .expect("column list in the reference");
+    assert_eq!(pglb::stats::csv::COLUMNS.join(","), expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_rows_follow_a_killed_and_restarted_pgbouncer() {
+    let mut stack = Stack::start(3);
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, CHECK, &stack.servers_toml()),
+        stats_toml(stats, "")
+    );
+    let pglb = Pglb::start(&config, port);
+    wait_status(stats, "pgb1", "UP", Duration::from_secs(5)).await;
+
+    let c = pglb.connect().await.expect("connect");
+    c.simple_query("SELECT 1").await.expect("query");
+    let (_, body) = http_get(stats, "/stats;csv").await;
+    let first_line = body.lines().next().expect("header line");
+    assert!(
+        first_line.starts_with("# pxname,svname,qcur,")
+            && first_line.ends_with("need_conn_est,uweight,")
+    );
+    let (header, rows) = parse_csv(&body);
+    assert_eq!(
+        header.len(),
+        101,
+        "100 columns and the empty one after the trailing comma"
+    );
+    let kinds: Vec<(&str, &str, &str)> = rows
+        .iter()
+        .map(|r| {
+            (
+                field(&header, r, "svname"),
+                field(&header, r, "type"),
+                field(&header, r, "status"),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("FRONTEND", "0", "OPEN"),
+            ("pgb1", "2", "UP"),
+            ("pgb2", "2", "UP"),
+            ("pgb3", "2", "UP"),
+            ("BACKEND", "1", "UP")
+        ]
+    );
+    let frontend = &rows[0];
+    assert_eq!(field(&header, frontend, "scur"), "1");
+    assert_eq!(field(&header, frontend, "mode"), "tcp");
+    let backend = &rows[4];
+    assert_eq!(field(&header, backend, "algo"), "leastconn");
+    assert_eq!(field(&header, backend, "act"), "3");
+    assert_eq!(field(&header, &rows[1], "check_status"), "L4OK");
+    drop(c);
+
+    stack.bouncers[1].kill();
+    wait_status(stats, "pgb2", "DOWN", Duration::from_secs(3)).await;
+    let (_, body) = http_get(stats, "/stats?csv").await;
+    let (header, rows) = parse_csv(&body);
+    let pgb2 = rows
+        .iter()
+        .find(|r| field(&header, r, "svname") == "pgb2")
+        .expect("row");
+    assert_eq!(field(&header, pgb2, "check_status"), "L4CON");
+    assert_eq!(field(&header, pgb2, "last_chk"), "Connection refused");
+    assert_eq!(
+        field(&header, pgb2, "check_desc"),
+        "Layer4 connection problem"
+    );
+    assert_eq!(field(&header, pgb2, "chkdown"), "1");
+    let backend = rows
+        .iter()
+        .find(|r| field(&header, r, "svname") == "BACKEND")
+        .expect("row");
+    assert_eq!(field(&header, backend, "act"), "2");
+
+    stack.bouncers[1].restart();
+    wait_status(stats, "pgb2", "UP", Duration::from_secs(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
+    let mut stack = Stack::start(2);
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, CHECK, &stack.servers_toml()),
+        stats_toml(stats, "")
+    );
+    let pglb = Pglb::start(&config, port);
+    wait_status(stats, "pgb2", "UP", Duration::from_secs(5)).await;
+    let c = pglb.connect().await.expect("connect");
+    c.simple_query("SELECT 1").await.expect("query");
+
+    let (code, body) = http_get(stats, "/metrics").await;
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
+    let value = |name: &str, server: Option<&str>| -> f64 {
+        scrape
+            .samples
+            .iter()
+            .filter(|s| {
+                s.metric == name && server.is_none_or(|sv| s.labels.get("server") == Some(sv))
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+            .sum()
+    };
+    assert_eq!(value("pglb_listen_current_sessions", None), 1.0);
+    assert_eq!(value("pglb_server_up", None), 2.0);
+    assert_eq!(value("pglb_server_sessions_total", None), 1.0);
+    assert!(value("pglb_server_bytes_in_total", None) > 0.0);
+    assert_eq!(value("pglb_server_weight", Some("pgb1")), 100.0);
+    drop(c);
+
+    let (code, body) = http_get(stats, "/health").await;
+    assert_eq!((code, body.trim()), (200, "UP: 1 listen(s) serving"));
+    stack.bouncers[0].kill();
+    stack.bouncers[1].kill();
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let (code, body) = http_get(stats, "/health").await;
+        if code == 503 {
+            assert_eq!(
+                body.trim(),
+                "DOWN: listen 'postgres' has no server available"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "/health stayed {code}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, body) = http_get(stats, "/metrics").await;
+    assert!(
+        body.contains("pglb_server_status{listen=\"postgres\",server=\"pgb1\",state=\"DOWN\"} 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_needs_credentials_drains_and_survives_a_restart() {
+    let stack = Stack::start(2);
+    let (port, stats) = (free_port(), free_port());
+    let state_dir = tempfile::tempdir().expect("tempdir");
+    let state_file = state_dir.path().join("state.toml");
+    let extra = format!("state_file = \"{}\"", state_file.display());
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, CHECK, &stack.servers_toml()),
+        stats_toml(stats, &extra)
+    );
+    let mut pglb = Pglb::start(&config, port);
+    wait_status(stats, "pgb2", "UP", Duration::from_secs(5)).await;
+    let before = pglb.connect().await.expect("connect");
+    before.simple_query("SELECT 1").await.expect("query");
+
+    let form = "b=postgres&s=pgb1&action=drain";
+    let urlencoded = "application/x-www-form-urlencoded";
+    let (code, head, _) = http(stats, "POST", "/stats", None, form, urlencoded).await;
+    assert_eq!(code, 401);
+    assert!(
+        head.to_lowercase().contains("www-authenticate: basic"),
+        "{head}"
+    );
+    let (code, _, _) = http(
+        stats,
+        "POST",
+        "/stats",
+        Some(("admin", "wrong")),
+        form,
+        urlencoded,
+    )
+    .await;
+    assert_eq!(code, 401);
+    let (code, head, _) = http(
+        stats,
+        "POST",
+        "/stats",
+        Some(("admin", "s3cret")),
+        form,
+        urlencoded,
+    )
+    .await;
+    assert_eq!(code, 303);
+    assert!(head.contains("location: /stats;st=DONE"), "{head}");
+    assert_eq!(server_status(stats, "pgb1").await, "DRAIN");
+
+    // Drain: no new client goes to pgb1, the existing one stays.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(pglb.connect().await.expect("connect"));
+    }
+    assert_eq!(stack.bouncers[1].app_clients().await, 6);
+    before
+        .simple_query("SELECT 1")
+        .await
+        .expect("existing session survives the drain");
+
+    // JSON API: a weight, then a bad request explained.
+    let (code, _, body) = http(
+        stats,
+        "POST",
+        "/api/servers/postgres/pgb2",
+        Some(("admin", "s3cret")),
+        "{\"weight\": 50}",
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, _, body) = http(
+        stats,
+        "POST",
+        "/api/servers/postgres/nope",
+        Some(("admin", "s3cret")),
+        "{\"action\": \"drain\"}",
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 400);
+    assert!(body.contains("has no server \\\"nope\\\""), "{body}");
+
+    // Restart: the drain and the weight come back from the state file.
+    drop((before, held));
+    pglb.proc.stop();
+    let pglb = Pglb::start(&config, port);
+    wait_status(stats, "pgb1", "DRAIN", Duration::from_secs(5)).await;
+    let (_, body) = http_get(stats, "/stats;csv").await;
+    let (header, rows) = parse_csv(&body);
+    let pgb2 = rows
+        .iter()
+        .find(|r| field(&header, r, "svname") == "pgb2")
+        .expect("row");
+    assert_eq!(field(&header, pgb2, "weight"), "50");
+    assert!(pglb.log().contains("restored from the state file"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_changes_are_posted_to_the_webhook() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stack = Stack::start(2);
+    // A local webhook receiver: records each request body, answers 200.
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hook = receiver.local_addr().expect("addr").port();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = receiver.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_owned());
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let (port, stats) = (free_port(), free_port());
+    let alerts = format!(
+        "[alerts]\nwebhook_url = \"http://127.0.0.1:{hook}/services/T000/B000/XXX\"\ncoalesce = \"300ms\"\n"
+    );
+    let config = format!(
+        "{}\n{}\n{alerts}",
+        Pglb::config(port, CHECK, &stack.servers_toml()),
+        stats_toml(stats, "")
+    );
+    let _pglb = Pglb::start(&config, port);
+    let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("alerts for the first UP")
+        .expect("body");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("JSON body");
+    assert!(
+        v["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("DOWN 1/2 → UP")),
+        "{first}"
+    );
+
+    stack.bouncers[0].kill();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let body = match tokio::time::timeout(deadline - Instant::now(), rx.recv()).await {
+            Ok(Some(b)) => b,
+            _ => panic!("no DOWN alert:\n{}", _pglb.log()),
+        };
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+        let t = v["text"].as_str().unwrap_or_default().to_owned();
+        if t.contains("server 'pgb1'") && t.contains("UP 1/2 → DOWN") {
+            break t;
+        }
+    };
+    assert!(
+        text.contains("listen 'postgres'")
+            && text.contains("Connection refused")
+            && text.contains("[pglb@"),
+        "{text}"
+    );
+}
