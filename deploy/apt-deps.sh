@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs, through apt, the Debian 12 packages that pglb's tests and demo run for real:
-# PostgreSQL 15 (server and client tools, pgbench), PgBouncer.
+# PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test).
 # Packages already installed are skipped, so this is cheap to run every time.
 set -euo pipefail
-packages=(postgresql-15 postgresql-client-15 pgbouncer)
+packages=(postgresql-15 postgresql-client-15 pgbouncer chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

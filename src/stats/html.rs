@@ -66,7 +66,7 @@ h1 { font-size: 18px; margin: 0 0 4px 0; }
 table { border-collapse: collapse; margin-bottom: 18px; }
 th, td { border: 1px solid #999; padding: 2px 5px; text-align: right; white-space: nowrap; }
 th { background: #20377f; color: #fff; font-weight: normal; }
-th.group { background: #3050a0; }
+th.group { background: #3050a0; text-align: center; }
 td.name, td.status, td.chk { text-align: left; }
 caption { text-align: left; font-weight: bold; font-size: 15px; padding: 4px 0; }
 tr.frontend td, tr.backend td { background: #d0d8f0; font-weight: bold; }
@@ -93,11 +93,11 @@ pub fn render(s: &Snapshot, page: &Page) -> String {
          <title>pglb statistics</title><style>{STYLE}</style></head><body>\n",
         uri = esc(page.uri)
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<h1>pglb statistics</h1><div class=\"info\">version {} &middot; pid {} &middot; uptime {} &middot; \
          current connections {} / max {} &middot; refresh {}s &middot; <a href=\"{uri};csv\">CSV</a> &middot; \
-         <a href=\"/metrics\">metrics</a></div>\n",
+         <a href=\"/metrics\">metrics</a></div>",
         esc(s.version),
         s.pid,
         human_duration(s.uptime_secs),
@@ -107,14 +107,14 @@ pub fn render(s: &Snapshot, page: &Page) -> String {
         uri = esc(page.uri)
     );
     if let Some(err) = &s.reload_error {
-        let _ = write!(
+        let _ = writeln!(
             h,
-            "<div class=\"error\">Last configuration reload failed: {}</div>\n",
+            "<div class=\"error\">Last configuration reload failed: {}</div>",
             esc(err)
         );
     }
     if let Some(n) = page.notice {
-        let _ = write!(h, "<div class=\"notice\">{}</div>\n", esc(n));
+        let _ = writeln!(h, "<div class=\"notice\">{}</div>", esc(n));
     }
     h.push_str(
         "<div class=\"legend\"><span style=\"background:#c0ffc0\">up</span><span style=\"background:#ffffa0\">going down</span>\
@@ -149,11 +149,11 @@ fn listen_table(h: &mut String, l: &ListenSnap, page: &Page) {
         },
         admin_sub = if page.admin { "<th></th>" } else { "" },
     );
-    let _ = write!(
+    let _ = writeln!(
         h,
         "<tr class=\"frontend\"><td class=\"name\">Frontend</td><td></td><td></td><td></td><td>{}</td><td>{}</td>\
          <td>{}</td><td>{}</td><td>{}</td><td>{}</td><td></td><td></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>\
-         <td></td><td></td><td></td><td class=\"status\">OPEN</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td>{}</tr>\n",
+         <td></td><td></td><td></td><td class=\"status\">OPEN</td><td></td><td></td><td></td><td></td><td></td><td></td><td></td>{}</tr>",
         l.rate,
         l.rate_max,
         l.scur,

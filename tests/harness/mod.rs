@@ -661,7 +661,7 @@ pub async fn http(
         .await
         .expect("connect to stats");
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
     if !body.is_empty() {
@@ -674,8 +674,36 @@ pub async fn http(
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).await.expect("send request");
+    // Read the headers, then Content-Length bytes (some servers keep the socket open).
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read response");
+    let mut chunk = [0u8; 8192];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n = match tokio::time::timeout(left, s.read(&mut chunk)).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => panic!("{method} {path}: {e}"),
+            Err(_) => panic!("{method} {path}: no complete response within 10s"),
+        };
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&raw);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .and_then(|v| v.parse::<usize>().ok());
+            if len.is_some_and(|len| body.len() >= len) {
+                break;
+            }
+        }
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
