@@ -230,8 +230,8 @@ async fn pgbench_select_only_through_pglb_has_no_failures() {
         stdout.contains("number of failed transactions: 0 "),
         "{stdout}"
     );
-    // The 8 clients were spread over the three PgBouncers.
-    let log = pglb.log();
+    // The 8 clients (and pgbench's first connection) were spread over the three PgBouncers.
+    let log = pglb.wait_log(&["session closed"], 9, Duration::from_secs(5));
     for s in ["server=pgb1", "server=pgb2", "server=pgb3"] {
         assert!(log.contains(s), "no session on {s}:\n{log}");
     }
