@@ -269,10 +269,12 @@ mod tests {
                     server: d,
                     queue: d,
                     startup: d,
+                    drain: d,
                 },
                 servers: vec![server],
             },
             crate::events::channel(),
+            Default::default(),
         ))
     }
 

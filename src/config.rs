@@ -122,6 +122,8 @@ pub struct Timeouts {
     pub server: Duration,
     pub queue: Duration,
     pub startup: Duration,
+    /// How long a drained session may stay busy before it is closed anyway.
+    pub drain: Duration,
 }
 
 /// How a server's health is checked.
@@ -371,6 +373,7 @@ mod raw {
         pub server: HumanDuration,
         pub queue: HumanDuration,
         pub startup: HumanDuration,
+        pub drain: HumanDuration,
     }
 
     impl Default for Timeouts {
@@ -382,6 +385,7 @@ mod raw {
                 server: s(30 * 60),
                 queue: s(30),
                 startup: s(10),
+                drain: s(300),
             }
         }
     }
@@ -545,6 +549,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             ("server", t.server.0),
             ("queue", t.queue.0),
             ("startup", t.startup.0),
+            ("drain", t.drain.0),
         ] {
             if d.is_zero() {
                 return Err(at.error(
@@ -626,6 +631,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 server: t.server.0,
                 queue: t.queue.0,
                 startup: t.startup.0,
+                drain: t.drain.0,
             },
             servers,
         });

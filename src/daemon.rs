@@ -14,7 +14,7 @@ use crate::accept::{self, Shared};
 use crate::config::Config;
 use crate::state::ListenState;
 use crate::state::Process;
-use crate::{admin, alerts, checker, events, http, net};
+use crate::{admin, alerts, cancel, checker, events, http, net};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -23,11 +23,19 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// is accepted, so a bad port fails the start instead of running half a config.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let events = events::channel();
+    let cancels = Arc::new(cancel::Registry::default());
     let listens: Vec<Arc<ListenState>> = config
         .listens
         .iter()
         .enumerate()
-        .map(|(i, l)| Arc::new(ListenState::new(i as u32 + 1, l.clone(), events.clone())))
+        .map(|(i, l)| {
+            Arc::new(ListenState::new(
+                i as u32 + 1,
+                l.clone(),
+                events.clone(),
+                Arc::clone(&cancels),
+            ))
+        })
         .collect();
     let mut listeners = Vec::new();
     for l in &listens {

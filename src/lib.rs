@@ -26,5 +26,6 @@ pub use config::Config;
 pub use daemon::run;
 pub mod admin;
 pub mod alerts;
+pub mod backend;
 pub mod http;
 pub mod stats;

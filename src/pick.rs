@@ -268,10 +268,12 @@ mod tests {
                     server: d,
                     queue,
                     startup: d,
+                    drain: d,
                 },
                 servers,
             },
             crate::events::channel(),
+            Default::default(),
         ))
     }
 

@@ -7,8 +7,10 @@
 
 use std::future::Future;
 use std::io;
-use std::sync::atomic::AtomicU64;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -16,10 +18,17 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, sleep_until};
 
-use crate::state::Counter;
+use crate::backend::Scanner;
+use crate::cancel::Registry;
+use crate::startup::CancelKey;
+use crate::state::{Counter, lock};
 
 /// Largest chunk moved per read.
 const CHUNK: usize = 16 * 1024;
+
+/// A drained session idle this long is closed even without finishing a transaction
+/// (an idle pooled connection); shorter, it is probably about to be used.
+const DRAIN_QUIET: Duration = Duration::from_millis(500);
 
 /// How a relayed session ended.
 #[derive(Debug)]
@@ -34,6 +43,10 @@ pub enum End {
     Shutdown,
     /// The server was marked DOWN and its sessions are shut down.
     ServerDown,
+    /// Drained at a transaction boundary (the client gets FATAL 57P01).
+    Drained,
+    /// Still busy when the drain deadline came.
+    DrainTimeout,
 }
 
 impl End {
@@ -47,6 +60,8 @@ impl End {
             End::ServerError(_) => "SD",
             End::Shutdown => "KD",
             End::ServerDown => "SK",
+            End::Drained => "PD",
+            End::DrainTimeout => "pD",
         }
     }
 
@@ -60,6 +75,8 @@ impl End {
             End::ServerError(e) => format!("server error: {e}"),
             End::Shutdown => "closed by shutdown".into(),
             End::ServerDown => "server marked down: session shut down".into(),
+            End::Drained => "drained at a transaction boundary".into(),
+            End::DrainTimeout => "drain deadline reached".into(),
         }
     }
 }
@@ -89,9 +106,98 @@ enum PumpEnd {
     Eof,
     ReadError(io::Error),
     WriteError(io::Error),
+    /// Draining, and the session just became idle outside a transaction.
+    Drained,
+}
+
+/// Protocol tracking of a plaintext session, shared by the two directions of its relay:
+/// the cancel key, and whether the session is idle outside a transaction (all requests
+/// answered, last ReadyForQuery said `I`, nothing sent since) — the only moment a drain
+/// may close it without losing work.
+#[derive(Debug)]
+pub struct Tracker {
+    /// Requests awaiting their ReadyForQuery; the startup counts as one.
+    pending: AtomicI64,
+    /// The server's last bytes ended with a ReadyForQuery.
+    at_rest: AtomicBool,
+    /// Status byte of the last ReadyForQuery.
+    status: AtomicU8,
+    /// A scanner gave up: the session is treated as opaque bytes.
+    opaque: AtomicBool,
+    /// A drain was requested.
+    draining: AtomicBool,
+    /// The client has sent at least one request since the startup.
+    requested: AtomicBool,
+    /// The key learnt from BackendKeyData.
+    pub key: Mutex<Option<CancelKey>>,
+    /// Where learnt keys are registered for cancel routing, with this session's server.
+    registry: Option<(Arc<Registry>, SocketAddr)>,
+}
+
+impl Tracker {
+    pub fn new(registry: Option<(Arc<Registry>, SocketAddr)>) -> Self {
+        Tracker {
+            pending: AtomicI64::new(1),
+            at_rest: AtomicBool::new(false),
+            status: AtomicU8::new(0),
+            opaque: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            requested: AtomicBool::new(false),
+            key: Mutex::new(None),
+            registry,
+        }
+    }
+
+    /// Idle outside a transaction, at a message boundary in both directions.
+    pub fn idle(&self) -> bool {
+        !self.opaque.load(Relaxed)
+            && self.pending.load(Relaxed) == 0
+            && self.at_rest.load(Relaxed)
+            && self.status.load(Relaxed) == b'I'
+    }
+
+    fn client_bytes(&self, scanner: &mut Scanner, data: &[u8]) {
+        let seen = scanner.feed(data);
+        if scanner.lost() {
+            self.opaque.store(true, Relaxed);
+        }
+        if seen.requests > 0 {
+            self.pending.fetch_add(i64::from(seen.requests), Relaxed);
+            self.requested.store(true, Relaxed);
+        }
+        self.at_rest.store(false, Relaxed);
+    }
+
+    fn server_bytes(&self, scanner: &mut Scanner, data: &[u8]) {
+        let seen = scanner.feed(data);
+        if scanner.lost() {
+            self.opaque.store(true, Relaxed);
+        }
+        if let Some(key) = seen.key {
+            if let Some((registry, addr)) = &self.registry {
+                registry.insert(key.clone(), *addr);
+            }
+            *lock(&self.key) = Some(key);
+        }
+        if seen.readies > 0 {
+            self.pending.fetch_sub(i64::from(seen.readies), Relaxed);
+        }
+        if let Some(status) = seen.ready {
+            self.status.store(status, Relaxed);
+        }
+        self.at_rest.store(seen.ready.is_some(), Relaxed);
+    }
+}
+
+/// Which side a pump reads, for protocol tracking.
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Server,
 }
 
 /// Copies `from` → `to` until EOF, then half-closes `to` so the peer sees the FIN.
+#[allow(clippy::too_many_arguments)] // one call site per direction, all of it needed
 async fn pump(
     from: &ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
@@ -99,7 +205,13 @@ async fn pump(
     last_read: &AtomicU64,
     epoch: Instant,
     meters: [&AtomicU64; 2],
+    tracker: Option<&Tracker>,
+    side: Side,
 ) -> PumpEnd {
+    let mut scanner = match side {
+        Side::Client => Scanner::frontend(),
+        Side::Server => Scanner::backend(),
+    };
     loop {
         if let Err(e) = from.readable().await {
             return PumpEnd::ReadError(e);
@@ -114,12 +226,26 @@ async fn pump(
                 }
                 Ok(n) => {
                     last_read.store(epoch.elapsed().as_millis() as u64, Relaxed);
+                    // Client requests are counted before they can reach the server, so
+                    // a ReadyForQuery is never mistaken for the answer to a later one.
+                    if let (Some(t), Side::Client) = (tracker, side) {
+                        t.client_bytes(&mut scanner, &buf[..n]);
+                    }
                     if let Err(e) = to.write_all(&buf[..n]).await {
                         return PumpEnd::WriteError(e);
                     }
                     moved.add(n as u64);
                     for m in meters {
                         m.add(n as u64);
+                    }
+                    if let (Some(t), Side::Server) = (tracker, side) {
+                        t.server_bytes(&mut scanner, &buf[..n]);
+                        // A transaction just ended: the first safe moment to close. (Not
+                        // the ReadyForQuery that ends the login: the client is about to
+                        // use its new session; the quiet check below handles it.)
+                        if t.draining.load(Relaxed) && t.requested.load(Relaxed) && t.idle() {
+                            return PumpEnd::Drained;
+                        }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -130,14 +256,24 @@ async fn pump(
     }
 }
 
+/// How a drain reaches a session: `requested` completes when the server is set to drain;
+/// the session then ends at its next idle moment (plaintext), or at `deadline`.
+pub struct Drain<F> {
+    pub requested: F,
+    pub deadline: Duration,
+}
+
 /// Relays until the session ends. `stop` completes with the reason when pglb must close
 /// the session (shutdown grace over, server marked down with shutdown-sessions).
+/// `tracker` follows the protocol of plaintext sessions (None: opaque TLS bytes).
 pub async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
     idle: Idle,
     meters: Meters<'_>,
     stop: impl Future<Output = End>,
+    tracker: Option<&Tracker>,
+    drain: Drain<impl Future<Output = ()>>,
 ) -> Outcome {
     let epoch = Instant::now();
     let (to_server, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
@@ -151,6 +287,8 @@ pub async fn relay(
         &last_client,
         epoch,
         meters.to_server,
+        tracker,
+        Side::Client,
     );
     let downstream = pump(
         &server_r,
@@ -159,9 +297,15 @@ pub async fn relay(
         &last_server,
         epoch,
         meters.to_client,
+        tracker,
+        Side::Server,
     );
-    tokio::pin!(upstream, downstream, stop);
+    let drain_requested = drain.requested;
+    tokio::pin!(upstream, downstream, stop, drain_requested);
     let (mut up_done, mut down_done) = (false, false);
+    let mut drain_deadline: Option<Instant> = None;
+    // The activity point at which the drain quiet check last ran (it runs once per point).
+    let mut drain_checked: Option<(u64, u64)> = None;
 
     let end = loop {
         // Idle means no bytes in either direction; the side quiet the longest is blamed
@@ -179,13 +323,30 @@ pub async fn relay(
                 PumpEnd::Eof => up_done = true,
                 PumpEnd::ReadError(e) => break End::ClientError(e),
                 PumpEnd::WriteError(e) => break End::ServerError(e),
+                PumpEnd::Drained => break End::Drained,
             },
             r = &mut downstream, if !down_done => match r {
                 PumpEnd::Eof if up_done => break End::ClientClosed,
                 PumpEnd::Eof => down_done = true,
                 PumpEnd::ReadError(e) => break End::ServerError(e),
                 PumpEnd::WriteError(e) => break End::ClientError(e),
+                PumpEnd::Drained => break End::Drained,
             },
+            _ = &mut drain_requested, if drain_deadline.is_none() => {
+                drain_deadline = Some(Instant::now() + drain.deadline);
+                if let Some(t) = tracker {
+                    t.draining.store(true, Relaxed);
+                }
+            }
+            _ = sleep_until(epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET),
+                if drain_deadline.is_some() && tracker.is_some() && drain_checked != Some((lc, ls)) => {
+                drain_checked = Some((lc, ls));
+                let quiet = last_client.load(Relaxed) == lc && last_server.load(Relaxed) == ls;
+                if quiet && tracker.is_some_and(Tracker::idle) {
+                    break End::Drained;
+                }
+            }
+            _ = sleep_until(drain_deadline.unwrap_or(epoch)), if drain_deadline.is_some() => break End::DrainTimeout,
             _ = sleep_until(deadline) => {
                 // Activity may have happened while we slept: only end if still idle.
                 if last_client.load(Relaxed) == lc && last_server.load(Relaxed) == ls {

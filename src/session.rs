@@ -16,8 +16,8 @@ use crate::pick::{self, Slot};
 use crate::refusal::Refusal;
 use crate::relay::{self, Idle, Meters};
 use crate::startup::{self, Hello, StartupError, StartupMessage};
-use crate::state::{Counter, ListenState, raise_max};
-use crate::{cancel, checker, net};
+use crate::state::{self, Counter, ListenState, raise_max};
+use crate::{cancel, checker, net, refusal};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
 pub enum Admission {
@@ -88,8 +88,15 @@ pub async fn serve(
         }
     };
     if let Hello::Cancel(key) = &hello {
-        let reached = cancel::forward(&listen, key).await;
-        debug!(client = %peer, listen = %listen.cfg.name, pid = key.pid, reached, "cancel request forwarded");
+        let routed = cancel::route(&listen, &listen.cancels, key).await;
+        match routed {
+            cancel::Routed::Owner(addr) => {
+                info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, server = %addr, "cancel request routed to the session's server")
+            }
+            cancel::Routed::Broadcast(n) => {
+                info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, servers = n, "cancel request for an unknown key sent to every server up")
+            }
+        }
         return;
     }
     let _permits = match admission {
@@ -102,17 +109,27 @@ pub async fn serve(
     };
     let _current = Current::enter(&listen);
 
-    // 2. Pick a server and connect, moving on to another server when a connect fails.
-    let (slot, mut server, wait, connect) = match connect_with_retries(&listen).await {
-        Ok(connected) => connected,
-        Err(refusal) => {
+    // 2. Pick a server and connect, moving on to another server when a connect fails or
+    //    the server refuses the startup before authentication.
+    let opened = match open(&mut client, &listen, hello).await {
+        Ok(opened) => opened,
+        Err((hello, refusal)) => {
             refuse(client, peer, &listen, hello, refusal, accepted).await;
             return;
         }
     };
+    let Opened {
+        slot,
+        mut server,
+        startup,
+        wait,
+        connect,
+        to_server,
+        to_client,
+    } = opened;
     let srv = Arc::clone(slot.server());
 
-    // 3. Replay what the client already sent, then relay.
+    // 3. Relay, following the protocol of plaintext sessions.
     let idle = Idle {
         client: t.client,
         server: t.server,
@@ -121,39 +138,66 @@ pub async fn serve(
         to_server: [&listen.counters.bin, &srv.counters.bin],
         to_client: [&listen.counters.bout, &srv.counters.bout],
     };
-    let (params, outcome) = match replay_opening(&mut client, &mut server, hello, &listen).await {
-        Ok(opening) => {
-            for m in meters.to_server {
-                m.add(opening.to_server);
-            }
-            for m in meters.to_client {
-                m.add(opening.to_client);
-            }
-            let mut kill = srv.kill.subscribe();
-            let stop = async {
-                tokio::select! {
-                    _ = stop.cancelled() => relay::End::Shutdown,
-                    _ = kill.changed() => relay::End::ServerDown,
-                }
-            };
-            let mut o = relay::relay(&mut client, &mut server, idle, meters, stop).await;
-            o.to_server += opening.to_server;
-            o.to_client += opening.to_client;
-            (opening.startup, o)
+    for (m, n) in meters
+        .to_server
+        .iter()
+        .map(|m| (m, to_server))
+        .chain(meters.to_client.iter().map(|m| (m, to_client)))
+    {
+        m.add(n);
+    }
+    let tracker = startup
+        .as_ref()
+        .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg.addr))));
+    let mut kill = srv.kill.subscribe();
+    let stop = async {
+        tokio::select! {
+            _ = stop.cancelled() => relay::End::Shutdown,
+            _ = kill.changed() => relay::End::ServerDown,
         }
-        Err(end) => (
-            None,
-            relay::Outcome {
-                to_server: 0,
-                to_client: 0,
-                end,
-            },
-        ),
     };
-    let params = params.as_ref();
+    let mut draining = srv.draining.subscribe();
+    let drain = relay::Drain {
+        requested: async move {
+            if draining.wait_for(|d| *d).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        },
+        deadline: t.drain,
+    };
+    let mut outcome = relay::relay(
+        &mut client,
+        &mut server,
+        idle,
+        meters,
+        stop,
+        tracker.as_ref(),
+        drain,
+    )
+    .await;
+    outcome.to_server += to_server;
+    outcome.to_client += to_client;
+    if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
+        listen.cancels.remove(&key);
+    }
+    if matches!(outcome.end, relay::End::Drained) {
+        // At a transaction boundary: say why, so pools reconnect elsewhere.
+        let message = format!(
+            "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
+            srv.cfg.name, listen.cfg.name
+        );
+        let _ = timeout(Duration::from_secs(1), async {
+            let _ = client
+                .write_all(&refusal::error_response("FATAL", "57P01", &message))
+                .await;
+            let _ = server.write_all(&[b'X', 0, 0, 0, 4]).await;
+        })
+        .await;
+    }
     drop(slot);
 
     // 4. One line per finished session.
+    let params = startup.as_ref();
     let total = accepted.elapsed();
     info!(
         client = %peer,
@@ -174,84 +218,201 @@ pub async fn serve(
     );
 }
 
-/// What the opening exchange established.
-struct Opening {
+/// A session connected to its server, opening exchange done.
+struct Opened {
+    slot: Slot,
+    server: TcpStream,
     /// The StartupMessage, unless the session went TLS end to end.
     startup: Option<StartupMessage>,
+    wait: Duration,
+    connect: Duration,
     to_server: u64,
     to_client: u64,
 }
 
-/// Replays the client's opening packet to the server. For an SSLRequest the server's
-/// one-byte answer goes back to the client; when the server declines (`N`), the client's
-/// plaintext StartupMessage is read and replayed too, so pglb still sees who connected.
-async fn replay_opening(
+/// Connects to a server and replays the client's opening on it.
+///
+/// For an SSLRequest the server's one-byte answer goes back to the client; when the server
+/// declines (`N`), the client's plaintext StartupMessage is read so pglb still follows the
+/// session. For a plaintext StartupMessage the server's first answer is read before it is
+/// passed on: an ErrorResponse before any authentication request (PgBouncer's "no more
+/// connections allowed", or PostgreSQL unreachable behind it) makes pglb replay the
+/// startup on another server, and the client never sees that error.
+async fn open(
     client: &mut TcpStream,
-    server: &mut TcpStream,
-    hello: Hello,
-    listen: &ListenState,
-) -> Result<Opening, relay::End> {
-    use relay::End;
+    listen: &Arc<ListenState>,
+    mut hello: Hello,
+) -> Result<Opened, (Hello, Refusal)> {
     let t = listen.cfg.timeouts;
-    let raw = match hello {
-        Hello::Startup(m) => {
-            server.write_all(&m.raw).await.map_err(End::ServerError)?;
-            return Ok(Opening {
-                to_server: m.raw.len() as u64,
-                to_client: 0,
-                startup: Some(m),
-            });
+    let mut tried: Vec<usize> = Vec::new();
+    let (mut wait, mut connect) = (Duration::ZERO, Duration::ZERO);
+    let (mut to_server, mut to_client) = (0u64, 0u64);
+    let mut replays = 0;
+    loop {
+        let (slot, mut server, w, c) = match connect_with_retries(listen, &mut tried).await {
+            Ok(connected) => connected,
+            Err(refusal) => return Err((hello, refusal)),
+        };
+        wait += w;
+        connect += c;
+        let srv = Arc::clone(slot.server());
+        let io_failed = |e: std::io::Error, who: &str| Refusal::ConnectFailed {
+            listen: listen.cfg.name.clone(),
+            attempts: 1,
+            last_error: format!("{who}: {e}"),
+        };
+
+        // TLS request: pass it on and let the server answer.
+        if let Hello::Ssl(raw) = &hello {
+            let answer = async {
+                server.write_all(raw).await?;
+                let mut answer = [0u8; 1];
+                server.read_exact(&mut answer).await?;
+                Ok::<_, std::io::Error>(answer[0])
+            };
+            let answer = match timeout(t.server, answer).await {
+                Ok(Ok(a)) => a,
+                Ok(Err(e)) => return Err((hello, io_failed(e, &srv.cfg.name))),
+                Err(_) => {
+                    return Err((
+                        hello,
+                        io_failed(std::io::ErrorKind::TimedOut.into(), &srv.cfg.name),
+                    ));
+                }
+            };
+            to_server += raw.len() as u64;
+            if client.write_all(&[answer]).await.is_err() {
+                return Err((hello, Refusal::ShuttingDown));
+            }
+            to_client += 1;
+            if answer != b'N' {
+                // 'S': TLS end to end from here on (anything else is the server's to explain).
+                return Ok(Opened {
+                    slot,
+                    server,
+                    startup: None,
+                    wait,
+                    connect,
+                    to_server,
+                    to_client,
+                });
+            }
+            match timeout(t.startup, startup::read_startup_after_ssl_refusal(client)).await {
+                Ok(Ok(m)) => hello = Hello::Startup(m),
+                _ => {
+                    return Err((
+                        Hello::Ssl(raw.clone()),
+                        Refusal::StartupTimeout {
+                            listen: listen.cfg.name.clone(),
+                            timeout: t.startup,
+                        },
+                    ));
+                }
+            }
         }
-        Hello::Ssl(raw) => raw,
-        Hello::Cancel(_) => unreachable!("cancel requests never reach a session's server"),
-    };
-    server.write_all(&raw).await.map_err(End::ServerError)?;
-    let mut answer = [0u8; 1];
-    match timeout(t.server, server.read_exact(&mut answer)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(End::ServerError(e)),
-        Err(_) => return Err(End::ServerTimeout),
+        let Hello::Startup(m) = &hello else {
+            unreachable!("cancel requests are routed before a server is picked");
+        };
+
+        // Plaintext startup: replay it and look at the first answer.
+        let first = async {
+            server.write_all(&m.raw).await?;
+            read_message(&mut server).await
+        };
+        let first = match timeout(t.server, first).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(e)) => return Err((hello, io_failed(e, &srv.cfg.name))),
+            Err(_) => {
+                return Err((
+                    hello,
+                    io_failed(std::io::ErrorKind::TimedOut.into(), &srv.cfg.name),
+                ));
+            }
+        };
+        to_server += m.raw.len() as u64;
+        if first.first() == Some(&b'E') && replays < listen.cfg.retries {
+            replays += 1;
+            srv.counters.wredis.inc();
+            warn!(
+                listen = %listen.cfg.name,
+                server = %srv.cfg.name,
+                error = %error_text(&first),
+                "server refused the startup; replaying it on another server"
+            );
+            tried.push(slot.index());
+            continue;
+        }
+        if client.write_all(&first).await.is_err() {
+            return Err((hello, Refusal::ShuttingDown));
+        }
+        to_client += first.len() as u64;
+        let Hello::Startup(m) = hello else {
+            unreachable!("checked above");
+        };
+        return Ok(Opened {
+            slot,
+            server,
+            startup: Some(m),
+            wait,
+            connect,
+            to_server,
+            to_client,
+        });
     }
-    client.write_all(&answer).await.map_err(End::ClientError)?;
-    let mut opening = Opening {
-        startup: None,
-        to_server: raw.len() as u64,
-        to_client: 1,
-    };
-    if answer[0] != b'N' {
-        // 'S': TLS end to end from here on; anything else is the server's error to relay.
-        return Ok(opening);
-    }
-    let m = match timeout(t.startup, startup::read_startup_after_ssl_refusal(client)).await {
-        Ok(Ok(m)) => m,
-        Ok(Err(StartupError::Io(e))) => return Err(End::ClientError(e)),
-        Ok(Err(e)) => return Err(End::ClientError(std::io::Error::other(e.to_string()))),
-        Err(_) => return Err(End::ClientTimeout),
-    };
-    server.write_all(&m.raw).await.map_err(End::ServerError)?;
-    opening.to_server += m.raw.len() as u64;
-    opening.startup = Some(m);
-    Ok(opening)
 }
 
-/// Picks a server and connects; on failure tries another (up to `retries` more times).
+/// Largest first answer accepted from a server during startup.
+const MAX_FIRST_MESSAGE: usize = 64 * 1024;
+
+/// Reads one whole backend message (type, length, body), length-checked.
+async fn read_message(server: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut header = [0u8; 5];
+    server.read_exact(&mut header).await?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if !(4..=MAX_FIRST_MESSAGE).contains(&len) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("invalid message length {len} from server"),
+        ));
+    }
+    let mut message = vec![0u8; 1 + len];
+    message[..5].copy_from_slice(&header);
+    server.read_exact(&mut message[5..]).await?;
+    Ok(message)
+}
+
+/// The message field of an ErrorResponse, for logs.
+fn error_text(message: &[u8]) -> String {
+    message
+        .get(5..)
+        .unwrap_or_default()
+        .split(|&b| b == 0)
+        .find(|f| f.first() == Some(&b'M'))
+        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
+        .unwrap_or_else(|| "ErrorResponse".into())
+}
+
+/// Picks a server and connects; on failure tries another (up to `retries` more times),
+/// never one in `tried`, which grows with every server that failed.
 /// Returns the slot, the connection, the time spent waiting for a slot and connecting.
 async fn connect_with_retries(
     listen: &Arc<ListenState>,
+    tried: &mut Vec<usize>,
 ) -> Result<(Slot, TcpStream, Duration, Duration), Refusal> {
-    let mut failed: Vec<usize> = Vec::new();
     let mut last_error = String::new();
     let (mut wait, mut connect) = (Duration::ZERO, Duration::ZERO);
+    let mut attempts = 0;
     for attempt in 0..=listen.cfg.retries {
         let t0 = Instant::now();
-        let slot = match pick::acquire(listen, &failed).await {
+        let slot = match pick::acquire(listen, tried).await {
             Ok(slot) => slot,
-            Err(_) if !failed.is_empty() => break,
+            Err(_) if attempts > 0 => break,
             Err(refusal) => return Err(refusal),
         };
         wait += t0.elapsed();
         let server = Arc::clone(slot.server());
         let t1 = Instant::now();
+        attempts += 1;
         match net::connect(server.cfg.addr, listen.cfg.timeouts.connect).await {
             Ok(stream) => {
                 checker::connect_succeeded(&server);
@@ -274,13 +435,13 @@ async fn connect_with_retries(
                     server.counters.wredis.inc();
                 }
                 last_error = format!("{} ({}): {e}", server.cfg.name, server.cfg.addr);
-                failed.push(slot.index());
+                tried.push(slot.index());
             }
         }
     }
     Err(Refusal::ConnectFailed {
         listen: listen.cfg.name.clone(),
-        attempts: failed.len() as u32,
+        attempts,
         last_error,
     })
 }

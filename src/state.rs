@@ -178,6 +178,9 @@ pub struct ServerState {
     pub fallback_ok: AtomicBool,
     /// Bumped to close this server's sessions (on-marked-down shutdown-sessions).
     pub kill: watch::Sender<u64>,
+    /// True while the server is drained: its sessions close at their next transaction
+    /// boundary.
+    pub draining: watch::Sender<bool>,
     /// Wakes the checker early (after passive health marked the server down).
     pub wake_checker: Notify,
 }
@@ -197,6 +200,7 @@ impl ServerState {
             consecutive_errors: AtomicU32::new(0),
             fallback_ok: AtomicBool::new(false),
             kill: watch::Sender::new(0),
+            draining: watch::Sender::new(false),
             wake_checker: Notify::new(),
         }
     }
@@ -216,6 +220,7 @@ impl ServerState {
 
     pub(crate) fn set_admin(&self, admin: Admin) {
         self.admin.store(admin.to_u8(), Relaxed);
+        self.draining.send_replace(admin == Admin::Drain);
     }
 
     /// The weight outside slowstart: configured or set by an operator.
@@ -299,10 +304,17 @@ pub struct ListenState {
     pub started: Instant,
     /// Where server state changes are published (logs, stats, alerts).
     pub events: broadcast::Sender<Event>,
+    /// Cancel keys of live sessions, shared by every listen.
+    pub cancels: Arc<crate::cancel::Registry>,
 }
 
 impl ListenState {
-    pub fn new(iid: u32, cfg: config::Listen, events: broadcast::Sender<Event>) -> Self {
+    pub fn new(
+        iid: u32,
+        cfg: config::Listen,
+        events: broadcast::Sender<Event>,
+        cancels: Arc<crate::cancel::Registry>,
+    ) -> Self {
         let servers: Vec<_> = cfg
             .servers
             .iter()
@@ -318,6 +330,7 @@ impl ListenState {
             counters: ListenCounters::default(),
             started: Instant::now(),
             events,
+            cancels,
         }
     }
 

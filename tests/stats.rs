@@ -270,16 +270,18 @@ async fn admin_needs_credentials_drains_and_survives_a_restart() {
     assert!(head.contains("location: /stats;st=DONE"), "{head}");
     assert_eq!(server_status(stats, "pgb1").await, "DRAIN");
 
-    // Drain: no new client goes to pgb1, the existing one stays.
+    // Drain: no new client goes to pgb1. The existing session (on pgb1: leastconn's
+    // first pick) was idle, so it is closed at once with FATAL 57P01 (see protocol.rs).
     let mut held = Vec::new();
     for _ in 0..6 {
         held.push(pglb.connect().await.expect("connect"));
     }
     assert_eq!(stack.bouncers[1].app_clients().await, 6);
-    before
-        .simple_query("SELECT 1")
-        .await
-        .expect("existing session survives the drain");
+    assert_eq!(stack.bouncers[0].app_clients().await, 0);
+    assert!(
+        before.simple_query("SELECT 1").await.is_err(),
+        "the idle session on pgb1 was drained"
+    );
 
     // JSON API: a weight, then a bad request explained.
     let (code, _, body) = http(

@@ -1,0 +1,253 @@
+//! PostgreSQL protocol awareness end to end: cancels reach the right PgBouncer, drains
+//! close sessions only at transaction boundaries, and a PgBouncer that refuses a startup
+//! is skipped without the client noticing.
+
+mod harness;
+
+use std::time::{Duration, Instant};
+
+use harness::{Bouncer, BouncerOpts, Pglb, Stack, db_error, free_port, http};
+
+fn stats_toml(port: u16) -> String {
+    format!(
+        "[stats]\nbind = \"127.0.0.1:{port}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
+    )
+}
+
+async fn admin(stats: u16, server: &str, action: &str) {
+    let body = format!("{{\"action\": \"{action}\"}}");
+    let path = format!("/api/servers/postgres/{server}");
+    let (code, _, text) = http(
+        stats,
+        "POST",
+        &path,
+        Some(("admin", "s3cret")),
+        &body,
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 200, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
+    let stack = Stack::start(3);
+    let port = free_port();
+    let pglb = Pglb::start(&Pglb::config(port, "", &stack.servers_toml()), port);
+    // Three sessions at once, one per PgBouncer, so a wrongly routed cancel would show.
+    for round in 0..20 {
+        let client = pglb.connect().await.expect("connect");
+        let token = client.cancel_token();
+        let query = tokio::spawn(async move {
+            let r = client.simple_query("SELECT pg_sleep(30)").await;
+            (r, client)
+        });
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let sent = Instant::now();
+        token
+            .cancel_query(tokio_postgres::NoTls)
+            .await
+            .expect("send cancel");
+        let (result, _client) = tokio::time::timeout(Duration::from_secs(1), query)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("round {round}: the query was not cancelled within a second")
+            })
+            .expect("join");
+        let err = result.expect_err("cancelled");
+        assert_eq!(
+            db_error(&err).map(|e| e.0).as_deref(),
+            Some("57014"),
+            "round {round}: {err}"
+        );
+        assert!(sent.elapsed() < Duration::from_secs(1));
+    }
+    let log = pglb.wait_log(
+        &["cancel request routed to the session's server"],
+        20,
+        Duration::from_secs(2),
+    );
+    let routed = log
+        .lines()
+        .filter(|l| l.contains("cancel request routed to the session's server"))
+        .count();
+    assert_eq!(
+        routed, 20,
+        "every cancel went to its owner, none broadcast:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_the_transaction_then_closes_with_57p01() {
+    let stack = Stack::start(2);
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, "", &stack.servers_toml()),
+        stats_toml(stats)
+    );
+    let pglb = Pglb::start(&config, port);
+    let client = pglb.connect().await.expect("connect");
+    let on = if stack.bouncers[0].app_clients().await == 1 {
+        "pgb1"
+    } else {
+        "pgb2"
+    };
+
+    client
+        .simple_query("CREATE TABLE IF NOT EXISTS drained (v int)")
+        .await
+        .expect("create");
+    client.simple_query("BEGIN").await.expect("begin");
+    client
+        .simple_query("INSERT INTO drained VALUES (1)")
+        .await
+        .expect("insert");
+    admin(stats, on, "drain").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Inside the transaction the session is left alone…
+    client
+        .simple_query("INSERT INTO drained VALUES (2)")
+        .await
+        .expect("still in the transaction");
+    client.simple_query("COMMIT").await.expect("commit");
+    // …and closed right after it, with the reason.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let err = client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("drained after the commit");
+    assert!(
+        err.is_closed() || db_error(&err).is_some_and(|e| e.0 == "57P01"),
+        "{err}"
+    );
+    let log = pglb.wait_log(
+        &["drained at a transaction boundary"],
+        1,
+        Duration::from_secs(2),
+    );
+    assert!(log.contains("term=\"PD\""), "{log}");
+
+    // Nothing was lost: both rows are there, read through the other PgBouncer.
+    let other = pglb.connect().await.expect("reconnect elsewhere");
+    let rows = other
+        .simple_query("SELECT count(*) FROM drained")
+        .await
+        .expect("count");
+    let count = rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    });
+    assert_eq!(count.as_deref(), Some("2"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_tpcb_while_draining_loses_no_transaction() {
+    let stack = Stack::start(3);
+    stack.pg.pgbench_init();
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, "", &stack.servers_toml()),
+        stats_toml(stats)
+    );
+    let pglb = Pglb::start(&config, port);
+    let bench = tokio::process::Command::new("pgbench")
+        // -C: a connection per transaction, as a pool that reconnects after a drain would.
+        .args([
+            "-n",
+            "-C",
+            "-c",
+            "6",
+            "-j",
+            "2",
+            "-T",
+            "8",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+        ])
+        .args(["-U", harness::APP_USER, harness::APP_DB])
+        .env("PGPASSWORD", harness::APP_PASSWORD)
+        .output();
+    let drain = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        admin(stats, "pgb1", "drain").await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        admin(stats, "pgb1", "ready").await;
+    };
+    let (out, ()) = tokio::join!(bench, drain);
+    let out = out.expect("pgbench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("number of failed transactions: 0 "),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        !stderr.contains("aborted"),
+        "a client was aborted:\n{stderr}"
+    );
+    // While pgb1 was drained, new sessions went to the others only.
+    let log = pglb.log();
+    assert!(!log.contains("drain deadline reached"), "{log}");
+    let sessions = |s: &str| {
+        log.lines()
+            .filter(|l| l.contains("session closed") && l.contains(&format!("server={s} ")))
+            .count()
+    };
+    assert!(
+        sessions("pgb2") > sessions("pgb1") && sessions("pgb3") > sessions("pgb1"),
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_refusing_the_startup_is_skipped_silently() {
+    let stack = Stack::start(1);
+    // pgb1 takes one client at most; that place is taken by a direct connection.
+    let tiny = Bouncer::start(
+        &stack.pg,
+        BouncerOpts {
+            max_client_conn: 1,
+            ..BouncerOpts::default()
+        },
+    );
+    let dsn = format!(
+        "host=127.0.0.1 port={} user={} password={} dbname={}",
+        tiny.port,
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        harness::APP_DB
+    );
+    let _occupant = harness::connect_dsn(&dsn)
+        .await
+        .expect("direct connection to pgb1");
+    let servers = format!(
+        "[[listen.server]]\nname = \"pgb1\"\naddr = \"{}\"\n[[listen.server]]\nname = \"pgb2\"\naddr = \"{}\"\n",
+        tiny.addr(),
+        stack.bouncers[0].addr()
+    );
+    let port = free_port();
+    // `first` always tries pgb1 before pgb2.
+    let pglb = Pglb::start(&Pglb::config(port, "balance = \"first\"", &servers), port);
+    for _ in 0..10 {
+        let c = pglb
+            .connect()
+            .await
+            .expect("the client never sees pgb1's refusal");
+        c.simple_query("SELECT 1").await.expect("query");
+    }
+    let log = pglb.log();
+    let replays = log
+        .lines()
+        .filter(|l| l.contains("replaying it on another server"))
+        .count();
+    assert_eq!(replays, 10, "{log}");
+    assert!(
+        log.contains("no more connections allowed"),
+        "PgBouncer's reason is logged:\n{log}"
+    );
+}
