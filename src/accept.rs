@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
@@ -51,9 +51,11 @@ impl Shared {
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener (the port closes).
+/// `current` holds the listen's state; a reload swaps it, and new clients get the new one
+/// while sessions already running keep theirs.
 pub async fn accept_loop(
     listener: TcpListener,
-    listen: Arc<ListenState>,
+    current: watch::Receiver<Arc<ListenState>>,
     shared: Shared,
     stop: CancellationToken,
 ) {
@@ -64,6 +66,7 @@ pub async fn accept_loop(
             r = listener.accept() => r,
             _ = stop.cancelled() => break,
         };
+        let listen = Arc::clone(&current.borrow());
         let (stream, peer) = match accepted {
             Ok(conn) => {
                 backoff = FIRST_BACKOFF;

@@ -152,7 +152,7 @@ pub enum Role {
 }
 
 /// A password: never printed by Debug, logs or the stats page.
-#[derive(Clone, Default, Deserialize)]
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
 pub struct Secret(String);
 
@@ -169,7 +169,7 @@ impl fmt::Debug for Secret {
 }
 
 /// Health-check settings of one server (listen defaults with its overrides applied).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Check {
     pub kind: CheckKind,
     pub interval: Duration,
@@ -197,7 +197,7 @@ pub enum OnMarkedDown {
     ShutdownSessions,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Server {
     pub name: String,
     /// As written, for logs and the stats page.

@@ -1,49 +1,77 @@
-//! The daemon: bind every listen, accept until told to stop, then shut down gracefully.
+//! The daemon: bind every listen, accept until told to stop, reload on request, then shut
+//! down gracefully.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::accept::{self, Shared};
 use crate::config::Config;
-use crate::state::ListenState;
-use crate::state::Process;
-use crate::{admin, alerts, cancel, checker, events, http, net};
+use crate::events::Event;
+use crate::notify::notify;
+use crate::state::{ListenState, Process, lock};
+use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Runs pglb until `shutdown` completes. Binding errors are returned before any client
-/// is accepted, so a bad port fails the start instead of running half a config.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// What the daemon is told from outside.
+pub struct Control<S> {
+    /// Completes on SIGTERM/SIGINT.
+    pub shutdown: S,
+    /// One message per SIGHUP.
+    pub reload: mpsc::UnboundedReceiver<()>,
+    /// The file reloads read again.
+    pub config_path: PathBuf,
+}
+
+/// One served listen: its socket's accept loop and the state it hands to new clients.
+struct Served {
+    bind: SocketAddr,
+    current: watch::Sender<Arc<ListenState>>,
+    stop: CancellationToken,
+}
+
+/// Everything that lives across reloads.
+struct Daemon {
+    config: Config,
+    process: Arc<Process>,
+    events: broadcast::Sender<Event>,
+    cancels: Arc<cancel::Registry>,
+    served: HashMap<String, Served>,
+    loops: JoinSet<()>,
+    shared: Shared,
+    /// Stops the health checks of the current generation of listens.
+    checks: CancellationToken,
+}
+
+/// Runs pglb until `control.shutdown` completes. Binding errors are returned before any
+/// client is accepted, so a bad port fails the start instead of running half a config.
+pub async fn run<S: Future<Output = ()>>(
+    config: Config,
+    control: Control<S>,
+) -> anyhow::Result<()> {
     let events = events::channel();
     let cancels = Arc::new(cancel::Registry::default());
-    let listens: Vec<Arc<ListenState>> = config
-        .listens
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            Arc::new(ListenState::new(
-                i as u32 + 1,
-                l.clone(),
-                events.clone(),
-                Arc::clone(&cancels),
-            ))
-        })
-        .collect();
+    let listens = reload::next_generation(&[], &config.listens, &events, &cancels).listens;
     let mut listeners = Vec::new();
     for l in &listens {
         let listener = net::bind(l.cfg.bind, l.cfg.backlog)
             .with_context(|| format!("listen '{}': cannot bind {}", l.cfg.name, l.cfg.bind))?;
         listeners.push(listener);
     }
-
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
         admin::load(path, &listens);
     }
@@ -69,44 +97,57 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     let tracker = TaskTracker::new();
     let close_sessions = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let shared = Shared::new(
-        config.global.maxconn,
-        tracker.clone(),
-        close_sessions.clone(),
-    );
-    let stop_checks = CancellationToken::new();
-    for l in &listens {
-        checker::spawn(l, &stop_checks);
-    }
-    let mut loops = JoinSet::new();
+    let mut daemon = Daemon {
+        shared: Shared::new(
+            config.global.maxconn,
+            tracker.clone(),
+            close_sessions.clone(),
+        ),
+        config,
+        process,
+        events,
+        cancels,
+        served: HashMap::new(),
+        loops: JoinSet::new(),
+        checks: CancellationToken::new(),
+    };
     for (listener, l) in listeners.into_iter().zip(&listens) {
-        info!(
-            listen = %l.cfg.name,
-            bind = %l.cfg.bind,
-            balance = l.cfg.balance.as_str(),
-            servers = l.servers.len(),
-            "listening"
-        );
-        loops.spawn(accept::accept_loop(
-            listener,
-            Arc::clone(l),
-            shared.clone(),
-            stop_accepting.clone(),
-        ));
+        daemon.serve(listener, l);
+    }
+    for l in &listens {
+        checker::spawn(l, &daemon.checks);
+    }
+    notify(&format!(
+        "READY=1\nSTATUS=serving {} listen(s)",
+        listens.len()
+    ));
+
+    let Control {
+        shutdown,
+        mut reload,
+        config_path,
+    } = control;
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            Some(()) = reload.recv() => daemon.reload(&config_path),
+        }
     }
 
-    shutdown.await;
-    process
-        .serving
-        .store(false, std::sync::atomic::Ordering::Relaxed);
-    stop_accepting.cancel();
-    while loops.join_next().await.is_some() {}
+    notify("STOPPING=1\nSTATUS=stopping: waiting for sessions to finish");
+    daemon.process.serving.store(false, Relaxed);
+    for s in daemon.served.values() {
+        s.stop.cancel();
+    }
+    while daemon.loops.join_next().await.is_some() {}
     tracker.close();
-    let grace = config.global.grace;
-    let open: usize = listens
+    let grace = daemon.config.global.grace;
+    let open: usize = daemon
+        .process
+        .listens()
         .iter()
-        .map(|l| l.counters.cur.load(std::sync::atomic::Ordering::Relaxed))
+        .map(|l| l.counters.cur.load(Relaxed))
         .sum();
     info!(
         sessions = open,
@@ -121,8 +162,127 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         close_sessions.cancel();
         let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
     }
-    stop_checks.cancel();
+    daemon.checks.cancel();
     stop_http.cancel();
     info!("pglb stopped");
     Ok(())
+}
+
+impl Daemon {
+    /// Starts accepting on `listener` for `listen`.
+    fn serve(&mut self, listener: TcpListener, listen: &Arc<ListenState>) {
+        info!(
+            listen = %listen.cfg.name,
+            bind = %listen.cfg.bind,
+            balance = listen.cfg.balance.as_str(),
+            servers = listen.servers.len(),
+            "listening"
+        );
+        let (current, rx) = watch::channel(Arc::clone(listen));
+        let stop = CancellationToken::new();
+        self.loops.spawn(accept::accept_loop(
+            listener,
+            rx,
+            self.shared.clone(),
+            stop.clone(),
+        ));
+        self.served.insert(
+            listen.cfg.name.clone(),
+            Served {
+                bind: listen.cfg.bind,
+                current,
+                stop,
+            },
+        );
+    }
+
+    /// Re-reads the configuration. Invalid: the running one stays, and the error is
+    /// logged and shown (stats page, /health). Valid: listens and servers are added,
+    /// changed and removed without touching a running session.
+    fn reload(&mut self, path: &std::path::Path) {
+        notify("RELOADING=1\nSTATUS=reloading");
+        match self.try_reload(path) {
+            Ok(summary) => {
+                *lock(&self.process.reload_error) = None;
+                info!("configuration reloaded from {}: {summary}", path.display());
+                notify(&format!("READY=1\nSTATUS=serving; reloaded: {summary}"));
+            }
+            Err(e) => {
+                error!("reload failed, keeping the running configuration: {e}");
+                *lock(&self.process.reload_error) = Some(e.clone());
+                notify(&format!("READY=1\nSTATUS=serving; last reload failed: {e}"));
+            }
+        }
+    }
+
+    fn try_reload(&mut self, path: &std::path::Path) -> Result<String, String> {
+        let config = Config::load(path).map_err(|e| e.to_string())?;
+        if config.global.maxconn != self.config.global.maxconn {
+            warn!("global maxconn changes take effect at the next restart");
+        }
+        if config.stats.as_ref().map(|s| s.bind) != self.config.stats.as_ref().map(|s| s.bind) {
+            warn!("[stats] changes take effect at the next restart");
+        }
+        let old = self.process.listens();
+        let next = reload::next_generation(&old, &config.listens, &self.events, &self.cancels);
+
+        // Bind every new or moved listen first: if one fails, nothing changes.
+        let mut fresh = Vec::new();
+        for l in &next.listens {
+            let moved = self
+                .served
+                .get(&l.cfg.name)
+                .is_none_or(|s| s.bind != l.cfg.bind);
+            if moved {
+                let listener = net::bind(l.cfg.bind, l.cfg.backlog).map_err(|e| {
+                    format!("listen '{}': cannot bind {}: {e}", l.cfg.name, l.cfg.bind)
+                })?;
+                fresh.push((listener, Arc::clone(l)));
+            }
+        }
+
+        let (mut added, mut removed) = (0, 0);
+        // Listens gone, or moved to another address: stop accepting there.
+        let keep: Vec<(String, SocketAddr)> = next
+            .listens
+            .iter()
+            .map(|l| (l.cfg.name.clone(), l.cfg.bind))
+            .collect();
+        self.served.retain(|name, s| {
+            let stays = keep.iter().any(|(n, b)| n == name && *b == s.bind);
+            if !stays {
+                s.stop.cancel();
+                removed += 1;
+            }
+            stays
+        });
+        for l in &next.listens {
+            if let Some(s) = self.served.get(&l.cfg.name) {
+                s.current.send_replace(Arc::clone(l));
+            }
+        }
+        for (listener, l) in fresh {
+            self.serve(listener, &l);
+            added += 1;
+        }
+        // Sessions on servers that are gone end at their next transaction boundary.
+        for s in &next.retired {
+            s.draining.send_replace(true);
+        }
+        self.checks.cancel();
+        self.checks = CancellationToken::new();
+        for l in &next.listens {
+            checker::spawn(l, &self.checks);
+            pick::servers_changed(l);
+        }
+        let servers: usize = next.listens.iter().map(|l| l.servers.len()).sum();
+        let summary = format!(
+            "{} listen(s) ({added} bound, {removed} closed), {servers} server(s), {} retired",
+            next.listens.len(),
+            next.retired.len()
+        );
+        self.process.set_listens(next.listens);
+        self.config = config;
+        Ok(summary)
+    }
 }

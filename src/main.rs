@@ -50,11 +50,36 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(pglb::run(config, shutdown_signal())) {
+    let result = runtime.block_on(async {
+        let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_sighup(reload_tx));
+        let control = pglb::daemon::Control {
+            shutdown: shutdown_signal(),
+            reload,
+            config_path: cli.config.clone(),
+        };
+        pglb::run(config, control).await
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// Turns each SIGHUP into a reload request.
+async fn forward_sighup(tx: tokio::sync::mpsc::UnboundedSender<()>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler: reload needs a restart");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the configuration");
+        if tx.send(()).is_err() {
+            return;
         }
     }
 }

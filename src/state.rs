@@ -321,6 +321,17 @@ impl ListenState {
             .enumerate()
             .map(|(i, s)| Arc::new(ServerState::new(i as u32 + 1, s.clone())))
             .collect();
+        ListenState::with_servers(iid, cfg, servers, events, cancels)
+    }
+
+    /// A listen over existing server states (a reload keeps the unchanged ones).
+    pub fn with_servers(
+        iid: u32,
+        cfg: config::Listen,
+        servers: Vec<Arc<ServerState>>,
+        events: broadcast::Sender<Event>,
+        cancels: Arc<crate::cancel::Registry>,
+    ) -> Self {
         ListenState {
             iid,
             maxconn: Arc::new(Semaphore::new(cfg.maxconn)),
@@ -335,11 +346,7 @@ impl ListenState {
     }
 
     pub(crate) fn dispatch(&self) -> MutexGuard<'_, Dispatch> {
-        // A panic while holding this lock would be a bug in pick.rs; the data (counts)
-        // stays consistent enough to keep serving, so recover rather than poison everything.
-        self.dispatch
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.dispatch)
     }
 
     /// Sessions each server holds now, and the queue length.

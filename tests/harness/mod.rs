@@ -550,6 +550,17 @@ pub struct Pglb {
 impl Pglb {
     /// Starts pglb with `config` (which must bind `127.0.0.1:{port}`) and waits for the port.
     pub fn start(config: &str, port: u16) -> Pglb {
+        Pglb::start_with_env(config, port, &[])
+    }
+
+    /// Writes a new configuration and sends SIGHUP (a reload).
+    pub fn reload(&self, config: &str) {
+        std::fs::write(self.dir.path().join("pglb.toml"), config).expect("write config");
+        self.proc.signal(libc::SIGHUP);
+    }
+
+    /// Like `start`, with extra environment variables for the process.
+    pub fn start_with_env(config: &str, port: u16, env: &[(&str, &str)]) -> Pglb {
         let dir = tempfile::Builder::new()
             .prefix("pglb-")
             .tempdir()
@@ -563,6 +574,7 @@ impl Pglb {
         let child = Command::new(binary)
             .arg("--config")
             .arg(&cfg)
+            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("PGLB_TEST_LOG").unwrap_or_else(|_| "info".into()),
