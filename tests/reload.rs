@@ -156,7 +156,7 @@ async fn reload_adds_and_removes_listens_and_keeps_admin_state() {
 
     let extra = format!(
         "[[listen]]\nname = \"reads\"\nbind = \"127.0.0.1:{second}\"\n{}",
-        servers(&stack, &[1]).replace("[[listen.server]]", "[[listen.server]]")
+        servers(&stack, &[1])
     );
     // TOML: the extra listen must come after the first listen's tables.
     let with_second = base.replace("\n[stats]", &format!("\n{extra}\n[stats]"));
