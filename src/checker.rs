@@ -263,6 +263,7 @@ mod tests {
                 backlog: 16,
                 retries: 3,
                 fallback_to_primary: true,
+                tls: None,
                 timeouts: Timeouts {
                     connect: d,
                     client: d,

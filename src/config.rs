@@ -111,8 +111,27 @@ pub struct Listen {
     /// With `expect_role = "replica"`: when no replica is up, send clients to servers whose
     /// only fault is being the primary.
     pub fallback_to_primary: bool,
+    /// TLS termination; without it SSLRequests are passed through to the server.
+    pub tls: Option<Tls>,
     pub timeouts: Timeouts,
     pub servers: Vec<Server>,
+}
+
+/// `[listen.tls]`: the certificate pglb presents, loaded when the file is read.
+#[derive(Clone)]
+pub struct Tls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl fmt::Debug for Tls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tls")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -301,8 +320,16 @@ mod raw {
         pub timeouts: Timeouts,
         #[serde(default)]
         pub check: Option<Spanned<CheckTable>>,
+        pub tls: Option<Spanned<TlsTable>>,
         #[serde(default)]
         pub server: Vec<Spanned<Server>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct TlsTable {
+        pub cert: PathBuf,
+        pub key: PathBuf,
     }
 
     /// `[listen.check]` and a server's `check` override: every key optional so that a
@@ -617,8 +644,22 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 slowstart: s.slowstart.map(|d| d.0).unwrap_or(Duration::ZERO),
             });
         }
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => {
+                let table = t.get_ref();
+                let acceptor = crate::tls::acceptor(&table.cert, &table.key)
+                    .map_err(|reason| at.at(t, format!("listen '{name}': tls: {reason}")))?;
+                Some(Tls {
+                    cert: table.cert.clone(),
+                    key: table.key.clone(),
+                    acceptor,
+                })
+            }
+        };
         listens.push(Listen {
             name,
+            tls,
             bind,
             balance: l.balance,
             maxconn: l.maxconn.into_inner(),

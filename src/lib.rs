@@ -9,6 +9,7 @@ pub mod accept;
 pub mod balance;
 pub mod cancel;
 pub mod checker;
+pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod events;
@@ -23,6 +24,7 @@ pub mod reload;
 pub mod session;
 pub mod startup;
 pub mod state;
+pub mod tls;
 
 pub use config::Config;
 pub use daemon::run;

@@ -262,6 +262,7 @@ mod tests {
                 backlog: 16,
                 retries: 3,
                 fallback_to_primary: false,
+                tls: None,
                 timeouts: Timeouts {
                     connect: d,
                     client: d,

@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::net::tcp::ReadHalf;
 use tokio::time::{Instant, sleep_until};
 
 use crate::backend::Scanner;
 use crate::cancel::Registry;
+use crate::client::Client;
 use crate::startup::CancelKey;
 use crate::state::{Counter, lock};
 
@@ -196,11 +197,50 @@ enum Side {
     Server,
 }
 
+/// A source of chunks for a pump.
+trait Source {
+    /// Reads the next chunk into `buf` (0 at EOF). May allocate `buf` lazily and free it
+    /// while waiting.
+    fn next_chunk(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<usize>> + Send;
+}
+
+/// A TCP read half: waits for readiness with no buffer, so an idle direction holds none;
+/// the buffer lives only while data flows.
+struct TcpSource<'a>(ReadHalf<'a>);
+
+impl Source for TcpSource<'_> {
+    async fn next_chunk(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        loop {
+            if buf.capacity() > 0 {
+                buf.clear();
+                match self.0.try_read_buf(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
+                    Err(e) => return Err(e),
+                }
+            }
+            self.0.readable().await?;
+            buf.reserve(CHUNK);
+        }
+    }
+}
+
+/// Any other stream (TLS): TLS keeps buffers of its own, so one more is no loss.
+struct StreamSource<R>(R);
+
+impl<R: AsyncRead + Unpin + Send> Source for StreamSource<R> {
+    async fn next_chunk(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        buf.clear();
+        buf.reserve(CHUNK);
+        self.0.read_buf(buf).await
+    }
+}
+
 /// Copies `from` → `to` until EOF, then half-closes `to` so the peer sees the FIN.
 #[allow(clippy::too_many_arguments)] // one call site per direction, all of it needed
-async fn pump(
-    from: &ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
+async fn pump<W: AsyncWrite + Unpin>(
+    mut from: impl Source,
+    to: &mut W,
     moved: &AtomicU64,
     last_read: &AtomicU64,
     epoch: Instant,
@@ -212,47 +252,38 @@ async fn pump(
         Side::Client => Scanner::frontend(),
         Side::Server => Scanner::backend(),
     };
+    let mut buf = Vec::new();
     loop {
-        if let Err(e) = from.readable().await {
-            return PumpEnd::ReadError(e);
+        let n = match from.next_chunk(&mut buf).await {
+            Ok(0) => {
+                let _ = to.shutdown().await;
+                return PumpEnd::Eof;
+            }
+            Ok(n) => n,
+            Err(e) => return PumpEnd::ReadError(e),
+        };
+        last_read.store(epoch.elapsed().as_millis() as u64, Relaxed);
+        // Client requests are counted before they can reach the server, so a
+        // ReadyForQuery is never mistaken for the answer to a later one.
+        if let (Some(t), Side::Client) = (tracker, side) {
+            t.client_bytes(&mut scanner, &buf[..n]);
         }
-        let mut buf = Vec::with_capacity(CHUNK);
-        loop {
-            buf.clear();
-            match from.try_read_buf(&mut buf) {
-                Ok(0) => {
-                    let _ = to.shutdown().await;
-                    return PumpEnd::Eof;
-                }
-                Ok(n) => {
-                    last_read.store(epoch.elapsed().as_millis() as u64, Relaxed);
-                    // Client requests are counted before they can reach the server, so
-                    // a ReadyForQuery is never mistaken for the answer to a later one.
-                    if let (Some(t), Side::Client) = (tracker, side) {
-                        t.client_bytes(&mut scanner, &buf[..n]);
-                    }
-                    if let Err(e) = to.write_all(&buf[..n]).await {
-                        return PumpEnd::WriteError(e);
-                    }
-                    moved.add(n as u64);
-                    for m in meters {
-                        m.add(n as u64);
-                    }
-                    if let (Some(t), Side::Server) = (tracker, side) {
-                        t.server_bytes(&mut scanner, &buf[..n]);
-                        // A transaction just ended: the first safe moment to close. (Not
-                        // the ReadyForQuery that ends the login: the client is about to
-                        // use its new session; the quiet check below handles it.)
-                        if t.draining.load(Relaxed) && t.requested.load(Relaxed) && t.idle() {
-                            return PumpEnd::Drained;
-                        }
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return PumpEnd::ReadError(e),
+        if let Err(e) = to.write_all(&buf[..n]).await {
+            return PumpEnd::WriteError(e);
+        }
+        moved.add(n as u64);
+        for m in meters {
+            m.add(n as u64);
+        }
+        if let (Some(t), Side::Server) = (tracker, side) {
+            t.server_bytes(&mut scanner, &buf[..n]);
+            // A transaction just ended: the first safe moment to close. (Not the
+            // ReadyForQuery that ends the login: the client is about to use its new
+            // session; the quiet check in `relay` handles it.)
+            if t.draining.load(Relaxed) && t.requested.load(Relaxed) && t.idle() {
+                return PumpEnd::Drained;
             }
         }
-        // `buf` is dropped here: an idle direction holds no buffer.
     }
 }
 
@@ -267,7 +298,40 @@ pub struct Drain<F> {
 /// the session (shutdown grace over, server marked down with shutdown-sessions).
 /// `tracker` follows the protocol of plaintext sessions (None: opaque TLS bytes).
 pub async fn relay(
-    client: &mut TcpStream,
+    client: &mut Client,
+    server: &mut TcpStream,
+    idle: Idle,
+    meters: Meters<'_>,
+    stop: impl Future<Output = End>,
+    tracker: Option<&Tracker>,
+    drain: Drain<impl Future<Output = ()>>,
+) -> Outcome {
+    match client {
+        Client::Plain(c) => {
+            let (r, w) = c.split();
+            relay_halves(TcpSource(r), w, server, idle, meters, stop, tracker, drain).await
+        }
+        Client::Tls(t) => {
+            let (r, w) = tokio::io::split(t.as_mut());
+            relay_halves(
+                StreamSource(r),
+                w,
+                server,
+                idle,
+                meters,
+                stop,
+                tracker,
+                drain,
+            )
+            .await
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)] // `relay`'s arguments, with the client split
+async fn relay_halves<W: AsyncWrite + Unpin>(
+    client_r: impl Source,
+    mut client_w: W,
     server: &mut TcpStream,
     idle: Idle,
     meters: Meters<'_>,
@@ -278,10 +342,9 @@ pub async fn relay(
     let epoch = Instant::now();
     let (to_server, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
     let (last_client, last_server) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (client_r, mut client_w) = client.split();
     let (server_r, mut server_w) = server.split();
     let upstream = pump(
-        &client_r,
+        client_r,
         &mut server_w,
         &to_server,
         &last_client,
@@ -291,7 +354,7 @@ pub async fn relay(
         Side::Client,
     );
     let downstream = pump(
-        &server_r,
+        TcpSource(server_r),
         &mut client_w,
         &to_client,
         &last_server,

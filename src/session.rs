@@ -12,12 +12,13 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::client::Client;
 use crate::pick::{self, Slot};
 use crate::refusal::Refusal;
 use crate::relay::{self, Idle, Meters};
 use crate::startup::{self, Hello, StartupError, StartupMessage};
 use crate::state::{self, Counter, ListenState, raise_max};
-use crate::{cancel, checker, net, refusal};
+use crate::{cancel, checker, net, refusal, tls};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
 pub enum Admission {
@@ -50,7 +51,7 @@ impl Drop for Current<'_> {
 
 /// Serves one accepted client. `stop` closes the session when pglb's shutdown grace ends.
 pub async fn serve(
-    mut client: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     admission: Admission,
@@ -59,33 +60,9 @@ pub async fn serve(
     let accepted = Instant::now();
     let t = listen.cfg.timeouts;
 
-    // 1. Startup: what does the client want?
-    let hello = match timeout(t.startup, startup::read_hello(&mut client)).await {
-        Ok(Ok(hello)) => hello,
-        Ok(Err(StartupError::Closed | StartupError::Io(_))) => {
-            // A port probe or a client that gave up: nothing worth a log line.
-            debug!(client = %peer, listen = %listen.cfg.name, "client left during startup");
-            return;
-        }
-        Ok(Err(e)) => {
-            listen.counters.ereq.inc();
-            warn!(client = %peer, listen = %listen.cfg.name, error = %e, "bad startup packet");
-            let refusal = Refusal::BadStartup {
-                sqlstate: e.sqlstate(),
-                message: e.to_string(),
-            };
-            send_refusal(&mut client, &refusal).await;
-            return;
-        }
-        Err(_) => {
-            debug!(client = %peer, listen = %listen.cfg.name, "startup timeout");
-            let refusal = Refusal::StartupTimeout {
-                listen: listen.cfg.name.clone(),
-                timeout: t.startup,
-            };
-            send_refusal(&mut client, &refusal).await;
-            return;
-        }
+    // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
+    let Some((mut client, hello)) = negotiate(tcp, peer, &listen).await else {
+        return;
     };
     if let Hello::Cancel(key) = &hello {
         let routed = cancel::route(&listen, &listen.cancels, key).await;
@@ -213,9 +190,103 @@ pub async fn serve(
         user = params.and_then(|p| p.param("user")).unwrap_or("-"),
         database = params.and_then(|p| p.param("database")).unwrap_or("-"),
         application_name = params.and_then(|p| p.param("application_name")).unwrap_or("-"),
-        tls = params.is_none(),
+        tls = if client.is_tls() { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
         "session closed"
     );
+}
+
+/// Reads the client's opening under `timeouts.startup`, doing TLS when the listen
+/// terminates it: answering an SSLRequest with `S`, or taking a direct TLS handshake
+/// (first byte 0x16). Refusals for bad or missing packets are sent from here; None means
+/// the session is over.
+async fn negotiate(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listen: &ListenState,
+) -> Option<(Client, Hello)> {
+    let t = listen.cfg.timeouts;
+    let deadline = Instant::now() + t.startup;
+    let acceptor = listen.cfg.tls.as_ref().map(|tls| &tls.acceptor);
+    let mut first = [0u8; 1];
+    let direct = match acceptor {
+        Some(_) => {
+            matches!(tokio::time::timeout_at(deadline, tcp.peek(&mut first)).await, Ok(Ok(1)) if first[0] == tls::HANDSHAKE)
+        }
+        None => false,
+    };
+    let mut client = match (direct, acceptor) {
+        (true, Some(acceptor)) => {
+            match tokio::time::timeout_at(deadline, tls::accept(acceptor, tcp, true)).await {
+                Ok(Ok(stream)) => Client::Tls(Box::new(stream)),
+                outcome => {
+                    debug!(client = %peer, listen = %listen.cfg.name, ?outcome, "direct TLS handshake failed");
+                    return None;
+                }
+            }
+        }
+        _ => Client::Plain(tcp),
+    };
+    let mut hello = read_hello(&mut client, peer, listen, deadline).await?;
+    if let (Hello::Ssl(_), Some(acceptor), Client::Plain(_)) = (&hello, acceptor, &client) {
+        let Client::Plain(mut tcp) = client else {
+            unreachable!("matched above");
+        };
+        tcp.write_all(b"S").await.ok()?;
+        client = match tokio::time::timeout_at(deadline, tls::accept(acceptor, tcp, false)).await {
+            Ok(Ok(stream)) => Client::Tls(Box::new(stream)),
+            outcome => {
+                debug!(client = %peer, listen = %listen.cfg.name, ?outcome, "TLS handshake failed");
+                return None;
+            }
+        };
+        hello = read_hello(&mut client, peer, listen, deadline).await?;
+    }
+    if client.is_tls() && matches!(hello, Hello::Ssl(_)) {
+        let refusal = Refusal::BadStartup {
+            sqlstate: "08P01",
+            message: "SSLRequest inside TLS".into(),
+        };
+        send_refusal(&mut client, &refusal).await;
+        return None;
+    }
+    Some((client, hello))
+}
+
+/// One `startup::read_hello` with the refusals its errors deserve.
+async fn read_hello(
+    client: &mut Client,
+    peer: SocketAddr,
+    listen: &ListenState,
+    deadline: Instant,
+) -> Option<Hello> {
+    let t = listen.cfg.timeouts;
+    match tokio::time::timeout_at(deadline, startup::read_hello(client)).await {
+        Ok(Ok(hello)) => Some(hello),
+        Ok(Err(StartupError::Closed | StartupError::Io(_))) => {
+            // A port probe or a client that gave up: nothing worth a log line.
+            debug!(client = %peer, listen = %listen.cfg.name, "client left during startup");
+            None
+        }
+        Ok(Err(e)) => {
+            listen.counters.ereq.inc();
+            warn!(client = %peer, listen = %listen.cfg.name, error = %e, "bad startup packet");
+            let refusal = Refusal::BadStartup {
+                sqlstate: e.sqlstate(),
+                message: e.to_string(),
+            };
+            send_refusal(client, &refusal).await;
+            None
+        }
+        Err(_) => {
+            debug!(client = %peer, listen = %listen.cfg.name, "startup timeout");
+            let refusal = Refusal::StartupTimeout {
+                listen: listen.cfg.name.clone(),
+                timeout: t.startup,
+            };
+            send_refusal(client, &refusal).await;
+            None
+        }
+    }
 }
 
 /// A session connected to its server, opening exchange done.
@@ -239,7 +310,7 @@ struct Opened {
 /// connections allowed", or PostgreSQL unreachable behind it) makes pglb replay the
 /// startup on another server, and the client never sees that error.
 async fn open(
-    client: &mut TcpStream,
+    client: &mut Client,
     listen: &Arc<ListenState>,
     mut hello: Hello,
 ) -> Result<Opened, (Hello, Refusal)> {
@@ -449,7 +520,7 @@ async fn connect_with_retries(
 /// Turns a client away with an ErrorResponse. An SSLRequest is answered `N` first so the
 /// client sends a plaintext StartupMessage and can read the error.
 async fn refuse(
-    mut client: TcpStream,
+    mut client: Client,
     peer: SocketAddr,
     listen: &ListenState,
     hello: Hello,
@@ -489,7 +560,7 @@ async fn refuse(
     }
 }
 
-async fn send_refusal(client: &mut TcpStream, refusal: &Refusal) {
+async fn send_refusal(client: &mut Client, refusal: &Refusal) {
     let bytes = refusal.to_error_response();
     // Best effort: the client may already be gone.
     let _ = timeout(Duration::from_secs(1), async {

@@ -16,12 +16,26 @@ pub const APP_DB: &str = "app";
 pub const ADMIN_USER: &str = "pgb_admin";
 pub const ADMIN_PASSWORD: &str = "admin-secret";
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nobody listens on right now. Chosen at random in 10000–29999, outside
+/// Linux's ephemeral range, and never twice in one test process: a port freed by a killed
+/// PgBouncer is then unlikely to be taken over by a parallel test's server.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free loopback port")
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    let given = given.get_or_insert_with(HashSet::new);
+    for _ in 0..1000 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 10_000 + (h.finish() % 20_000) as u16;
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port");
 }
 
 fn is_root() -> bool {
