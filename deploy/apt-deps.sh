@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
 # Installs, through apt, the Debian 12 packages that pglb's tests and demo run for real:
-# PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test).
+# PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test);
+# for tests/deploy_files.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
+# python3-yaml (docker-compose.yml), systemd (systemd-analyze security); and cargo-deb
+# (the Debian package), from crates.io.
 # Packages already installed are skipped, so this is cheap to run every time.
 set -euo pipefail
-packages=(postgresql-15 postgresql-client-15 pgbouncer chromium)
+# cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "installing: cargo-deb"
+  cargo install cargo-deb --locked --quiet
+fi
+packages=(postgresql-15 postgresql-client-15 pgbouncer chromium keepalived ruby python3-yaml systemd haproxy linux-perf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -16,4 +24,5 @@ sudo=""
 echo "installing: ${missing[*]}"
 $sudo apt-get update -qq
 # Debian's packages start their own services on 5432/6432; the tests use other ports.
+# keepalived does not start: its unit needs a non-empty /etc/keepalived/keepalived.conf.
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -86,7 +86,8 @@ impl Scanner {
             // Any byte after a ReadyForQuery means the server is talking again.
             seen.ready = None;
             match &mut self.at {
-                At::Lost => return Seen::default(),
+                // What was learnt before the damage stands; nothing after it is read.
+                At::Lost => return seen,
                 At::Header { buf, have } => {
                     let take = (5 - *have).min(data.len());
                     buf[*have..*have + take].copy_from_slice(&data[..take]);

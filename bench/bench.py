@@ -1,0 +1,746 @@
+#!/usr/bin/env python3
+"""pglb vs HAProxy vs one PgBouncer directly, on loopback. Run through bench/run.sh.
+
+Stands up PostgreSQL 15, three PgBouncers (transaction pooling, SCRAM), pglb and HAProxy
+over the same PgBouncers, runs pgbench workloads against the three targets interleaved
+(pglb, HAProxy, direct; repeated for BENCH_ROUNDS rounds), measures the proxies' CPU
+time per transaction, other processes' CPU (noise), and the proxies' memory per idle
+authenticated client. Prints a markdown table of medians and writes it, with every
+single run, to bench/results/latest.md. Standard library only.
+"""
+
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+PGBOUNCER = "/usr/sbin/pgbouncer"
+APP_USER, APP_PASSWORD, APP_DB = "app", "app-secret", "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# ---------------------------------------------------------------- settings
+
+
+def env_int(name, default):
+    value = os.environ.get(name, "")
+    return int(value) if value.strip() else default
+
+
+@dataclass
+class Settings:
+    quick: bool
+    rounds: int
+    duration: int
+    memory_counts: list
+    workloads: list
+    pglb_binary: Path
+    pglb_log_level: str
+    out: Path
+    tmp: Path
+
+    @staticmethod
+    def from_env(tmp):
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+        counts = os.environ.get("BENCH_MEMORY_CLIENTS", "2000" if quick else "2000,12000")
+        return Settings(
+            quick=quick,
+            rounds=env_int("BENCH_ROUNDS", 1 if quick else 3),
+            duration=env_int("BENCH_DURATION", 5 if quick else 15),
+            memory_counts=[int(c) for c in counts.split(",") if c.strip() and c.strip() != "0"],
+            workloads=[w for w in os.environ.get("BENCH_WORKLOADS", "").split(",") if w],
+            pglb_binary=Path(os.environ.get("BENCH_PGLB", REPO / "target/release/pglb")),
+            pglb_log_level=os.environ.get("BENCH_PGLB_LOG_LEVEL", "warn"),
+            out=Path(os.environ.get("BENCH_OUT", REPO / "bench/results/latest.md")),
+            tmp=Path(tmp),
+        )
+
+
+@dataclass
+class Workload:
+    key: str
+    label: str
+    pgbench_args: list
+    per_connection: bool = False
+
+
+WORKLOADS = [
+    Workload("select-c8", "select-only -c 8", ["-S", "-c", "8"]),
+    Workload("select-c64", "select-only -c 64", ["-S", "-c", "64"]),
+    Workload("select-c256", "select-only -c 256", ["-S", "-c", "256"]),
+    Workload("tpcb-c32", "TPC-B-like -c 32", ["-c", "32"]),
+    Workload("connect-c16", "select-only -C -c 16", ["-C", "-S", "-c", "16"], per_connection=True),
+]
+
+TARGETS = ["pglb", "haproxy", "direct"]
+TARGET_NAMES = {"pglb": "pglb", "haproxy": "HAProxy", "direct": "PgBouncer direct"}
+
+
+def log(text):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+def is_root():
+    return os.geteuid() == 0
+
+
+def as_service_user(argv):
+    """Servers run as postgres when we are root (PostgreSQL refuses to run as root)."""
+    if is_root():
+        return ["setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--"] + argv
+    return argv
+
+
+def give_to_service_user(path):
+    if is_root():
+        shutil.chown(path, "postgres", "postgres")
+
+
+def make_service_dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    give_to_service_user(path)
+    return path
+
+
+class Processes:
+    """Everything we start, stopped by pid on exit. Pids also go to <tmp>/pids so that
+    run.sh's EXIT trap can stop leftovers if this script itself dies."""
+
+    def __init__(self, tmp):
+        self.started = []  # (name, Popen, stop signal)
+        self.pid_file = tmp / "pids"
+
+    def start(self, name, argv, log_path, stop_signal=signal.SIGTERM, as_service=True, **kw):
+        log_file = open(log_path, "ab")
+        give_to_service_user(log_path)
+        comm = Path(argv[0]).name[:15]  # what /proc/<pid>/comm will say once it runs
+        argv = as_service_user(argv) if as_service else argv
+        proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                start_new_session=True, **kw)
+        log_file.close()
+        self.started.append((name, proc, stop_signal))
+        with open(self.pid_file, "a") as f:
+            f.write(f"{proc.pid} {comm}\n")
+        return proc
+
+    def stop(self, proc, timeout=15):
+        for i, (name, p, sig) in enumerate(self.started):
+            if p is proc:
+                del self.started[i]
+                stop_process(p, sig, timeout)
+                return
+
+    def stop_all(self):
+        while self.started:
+            name, p, sig = self.started.pop()
+            stop_process(p, sig, 15)
+
+
+def stop_process(proc, sig, timeout):
+    if proc.poll() is not None:
+        return
+    try:
+        os.kill(proc.pid, sig)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_checked(argv, what, env=None, as_service=False):
+    argv = as_service_user(argv) if as_service else argv
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed ({result.returncode}): {result.stdout}{result.stderr}")
+    return result.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what, check, timeout=30, proc=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        if check():
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{what}: not ready after {timeout}s")
+
+
+def client_env():
+    return dict(os.environ, PGPASSWORD=APP_PASSWORD, PGCONNECT_TIMEOUT="5")
+
+
+def can_query(port):
+    result = subprocess.run(
+        ["psql", "-X", "-At", "-h", "127.0.0.1", "-p", str(port), "-U", APP_USER, "-d", APP_DB,
+         "-c", "SELECT 1"], capture_output=True, text=True, env=client_env())
+    return result.returncode == 0 and result.stdout.strip() == "1"
+
+
+# ---------------------------------------------------------------- the stack
+
+
+@dataclass
+class Stack:
+    postgres: subprocess.Popen = None
+    pg_port: int = 0
+    bouncers: list = field(default_factory=list)  # (port, Popen)
+    pglb: subprocess.Popen = None
+    pglb_port: int = 0
+    haproxy: subprocess.Popen = None
+    haproxy_port: int = 0
+
+    def target_port(self, target):
+        return {"pglb": self.pglb_port, "haproxy": self.haproxy_port,
+                "direct": self.bouncers[0][0]}[target]
+
+    def target_process(self, target):
+        return {"pglb": self.pglb, "haproxy": self.haproxy, "direct": self.bouncers[0][1]}[target]
+
+
+def start_postgres(procs, settings, stack):
+    pg_dir = make_service_dir(settings.tmp / "pg")
+    data = pg_dir / "data"
+    run_checked([str(PG_BIN / "initdb"), "-D", str(data), "-U", "postgres", "-E", "UTF8",
+                 "--auth-local=trust", "--auth-host=scram-sha-256"], "initdb", as_service=True)
+    stack.pg_port = free_port()
+    with open(data / "postgresql.auto.conf", "a") as f:
+        f.write(f"port = {stack.pg_port}\nlisten_addresses = '127.0.0.1'\n"
+                f"unix_socket_directories = '{pg_dir}'\nmax_connections = 400\n"
+                "shared_buffers = 128MB\nfsync = off\nsynchronous_commit = off\n"
+                "full_page_writes = off\nlog_min_messages = warning\n")
+    stack.postgres = procs.start("postgres", [str(PG_BIN / "postgres"), "-D", str(data)],
+                                 pg_dir / "postgres.log", stop_signal=signal.SIGINT)
+    wait_until("postgres", lambda: subprocess.run(
+        [str(PG_BIN / "pg_isready"), "-q", "-h", str(pg_dir), "-p", str(stack.pg_port)]
+    ).returncode == 0, proc=stack.postgres)
+    psql_local = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(pg_dir),
+                  "-p", str(stack.pg_port), "-U", "postgres", "-d", "postgres", "-c"]
+    run_checked(psql_local + [f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"], "psql")
+    run_checked(psql_local + [f"CREATE DATABASE {APP_DB} OWNER {APP_USER}"], "psql")
+    run_checked(["pgbench", "-i", "-q", "-s", "10", "-h", str(pg_dir), "-p", str(stack.pg_port),
+                 "-U", APP_USER, APP_DB], "pgbench -i")
+
+
+def start_pgbouncers(procs, settings, stack, count=3):
+    for n in range(1, count + 1):
+        d = make_service_dir(settings.tmp / f"pgb{n}")
+        port = free_port()
+        (d / "userlist.txt").write_text(f'"{APP_USER}" "{APP_PASSWORD}"\n')
+        (d / "pgbouncer.ini").write_text(
+            "[databases]\n"
+            f"{APP_DB} = host=127.0.0.1 port={stack.pg_port} dbname={APP_DB}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n"
+            f"auth_type = scram-sha-256\nauth_file = {d}/userlist.txt\n"
+            "pool_mode = transaction\ndefault_pool_size = 20\nmax_client_conn = 20000\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {d}/pgbouncer.log\nlog_connections = 0\nlog_disconnections = 0\n")
+        for name in ("userlist.txt", "pgbouncer.ini"):
+            give_to_service_user(d / name)
+        proc = procs.start("pgbouncer", [PGBOUNCER, str(d / "pgbouncer.ini")], d / "stdout.log",
+                           stop_signal=signal.SIGTERM)
+        stack.bouncers.append((port, proc))
+    for port, proc in stack.bouncers:
+        wait_until(f"pgbouncer :{port}", lambda: can_query(port), proc=proc)
+
+
+def write_pglb_config(settings, stack, path):
+    servers = "".join(
+        f'\n[[listen.server]]\nname = "pgb{n}"\naddr = "127.0.0.1:{port}"\n'
+        for n, (port, _) in enumerate(stack.bouncers, 1))
+    path.write_text(
+        "[global]\nmaxconn = 20000\ngrace = \"2s\"\n"
+        f'log_level = "{settings.pglb_log_level}"\n\n'
+        f'[[listen]]\nname = "bench"\nbind = "127.0.0.1:{stack.pglb_port}"\n'
+        'balance = "leastconn"\nmaxconn = 15000\n\n'
+        '[listen.timeouts]\nconnect = "5s"\nclient = "30m"\nserver = "30m"\n\n'
+        '[listen.check]\ntype = "tcp"\ninterval = "2s"\n' + servers)
+    give_to_service_user(path)
+
+
+def start_pglb(procs, settings, stack):
+    d = make_service_dir(settings.tmp / "pglb")
+    stack.pglb_port = stack.pglb_port or free_port()
+    config = d / "pglb.toml"
+    write_pglb_config(settings, stack, config)
+    run_checked([str(settings.pglb_binary), "--config", str(config), "--check"], "pglb --check")
+    stack.pglb = procs.start("pglb", [str(settings.pglb_binary), "--config", str(config)],
+                             d / "pglb.log", stop_signal=signal.SIGTERM)
+    wait_until("pglb", lambda: can_query(stack.pglb_port), proc=stack.pglb)
+
+
+def write_haproxy_config(stack, path):
+    # nbthread 2: one thread per core, as many as pglb's tokio runtime has workers on
+    # this 2-core machine (its default: one per core), so both may use the whole box.
+    servers = "".join(f"    server pgb{n} 127.0.0.1:{port} check\n"
+                      for n, (port, _) in enumerate(stack.bouncers, 1))
+    # maxconn 20000 makes HAProxy want ~40,000 descriptors and refuse to start when it
+    # cannot raise its limit that far; "no strict-limits" lets it run with what there is
+    # (pglb runs with the same limit and its maxconn beyond it too).
+    relax = "    no strict-limits\n" if open_files_limit() < 2 * 20000 + 100 else ""
+    path.write_text(
+        "global\n    maxconn 20000\n    nbthread 2\n" + relax + "\n"
+        "defaults\n    mode tcp\n    timeout client 30m\n    timeout server 30m\n"
+        "    timeout connect 5s\n\n"
+        f"listen postgres\n    bind 127.0.0.1:{stack.haproxy_port}\n    maxconn 20000\n"
+        "    balance leastconn\n    option pgsql-check user app\n"
+        "    default-server inter 2s fall 3 rise 2\n" + servers)
+    give_to_service_user(path)
+
+
+def start_haproxy(procs, settings, stack):
+    d = make_service_dir(settings.tmp / "haproxy")
+    stack.haproxy_port = stack.haproxy_port or free_port()
+    config = d / "haproxy.cfg"
+    write_haproxy_config(stack, config)
+    run_checked(["haproxy", "-c", "-q", "-f", str(config)], "haproxy -c")
+    stack.haproxy = procs.start("haproxy", ["haproxy", "-db", "-f", str(config)],
+                                d / "haproxy.log", stop_signal=signal.SIGTERM)
+    wait_until("haproxy", lambda: can_query(stack.haproxy_port), proc=stack.haproxy)
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def process_ticks(pid, with_children=False):
+    """utime+stime of a process (all its threads), in clock ticks; 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    if with_children:
+        ticks += int(fields[13]) + int(fields[14])  # cutime, cstime of reaped children
+    return ticks
+
+
+def children_of(pid):
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def postgres_ticks(stack):
+    """The postmaster, its live backends, and (cutime) the backends that exited."""
+    pid = stack.postgres.pid
+    return process_ticks(pid, with_children=True) + sum(process_ticks(k) for k in children_of(pid))
+
+
+def busy_ticks():
+    """All CPUs' non-idle time from /proc/stat: user nice system irq softirq steal."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def open_files_limit():
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def reachable_idle_clients(wanted):
+    """A proxy holds two descriptors per client (client side, server side); beyond its
+    open-files limit it cannot hold more, whatever its maxconn says."""
+    cap = (open_files_limit() - 200) // 2 // 100 * 100
+    return min(wanted, cap)
+
+
+def rss_kib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+@dataclass
+class CpuSnapshot:
+    at: float
+    target: int
+    bouncers: int
+    ours: int
+    busy: int
+    children_s: float
+    self_s: float
+
+
+def cpu_snapshot(stack, target_proc):
+    proxies = sum(process_ticks(p.pid) for p in (stack.pglb, stack.haproxy) if p)
+    bouncers = sum(process_ticks(p.pid) for _, p in stack.bouncers)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return CpuSnapshot(
+        at=time.monotonic(), target=process_ticks(target_proc.pid), bouncers=bouncers,
+        ours=proxies + bouncers + postgres_ticks(stack), busy=busy_ticks(),
+        children_s=kids.ru_utime + kids.ru_stime, self_s=me.ru_utime + me.ru_stime)
+
+
+# ---------------------------------------------------------------- pgbench runs
+
+
+@dataclass
+class Run:
+    round: int
+    workload: str
+    target: str
+    tps: float = float("nan")
+    txns: int = 0
+    lat_avg_ms: float = float("nan")
+    lat_p99_ms: float = float("nan")
+    conn_ms: float = float("nan")
+    target_cpu_us: float = float("nan")  # per transaction (= per connection under -C)
+    bouncers_cpu_us: float = float("nan")
+    noise_cores: float = float("nan")
+    error: str = ""
+
+
+def pgbench_argv(settings, workload, port, log_prefix):
+    return (["pgbench", "-n", "-M", "simple", "-j", "2", "-T", str(settings.duration),
+             "-h", "127.0.0.1", "-p", str(port), "-U", APP_USER,
+             "--log", f"--log-prefix={log_prefix}"] + workload.pgbench_args + [APP_DB])
+
+
+def parse_pgbench_output(text, run):
+    def number(pattern):
+        m = re.search(pattern, text, re.MULTILINE)
+        return float(m.group(1)) if m else float("nan")
+    run.tps = number(r"^tps = ([0-9.]+)")
+    run.conn_ms = number(r"^average connection time = ([0-9.]+) ms")
+    processed = re.search(r"number of transactions actually processed: (\d+)", text)
+    run.txns = int(processed.group(1)) if processed else 0
+    failed = re.search(r"number of failed transactions: (\d+)", text)
+    if failed and int(failed.group(1)):
+        run.error = f"{failed.group(1)} failed transactions"
+
+
+def latencies_from_logs(log_dir):
+    """Per-transaction latencies (µs), third column of pgbench's --log files."""
+    values = []
+    for path in log_dir.iterdir():
+        with open(path) as f:
+            for line in f:
+                parts = line.split(None, 3)
+                if len(parts) >= 3 and parts[2].isdigit():
+                    values.append(int(parts[2]))
+    return values
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return float("nan")
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return sorted_values[index]
+
+
+def run_pgbench(settings, stack, workload, target, round_no):
+    run = Run(round_no, workload.key, target)
+    target_proc = stack.target_process(target)
+    if target_proc.poll() is not None:
+        run.error = f"{target} is not running (exit {target_proc.returncode})"
+        return run
+    log_dir = settings.tmp / "pgbench-logs"
+    shutil.rmtree(log_dir, ignore_errors=True)
+    log_dir.mkdir()
+    argv = pgbench_argv(settings, workload, stack.target_port(target), log_dir / "txn")
+    before = cpu_snapshot(stack, target_proc)
+    result = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
+                            timeout=settings.duration * 4 + 120)
+    after = cpu_snapshot(stack, target_proc)
+    parse_pgbench_output(result.stdout, run)
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["?"])[-1]
+        run.error = (run.error + "; " if run.error else "") + f"pgbench exit {result.returncode}: {tail}"
+    latencies = sorted(latencies_from_logs(log_dir))
+    shutil.rmtree(log_dir, ignore_errors=True)
+    if latencies:
+        run.lat_avg_ms = sum(latencies) / len(latencies) / 1000
+        run.lat_p99_ms = percentile(latencies, 0.99) / 1000
+    if run.txns:
+        run.target_cpu_us = (after.target - before.target) / CLK_TCK / run.txns * 1e6
+        run.bouncers_cpu_us = (after.bouncers - before.bouncers) / CLK_TCK / run.txns * 1e6
+    wall = after.at - before.at
+    ours = ((after.ours - before.ours) / CLK_TCK + (after.children_s - before.children_s)
+            + (after.self_s - before.self_s))
+    run.noise_cores = max(0.0, (after.busy - before.busy) / CLK_TCK - ours) / wall
+    return run
+
+
+def describe(run):
+    text = (f"{run.workload:<12} {run.target:<8} tps={run.tps:9.1f} avg={run.lat_avg_ms:7.3f}ms "
+            f"p99={run.lat_p99_ms:7.3f}ms cpu={run.target_cpu_us:6.1f}us/txn "
+            f"noise={run.noise_cores:.2f} cores")
+    return text + (f"  ERROR: {run.error}" if run.error else "")
+
+
+def run_workloads(settings, stack):
+    workloads = [w for w in WORKLOADS if not settings.workloads or w.key in settings.workloads]
+    runs = []
+    for round_no in range(1, settings.rounds + 1):
+        for workload in workloads:
+            for target in TARGETS:
+                run = run_pgbench(settings, stack, workload, target, round_no)
+                log(f"round {round_no}/{settings.rounds} {describe(run)}")
+                runs.append(run)
+                time.sleep(0.5)
+    return workloads, runs
+
+
+# ---------------------------------------------------------------- idle clients (memory)
+
+
+@dataclass
+class MemoryResult:
+    target: str
+    rss_before_kib: int = 0
+    points: list = field(default_factory=list)  # (wanted, held, rss_kib, note)
+
+
+def measure_idle_memory(procs, settings, stack, target):
+    """Restarts the proxy (fresh process), opens idle authenticated clients through it in
+    steps, and reads its VmRSS before and at each step."""
+    steps = [(wanted, reachable_idle_clients(wanted)) for wanted in settings.memory_counts]
+    restart_proxy(procs, settings, stack, target)
+    proc = stack.target_process(target)
+    time.sleep(1)
+    result = MemoryResult(target, rss_before_kib=rss_kib(proc.pid))
+    holder = procs.start(
+        "idle", [sys.executable, str(REPO / "bench/idle_clients.py"),
+                 "--port", str(stack.target_port(target)), "--user", APP_USER,
+                 "--password", APP_PASSWORD, "--database", APP_DB,
+                 "--counts", ",".join(str(count) for _, count in steps)],
+        settings.tmp / f"idle-{target}.log", as_service=False,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        for wanted, count in steps:
+            line = holder.stdout.readline().strip()
+            if not line.startswith("HELD"):
+                result.points.append((wanted, 0, 0, f"idle_clients.py: {line or 'exited'}"))
+                break
+            held = int(line.split()[1])
+            errors = re.search(r"errors=(\d+) first_error=(.*)", line)
+            note = f"{errors.group(1)} failed logins: {errors.group(2)}" if held < count else ""
+            if count < wanted:
+                note = (f"capped at {count:,}: open files limit {open_files_limit():,} (the hard "
+                        "limit here, not raisable without CAP_SYS_RESOURCE), 2 per client. " + note)
+            time.sleep(2)  # let the proxy settle (checks, buffers)
+            result.points.append((wanted, held, rss_kib(proc.pid), note.strip()))
+            log(f"memory {target}: {held} idle clients, RSS {result.points[-1][2]} KiB {note}")
+            if held < count:
+                break
+            holder.stdin.write("next\n")
+            holder.stdin.flush()
+    finally:
+        try:
+            holder.stdin.write("quit\n")
+            holder.stdin.close()
+        except OSError:
+            pass
+        try:
+            holder.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        procs.stop(holder)
+    return result
+
+
+def restart_proxy(procs, settings, stack, target):
+    if target == "pglb":
+        procs.stop(stack.pglb)
+        start_pglb(procs, settings, stack)
+    else:
+        procs.stop(stack.haproxy)
+        start_haproxy(procs, settings, stack)
+
+
+# ---------------------------------------------------------------- report
+
+
+def median(values):
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+def fmt(value, digits=1):
+    return "-" if value != value else f"{value:,.{digits}f}"
+
+
+def ratio(a, b):
+    return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}"
+
+
+def summary_table(workloads, runs, settings):
+    def med(workload, target, attr):
+        return median([getattr(r, attr) for r in runs
+                       if r.workload == workload.key and r.target == target])
+    lines = [
+        "| workload | TPS pglb | TPS HAProxy | TPS direct | TPS pglb/HAProxy "
+        "| lat avg ms pglb / HAProxy / direct | lat p99 ms pglb / HAProxy / direct "
+        "| CPU µs/txn pglb | CPU µs/txn HAProxy | CPU pglb/HAProxy "
+        "| PgBouncer CPU µs/txn (direct) | noise, cores (max) |",
+        "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for w in workloads:
+        tps = {t: med(w, t, "tps") for t in TARGETS}
+        cpu = {t: med(w, t, "target_cpu_us") for t in TARGETS}
+        avg = " / ".join(fmt(med(w, t, "lat_avg_ms"), 3) for t in TARGETS)
+        p99 = " / ".join(fmt(med(w, t, "lat_p99_ms"), 3) for t in TARGETS)
+        noise = [r.noise_cores for r in runs if r.workload == w.key]
+        label = w.label + (" (CPU per new connection)" if w.per_connection else "")
+        lines.append(
+            f"| {label} | {fmt(tps['pglb'])} | {fmt(tps['haproxy'])} | {fmt(tps['direct'])} "
+            f"| {ratio(tps['pglb'], tps['haproxy'])} | {avg} | {p99} | {fmt(cpu['pglb'])} "
+            f"| {fmt(cpu['haproxy'])} | {ratio(cpu['pglb'], cpu['haproxy'])} "
+            f"| {fmt(cpu['direct'])} | {fmt(median(noise), 2)} ({fmt(max(noise, default=float('nan')), 2)}) |")
+    errors = [r for r in runs if r.error]
+    notes = [f"- run with errors: round {r.round} {r.workload} {r.target}: {r.error}" for r in errors]
+    connect = [w for w in workloads if w.per_connection]
+    for w in connect:
+        times = " / ".join(fmt(med(w, t, "conn_ms"), 3) for t in TARGETS)
+        notes.append(f"- {w.label}: pgbench's average connection time, ms, pglb / HAProxy / "
+                     f"direct: {times} (its latency columns exclude connecting)")
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def memory_table(results):
+    if not results:
+        return ""
+    lines = ["| proxy | idle clients held | RSS before, KiB | RSS with clients, KiB "
+             "| KiB per idle client | note |", "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        for wanted, held, rss, note in r.points:
+            per = (rss - r.rss_before_kib) / held if held else float("nan")
+            lines.append(f"| {TARGET_NAMES[r.target]} | {held:,} of {wanted:,} "
+                         f"| {r.rss_before_kib:,} | {rss:,} | {fmt(per, 2)} | {note} |")
+    return "\n".join(lines)
+
+
+def runs_table(runs):
+    lines = ["| round | workload | target | TPS | txns | lat avg ms | lat p99 ms "
+             "| target CPU µs/txn | PgBouncers CPU µs/txn | noise, cores | error |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        lines.append(f"| {r.round} | {r.workload} | {r.target} | {fmt(r.tps)} | {r.txns} "
+                     f"| {fmt(r.lat_avg_ms, 3)} | {fmt(r.lat_p99_ms, 3)} | {fmt(r.target_cpu_us)} "
+                     f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.noise_cores, 2)} | {r.error} |")
+    return "\n".join(lines)
+
+
+def versions(settings):
+    def first_line(argv):
+        try:
+            return subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[0]
+        except (OSError, IndexError):
+            return "?"
+    return ", ".join([first_line([str(settings.pglb_binary), "--version"]),
+                      first_line(["haproxy", "-v"]).split(" - ")[0],
+                      first_line([PGBOUNCER, "--version"]),
+                      first_line([str(PG_BIN / "postgres"), "--version"])])
+
+
+def method_notes(settings):
+    return "\n".join([
+        f"- {settings.rounds} round(s), each workload against pglb, HAProxy, PgBouncer direct in "
+        f"turn; medians over rounds. pgbench -n -M simple -j 2 -T {settings.duration}, scale 10.",
+        "- Topology: PostgreSQL 15 (fsync off) <- 3 PgBouncers (transaction pooling, pool 20, "
+        "SCRAM) <- pglb / HAProxy (leastconn). Direct = one PgBouncer (so 20 server "
+        "connections instead of 60).",
+        f"- pglb: log_level \"{settings.pglb_log_level}\" (no per-session log line), tcp check 2s. "
+        "HAProxy 2.6: nbthread 2 (one thread per core, like pglb's tokio runtime), no logging, "
+        "pgsql-check user app.",
+        "- Latency: per-transaction pgbench --log, p99 = 99th percentile of all transactions.",
+        "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "
+        "Direct column: the PgBouncer's own CPU (there is no proxy).",
+        "- noise: CPU-seconds per second used by processes other than PostgreSQL, the "
+        "PgBouncers, the proxies, pgbench and this script (from /proc/stat), median (max) over "
+        "that workload's runs.",
+        "- Memory: each proxy restarted, then idle SCRAM-authenticated clients opened through it "
+        "(bench/idle_clients.py); (VmRSS with clients - VmRSS before) / clients.",
+    ])
+
+
+def write_report(settings, workloads, runs, memory, elapsed):
+    summary = summary_table(workloads, runs, settings)
+    mem = memory_table(memory)
+    print("\n" + summary + "\n")
+    if mem:
+        print(mem + "\n")
+    settings.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(settings.out, "w") as f:
+        f.write(f"# pglb benchmark: pglb vs HAProxy vs PgBouncer direct\n\n"
+                f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, "
+                f"{'quick' if settings.quick else 'default'} settings, "
+                f"{elapsed / 60:.1f} min. {versions(settings)}.\n\n"
+                f"## Throughput, latency, CPU (medians)\n\n{summary}\n\n")
+        if mem:
+            f.write(f"## Memory per idle client\n\n{mem}\n\n")
+        f.write(f"## Method\n\n{method_notes(settings)}\n\n## Every run\n\n{runs_table(runs)}\n")
+    log(f"written {settings.out}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def raise_on_signal(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main():
+    if len(sys.argv) != 2:
+        sys.exit("usage: bench.py <temp dir>   (run bench/run.sh instead)")
+    signal.signal(signal.SIGTERM, raise_on_signal)
+    signal.signal(signal.SIGHUP, raise_on_signal)
+    settings = Settings.from_env(sys.argv[1])
+    make_service_dir(settings.tmp)
+    started = time.monotonic()
+    procs = Processes(settings.tmp)
+    stack = Stack()
+    try:
+        log(f"open files limit {resource.getrlimit(resource.RLIMIT_NOFILE)[0]}; "
+            f"{settings.rounds} round(s) x {settings.duration}s; temp dir {settings.tmp}")
+        log("starting PostgreSQL 15 and pgbench -i -s 10")
+        start_postgres(procs, settings, stack)
+        log("starting 3 PgBouncers, pglb, HAProxy")
+        start_pgbouncers(procs, settings, stack)
+        start_pglb(procs, settings, stack)
+        start_haproxy(procs, settings, stack)
+        workloads, runs = run_workloads(settings, stack)
+        memory = []
+        if settings.memory_counts:
+            for target in ("pglb", "haproxy"):
+                memory.append(measure_idle_memory(procs, settings, stack, target))
+        write_report(settings, workloads, runs, memory, time.monotonic() - started)
+    finally:
+        procs.stop_all()
+    log(f"done in {(time.monotonic() - started) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
