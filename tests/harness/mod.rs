@@ -588,11 +588,11 @@ impl Pglb {
         let child = Command::new(binary)
             .arg("--config")
             .arg(&cfg)
-            .envs(env.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("PGLB_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
