@@ -390,29 +390,46 @@ async fn open(
             server.write_all(&m.raw).await?;
             read_message(&mut server).await
         };
-        let first = match timeout(t.server, first).await {
-            Ok(Ok(first)) => first,
-            Ok(Err(e)) => return Err((hello, io_failed(e, &srv.cfg.name))),
-            Err(_) => {
+        // The client has seen nothing from this server yet, so a refusal or a dropped
+        // connection (a PgBouncer going away) is replayed elsewhere, invisibly.
+        let last_try = replays >= listen.cfg.retries;
+        let refused = match timeout(t.server, first).await {
+            // Out of replays, the server's own error (e.g. "no such database") is the
+            // most useful answer: pass it on.
+            Ok(Ok(first)) if first.first() == Some(&b'E') && !last_try => Err(error_text(&first)),
+            Ok(Ok(first)) => Ok(first),
+            Ok(Err(e)) => Err(format!("connection lost before answering: {e}")),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(t.server)
+            )),
+        };
+        let first = match refused {
+            Ok(first) => first,
+            Err(reason) if !last_try => {
+                replays += 1;
+                srv.counters.wredis.inc();
+                warn!(
+                    listen = %listen.cfg.name,
+                    server = %srv.cfg.name,
+                    error = %reason,
+                    "server refused the startup; replaying it on another server"
+                );
+                tried.push(slot.index());
+                continue;
+            }
+            Err(reason) => {
                 return Err((
                     hello,
-                    io_failed(std::io::ErrorKind::TimedOut.into(), &srv.cfg.name),
+                    Refusal::ConnectFailed {
+                        listen: listen.cfg.name.clone(),
+                        attempts: replays + 1,
+                        last_error: format!("{}: {reason}", srv.cfg.name),
+                    },
                 ));
             }
         };
         to_server += m.raw.len() as u64;
-        if first.first() == Some(&b'E') && replays < listen.cfg.retries {
-            replays += 1;
-            srv.counters.wredis.inc();
-            warn!(
-                listen = %listen.cfg.name,
-                server = %srv.cfg.name,
-                error = %error_text(&first),
-                "server refused the startup; replaying it on another server"
-            );
-            tried.push(slot.index());
-            continue;
-        }
         if client.write_all(&first).await.is_err() {
             return Err((hello, Refusal::ShuttingDown));
         }
