@@ -45,13 +45,18 @@ pub fn next_generation(
                     }
                 })
                 .collect();
-            Arc::new(ListenState::with_servers(
+            let mut next = ListenState::with_servers(
                 i as u32 + 1,
                 cfg.clone(),
                 servers,
                 events.clone(),
                 Arc::clone(cancels),
-            ))
+            );
+            if let Some(before) = before {
+                // Same listen: its statistics continue.
+                next.counters = Arc::clone(&before.counters);
+            }
+            Arc::new(next)
         })
         .collect();
     let still_served = |s: &ServerState| {

@@ -296,7 +296,8 @@ pub struct ListenState {
     pub iid: u32,
     pub cfg: config::Listen,
     pub servers: Vec<Arc<ServerState>>,
-    pub counters: ListenCounters,
+    /// Shared with the listen's earlier generations: a reload does not reset its stats.
+    pub counters: Arc<ListenCounters>,
     /// Per-listen maxconn; a permit is held for the whole client session.
     pub maxconn: Arc<Semaphore>,
     /// Session counts per server, the balancer's memory and the queue.
@@ -338,7 +339,7 @@ impl ListenState {
             dispatch: Mutex::new(Dispatch::new(servers.len())),
             servers,
             cfg,
-            counters: ListenCounters::default(),
+            counters: Arc::default(),
             started: Instant::now(),
             events,
             cancels,
