@@ -4,14 +4,19 @@
 # for tests/deploy_files.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
 # python3-yaml (docker-compose.yml), systemd (systemd-analyze security); and cargo-deb
 # (the Debian package), from crates.io.
+# haproxy and linux-perf are for bench/ (the comparison and profiles).
+# `--demo` installs only what deploy/demo.sh needs.
 # Packages already installed are skipped, so this is cheap to run every time.
 set -euo pipefail
-# cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
-if ! cargo deb --version >/dev/null 2>&1; then
-  echo "installing: cargo-deb"
-  cargo install cargo-deb --locked --quiet
+packages=(postgresql-15 postgresql-client-15 pgbouncer)
+if [ "${1:-}" != "--demo" ]; then
+  packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf)
+  # cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
+  if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing: cargo-deb"
+    cargo install cargo-deb --locked --quiet
+  fi
 fi
-packages=(postgresql-15 postgresql-client-15 pgbouncer chromium keepalived ruby python3-yaml systemd haproxy linux-perf)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

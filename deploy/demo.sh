@@ -3,6 +3,6 @@
 # temporary directories, stopped on Ctrl-C) and runs pglb in front of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash deploy/apt-deps.sh
+bash deploy/apt-deps.sh --demo
 cargo build --release --locked
 exec cargo run --release --locked --example demo -- "$PWD/target/release/pglb"
