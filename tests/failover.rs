@@ -1,0 +1,1370 @@
+//! High availability for real: two pglb nodes (lb1, lb2) under keepalived with the
+//! shipped deploy/keepalived configs, a db node (PostgreSQL + three PgBouncers from the
+//! harness) and a client node, each in its own network namespace, joined by a Linux
+//! bridge in a "switch" namespace. Kills pglb, keepalived and a link on the master and
+//! measures how long the VIP takes to move and how long new client connections fail.
+//!
+//! Needs root (network namespaces, keepalived); CI runs as root. Everything it makes —
+//! namespaces (`pglbfo<pid>-*`), links, processes — is removed when it ends, also when it
+//! fails. The measured times are printed and written to target/failover-times.txt.
+
+mod harness;
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use harness::{APP_DB, APP_PASSWORD, APP_USER, Stack};
+
+// The private test network: exists only inside the namespaces made here.
+const DB_IP: &str = "10.213.0.10";
+const LB_IPS: [&str; 2] = ["10.213.0.11", "10.213.0.12"];
+const CLIENT_IP: &str = "10.213.0.20";
+const VIP: &str = "10.213.0.100";
+/// The failover target for unplanned failures (README / keepalived config header).
+const TARGET: Duration = Duration::from_millis(1500);
+
+// ---------------------------------------------------------------------------------------
+// Small process helpers
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn output(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `ip ARGS` and insists on success.
+fn ip(args: &[&str]) -> String {
+    let out = output(Command::new("ip").args(args));
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `ip netns exec NS PROGRAM`.
+fn ns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).arg(program);
+    c
+}
+
+/// The child gets SIGKILL when the thread that spawned it dies: a test process killed by
+/// a timeout leaves no keepalived or pglb behind. (Spawned from the test's own thread,
+/// which lives until every guard has run.)
+fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        })
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: kill(2) on a pid this test spawned (or a keepalived child, checked by caller).
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// Waits for `child` to exit within `limit`.
+fn wait_exit(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens and
+/// processes it spawns live there (setns(CLONE_NEWNET) is per thread and inherited).
+fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            enter_netns(ns);
+            f()
+        });
+        match h.join() {
+            Ok(v) => v,
+            Err(e) => std::panic::resume_unwind(e),
+        }
+    })
+}
+
+fn enter_netns(ns: &str) {
+    let f = File::open(format!("/var/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
+    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
+/// The 1-minute load average: timings on a busy machine are longer.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{}", d.as_millis())
+}
+
+// ---------------------------------------------------------------------------------------
+// The network
+
+/// Namespaces `pglbfo<pid>-{sw,db,lb1,lb2,client}`; the switch holds a bridge and one
+/// veth per node, whose other end is `iface` inside the node. Deleted on drop (deleting
+/// the namespaces deletes the bridge, the veths and any address on them).
+struct Net {
+    prefix: String,
+    /// Interface name prefix (interface names are limited to 15 characters).
+    short: String,
+    made: Vec<String>,
+}
+
+const NODES: [(&str, &str); 4] = [
+    ("db", DB_IP),
+    ("lb1", LB_IPS[0]),
+    ("lb2", LB_IPS[1]),
+    ("client", CLIENT_IP),
+];
+
+impl Net {
+    fn create() -> Net {
+        let pid = std::process::id();
+        let mut net = Net {
+            prefix: format!("pglbfo{pid}"),
+            short: format!("fo{pid}"),
+            made: Vec::new(),
+        };
+        for node in ["sw", "db", "lb1", "lb2", "client"] {
+            let ns = net.ns(node);
+            ip(&["netns", "add", &ns]);
+            net.made.push(ns.clone());
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        let sw = net.ns("sw");
+        let br = format!("{}br", net.short);
+        ip(&["-n", &sw, "link", "add", &br, "type", "bridge"]);
+        ip(&["-n", &sw, "link", "set", &br, "up"]);
+        let iface = net.iface();
+        for (node, addr) in NODES {
+            let ns = net.ns(node);
+            let port = format!("{}{}", net.short, &node[..node.len().min(3)]);
+            ip(&[
+                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", &iface, "netns",
+                &ns,
+            ]);
+            ip(&["-n", &sw, "link", "set", &port, "master", &br, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                &iface,
+            ]);
+            ip(&["-n", &ns, "link", "set", &iface, "up"]);
+        }
+        net
+    }
+
+    fn ns(&self, node: &str) -> String {
+        format!("{}-{node}", self.prefix)
+    }
+
+    /// The node side of every veth (the "eth1" of the shipped keepalived configs).
+    fn iface(&self) -> String {
+        format!("{}e", self.short)
+    }
+
+    /// Whether the VIP is configured on `node` (getifaddrs in the namespace: polling
+    /// every 20 ms must not itself load the machine with `ip` processes).
+    fn vip_on(&self, node: &str) -> bool {
+        let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
+        in_netns(&self.ns(node), || {
+            let mut found = false;
+            let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
+            // SAFETY: getifaddrs fills a list that freeifaddrs releases; each entry's
+            // ifa_addr is null or points to a sockaddr of its sa_family.
+            unsafe {
+                assert_eq!(libc::getifaddrs(&mut ifap), 0, "getifaddrs");
+                let mut p = ifap;
+                while !p.is_null() {
+                    let a = (*p).ifa_addr;
+                    if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        found |= u32::from_be(sin.sin_addr.s_addr) == u32::from(vip);
+                    }
+                    p = (*p).ifa_next;
+                }
+                libc::freeifaddrs(ifap);
+            }
+            found
+        })
+    }
+
+    /// The MAC address of `node`'s interface.
+    fn mac(&self, node: &str) -> String {
+        let out = ip(&[
+            "-n",
+            &self.ns(node),
+            "-br",
+            "link",
+            "show",
+            "dev",
+            &self.iface(),
+        ]);
+        out.split_whitespace()
+            .nth(2)
+            .unwrap_or_else(|| panic!("no MAC in {out:?}"))
+            .to_owned()
+    }
+
+    /// The client's ARP entry for the VIP (its MAC), if complete.
+    fn client_arp(&self) -> Option<String> {
+        in_netns(&self.ns("client"), || {
+            // thread-self: /proc/self/net would show the main thread's namespace.
+            let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
+            arp.lines().find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 4 && f[0] == VIP && f[2] != "0x0").then(|| f[3].to_owned())
+            })
+        })
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for ns in self.made.iter().rev() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", ns])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// pglb and keepalived on an lb node
+
+fn pglb_config(bouncer_ports: &[u16]) -> String {
+    let mut c = String::from(
+        "[global]\nmaxconn = 2000\ngrace = \"1s\"\n\n\
+         [[listen]]\nname = \"postgres\"\nbind = \"0.0.0.0:5432\"\nbalance = \"leastconn\"\nretries = 3\n\n\
+         [listen.timeouts]\nconnect = \"1s\"\n\n\
+         [listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n\n",
+    );
+    for (i, port) in bouncer_ports.iter().enumerate() {
+        let _ = writeln!(
+            c,
+            "[[listen.server]]\nname = \"pgb{}\"\naddr = \"{DB_IP}:{port}\"\n",
+            i + 1
+        );
+    }
+    c.push_str("[stats]\nbind = \"0.0.0.0:8404\"\n");
+    c
+}
+
+/// The real pglb binary inside an lb namespace; SIGTERM then SIGKILL on drop.
+struct PglbProc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl PglbProc {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for PglbProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.pid(), libc::SIGTERM);
+            if !wait_exit(&mut self.child, Duration::from_secs(5)) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// keepalived in the foreground (`-n`) inside an lb namespace. `ip netns exec` gives it
+/// a private mount namespace, where /var/log is bound to the node's directory: the
+/// shipped notify script then logs transitions there instead of the host's /var/log.
+struct Keepalived {
+    child: Child,
+    conf: PathBuf,
+    vrrp_pidfile: PathBuf,
+}
+
+impl Keepalived {
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The VRRP child process, if it is still a live keepalived of this config.
+    fn vrrp_pid(&self) -> Option<i32> {
+        let pid: i32 = std::fs::read_to_string(&self.vrrp_pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let conf = self.conf.to_string_lossy();
+        String::from_utf8_lossy(&cmdline)
+            .contains(conf.as_ref())
+            .then_some(pid)
+    }
+
+    fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Graceful stop: SIGTERM (keepalived sends priority-0 adverts and removes the VIP).
+    fn terminate(&mut self) {
+        let vrrp = self.vrrp_pid();
+        if self.running() {
+            signal(self.pid(), libc::SIGTERM);
+            if !wait_exit(&mut self.child, Duration::from_secs(5)) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        self.reap_vrrp(vrrp);
+    }
+
+    /// A crash: every keepalived process of the node dies by SIGKILL. The parent is
+    /// stopped first so that it can neither respawn the VRRP child nor, by dying first,
+    /// let the child stop gracefully (the child gets SIGTERM when its parent dies).
+    fn crash(&mut self) {
+        let vrrp = self.vrrp_pid().expect("keepalived VRRP child pid");
+        signal(self.pid(), libc::SIGSTOP);
+        signal(vrrp, libc::SIGKILL);
+        signal(self.pid(), libc::SIGKILL);
+        assert!(wait_exit(&mut self.child, Duration::from_secs(5)));
+        self.reap_vrrp(Some(vrrp));
+    }
+
+    /// SIGKILL to the main keepalived process only (the pid in keepalived's pid file).
+    fn kill_main(&mut self) {
+        let vrrp = self.vrrp_pid();
+        signal(self.pid(), libc::SIGKILL);
+        assert!(wait_exit(&mut self.child, Duration::from_secs(5)));
+        self.reap_vrrp(vrrp);
+    }
+
+    /// Waits up to 5 s for the (reparented) VRRP child to go, then SIGKILLs it.
+    fn reap_vrrp(&self, vrrp: Option<i32>) {
+        let Some(pid) = vrrp else { return };
+        let alive = || {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(self.conf.to_string_lossy().as_ref()))
+                .unwrap_or(false)
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while alive() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if alive() {
+            signal(pid, libc::SIGKILL);
+        }
+    }
+}
+
+impl Drop for Keepalived {
+    fn drop(&mut self) {
+        self.terminate();
+    }
+}
+
+/// An lb node: its namespace, directory, pglb and keepalived.
+struct Node {
+    name: &'static str,
+    ns: String,
+    keepalived: Option<Keepalived>,
+    pglb: Option<PglbProc>,
+    keepalived_conf: PathBuf,
+    pglb_conf: PathBuf,
+    starts: usize,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn log_dir(&self) -> PathBuf {
+        self.dir.path().join("log")
+    }
+
+    fn start_pglb(&mut self) {
+        assert!(self.pglb.is_none());
+        self.starts += 1;
+        let log = self.dir.path().join(format!("pglb-{}.log", self.starts));
+        let child = die_with_parent(
+            ns_cmd(&self.ns, env!("CARGO_BIN_EXE_pglb"))
+                .arg("--config")
+                .arg(&self.pglb_conf)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("pglb log")),
+        )
+        .spawn()
+        .expect("start pglb");
+        let p = PglbProc { child, log };
+        // Serving with every PgBouncer checked: /health answers 200.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.health_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: pglb /health not 200 within 10 s:\n{}",
+                self.name,
+                std::fs::read_to_string(&p.log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.pglb = Some(p);
+    }
+
+    fn health_ok(&self) -> bool {
+        output(ns_cmd(&self.ns, "curl").args(["-fsS", "-m", "1", "http://127.0.0.1:8404/health"]))
+            .status
+            .success()
+    }
+
+    fn start_keepalived(&mut self) {
+        assert!(self.keepalived.is_none());
+        self.starts += 1;
+        let d = self.dir.path();
+        let n = self.starts;
+        let pid = d.join(format!("keepalived-{n}.pid"));
+        let vrrp_pidfile = d.join(format!("vrrp-{n}.pid"));
+        let checkers = d.join(format!("checkers-{n}.pid"));
+        let log = File::create(d.join(format!("keepalived-{n}.log"))).expect("log");
+        let script = format!(
+            "mount --bind '{}' /var/log && exec keepalived -n -l -D -f '{}' -p '{}' -r '{}' -c '{}'",
+            self.log_dir().display(),
+            self.keepalived_conf.display(),
+            pid.display(),
+            vrrp_pidfile.display(),
+            checkers.display()
+        );
+        let child = die_with_parent(
+            ns_cmd(&self.ns, "sh")
+                .args(["-c", &script])
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
+        )
+        .spawn()
+        .expect("start keepalived");
+        self.keepalived = Some(Keepalived {
+            child,
+            conf: self.keepalived_conf.clone(),
+            vrrp_pidfile,
+        });
+    }
+
+    /// The VRRP states the shipped notify script logged, oldest first.
+    fn states(&self) -> Vec<String> {
+        std::fs::read_to_string(self.log_dir().join("pglb-keepalived.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(" is now ").nth(1))
+            .filter_map(|s| s.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until the notify script logged `state` as the newest of more than `seen`
+    /// transitions.
+    fn wait_state(&self, state: &str, seen: usize, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let s = self.states();
+            if s.len() > seen && s.last().map(String::as_str) == Some(state) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: keepalived not {state} within {limit:?}; transitions: {s:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn sessions(&self) -> usize {
+        self.pglb
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(&p.log).ok())
+            .map(|l| l.matches("session closed").count())
+            .unwrap_or(0)
+    }
+}
+
+/// Where keepalived may run the scripts from. With enable_script_security it refuses a
+/// script that a non-root user could modify (through the file or any directory above
+/// it); when the checkout is such a place, the scripts are copied to a root-owned
+/// directory (unchanged).
+fn script_dir(repo_scripts: &Path, tmp: &Path) -> PathBuf {
+    let secure = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| {
+            let sticky_dir = m.is_dir() && m.mode() & 0o1000 != 0;
+            m.uid() == 0 && (m.mode() & 0o022 == 0 || sticky_dir)
+        })
+    };
+    let all_secure = ["check-pglb", "keepalived-notify"]
+        .iter()
+        .all(|s| secure(&repo_scripts.join(s)))
+        && repo_scripts.ancestors().all(secure);
+    if all_secure {
+        return repo_scripts.to_path_buf();
+    }
+    let dir = tmp.join("scripts");
+    std::fs::create_dir(&dir).expect("scripts dir");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for s in ["check-pglb", "keepalived-notify"] {
+        std::fs::copy(repo_scripts.join(s), dir.join(s)).expect("copy script");
+        std::fs::set_permissions(dir.join(s), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    println!(
+        "note: {} is writable by non-root; keepalived runs copies from {}",
+        repo_scripts.display(),
+        dir.display()
+    );
+    dir
+}
+
+/// deploy/keepalived/keepalived-lbN.conf with the Vagrant network replaced by the test
+/// network (interface, node addresses, VIP) and the scripts' install path by `scripts`.
+/// Nothing else changes.
+fn render_keepalived(node: usize, iface: &str, scripts: &Path) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("deploy/keepalived/keepalived-lb{}.conf", node + 1));
+    let conf = std::fs::read_to_string(&path).expect("keepalived config");
+    let rendered = conf
+        .replace("192.168.1.100", VIP) // before the node addresses it starts with
+        .replace("192.168.1.10", LB_IPS[0])
+        .replace("192.168.1.11", LB_IPS[1])
+        .replace("eth1", iface)
+        .replace("/usr/local/lib/pglb/", &format!("{}/", scripts.display()));
+    for line in rendered.lines() {
+        let code = line.split('#').next().unwrap_or("");
+        assert!(
+            !code.contains("192.168.") && !code.contains("/usr/local/lib/pglb"),
+            "{}: not rendered: {line}",
+            path.display()
+        );
+    }
+    for needle in [
+        format!("{VIP}/24 dev {iface}"),
+        format!("interface {iface}"),
+        format!("unicast_src_ip {}", LB_IPS[node]),
+        LB_IPS[1 - node].to_string(),
+    ] {
+        assert!(
+            rendered.contains(&needle),
+            "rendered config lacks {needle:?}"
+        );
+    }
+    rendered
+}
+
+// ---------------------------------------------------------------------------------------
+// Clients
+
+fn vip_dsn() -> String {
+    format!(
+        "host={VIP} port=5432 user={APP_USER} password={APP_PASSWORD} dbname={APP_DB} connect_timeout=3"
+    )
+}
+
+/// Starts one short psql session at the VIP (in the calling thread's namespace).
+fn psql_vip_spawn() -> std::io::Result<Child> {
+    Command::new("psql")
+        .args(["-X", "-At", "-c", "SELECT 1"])
+        .arg(vip_dsn())
+        .env("PGPASSWORD", APP_PASSWORD)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+}
+
+/// (ok, error) of a finished psql from `psql_vip_spawn`.
+fn psql_result(child: &mut Child) -> (bool, String) {
+    use std::io::Read;
+    let (mut out, mut err) = (String::new(), String::new());
+    if let Some(o) = child.stdout.as_mut() {
+        let _ = o.read_to_string(&mut out);
+    }
+    if let Some(e) = child.stderr.as_mut() {
+        let _ = e.read_to_string(&mut err);
+    }
+    let success = child.wait().map(|s| s.success()).unwrap_or(false);
+    if success && out.trim() == "1" {
+        return (true, String::new());
+    }
+    // "psql: error: connection to server at "10.213.0.100", port 5432 failed: Connection refused"
+    let err = err.lines().next().unwrap_or("").trim();
+    let err = err.rsplit("failed: ").next().unwrap_or(err);
+    (false, err.chars().take(100).collect())
+}
+
+struct Attempt {
+    /// Start, since the probe started.
+    at: Duration,
+    took: Duration,
+    ok: bool,
+    err: String,
+}
+
+/// Short connections to the VIP from the client namespace — psql connects, runs SELECT 1
+/// and disconnects — one started every `every` whether or not the previous ones have
+/// finished (clients arrive on their own schedule), bounded by `max_attempts` and
+/// `max_time`; each is given 5 s. (psql rather than tokio-postgres: in the unoptimized
+/// test build a tokio-postgres connection with SCRAM took ~0.5 s, psql ~0.1 s.)
+struct Probe {
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Attempt>>,
+}
+
+impl Probe {
+    fn start(client_ns: &str, every: Duration, max_attempts: usize, max_time: Duration) -> Probe {
+        let t0 = Instant::now();
+        let stop = Arc::new(AtomicBool::new(false));
+        let ns = client_ns.to_owned();
+        let stop2 = Arc::clone(&stop);
+        let handle = std::thread::spawn(move || {
+            enter_netns(&ns);
+            let mut done = Vec::new();
+            let mut running: Vec<(Duration, Instant, Option<Child>)> = Vec::new();
+            let mut next = t0;
+            let mut started = 0;
+            loop {
+                let spawning = started < max_attempts
+                    && !stop2.load(Ordering::SeqCst)
+                    && t0.elapsed() < max_time;
+                if !spawning && running.is_empty() {
+                    break;
+                }
+                if spawning && Instant::now() >= next {
+                    let child = psql_vip_spawn();
+                    running.push((t0.elapsed(), Instant::now(), child.ok()));
+                    started += 1;
+                    next += every;
+                }
+                running.retain_mut(|(at, began, child)| {
+                    let Some(c) = child else {
+                        done.push(Attempt {
+                            at: *at,
+                            took: Duration::ZERO,
+                            ok: false,
+                            err: "cannot run psql".into(),
+                        });
+                        return false;
+                    };
+                    let took = began.elapsed();
+                    match c.try_wait() {
+                        Ok(None) if took < Duration::from_secs(5) => true,
+                        Ok(None) | Err(_) => {
+                            let _ = c.kill();
+                            let _ = c.wait();
+                            done.push(Attempt {
+                                at: *at,
+                                took,
+                                ok: false,
+                                err: "no answer within 5 s".into(),
+                            });
+                            false
+                        }
+                        Ok(Some(_)) => {
+                            let (ok, err) = psql_result(c);
+                            done.push(Attempt {
+                                at: *at,
+                                took,
+                                ok,
+                                err,
+                            });
+                            false
+                        }
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            done.sort_by_key(|a| a.at);
+            done
+        });
+        Probe { t0, stop, handle }
+    }
+
+    fn finish(self, fault: Instant) -> ProbeStats {
+        self.stop.store(true, Ordering::SeqCst);
+        let attempts = self.handle.join().expect("probe thread");
+        ProbeStats::of(&attempts, fault.duration_since(self.t0))
+    }
+}
+
+#[derive(Default)]
+struct ProbeStats {
+    attempts: usize,
+    failed: usize,
+    /// From the first failure of a run to the start of the next success.
+    longest_fail_run: Duration,
+    slowest_ok: Duration,
+    /// From the fault to the end of the first success after the last failure.
+    back_after: Option<Duration>,
+    errors: Vec<String>,
+    /// Each failure: its start relative to the fault (ms, negative = before) and its length.
+    fails: Vec<(i128, u128)>,
+}
+
+impl ProbeStats {
+    fn of(attempts: &[Attempt], fault: Duration) -> ProbeStats {
+        let mut s = ProbeStats {
+            attempts: attempts.len(),
+            ..ProbeStats::default()
+        };
+        for a in attempts.iter().filter(|a| a.at + a.took < fault) {
+            assert!(a.ok, "probe failed before the fault: {}", a.err);
+        }
+        let mut run: Option<Duration> = None;
+        for a in attempts {
+            if a.ok {
+                s.slowest_ok = s.slowest_ok.max(a.took);
+                if let Some(start) = run.take() {
+                    s.longest_fail_run = s.longest_fail_run.max(a.at - start);
+                }
+            } else {
+                s.failed += 1;
+                run.get_or_insert(a.at);
+                s.fails.push((
+                    a.at.as_millis() as i128 - fault.as_millis() as i128,
+                    a.took.as_millis(),
+                ));
+                if !s.errors.contains(&a.err) && s.errors.len() < 4 {
+                    s.errors.push(a.err.clone());
+                }
+            }
+        }
+        if let Some(last_fail) = attempts.iter().rev().find(|a| !a.ok) {
+            s.back_after = attempts
+                .iter()
+                .filter(|a| a.ok && a.at > last_fail.at)
+                .map(|a| (a.at + a.took).saturating_sub(fault))
+                .min();
+        }
+        assert!(
+            run.is_none(),
+            "clients still fail at the end of the probe ({} of {} failed): {:?}",
+            s.failed,
+            s.attempts,
+            s.errors
+        );
+        let tail = attempts.iter().rev().take(3).filter(|a| a.ok).count();
+        assert!(tail == 3, "the last probes did not all succeed");
+        s
+    }
+}
+
+/// psql at the VIP from the client namespace.
+fn psql_vip(client_ns: &str, sql: &str) -> Result<String, String> {
+    let out = output(
+        ns_cmd(client_ns, "psql")
+            .args(["-X", "-At", "-c", sql])
+            .arg(vip_dsn())
+            .env("PGPASSWORD", APP_PASSWORD),
+    );
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        Err(text(&out))
+    }
+}
+
+fn pgbench(client_ns: &str, seconds: u32) -> Command {
+    let mut c = ns_cmd(client_ns, "pgbench");
+    c.args(["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
+        .args(["-h", VIP, "-p", "5432", "-U", APP_USER, APP_DB])
+        .env("PGPASSWORD", APP_PASSWORD)
+        .env("PGCONNECT_TIMEOUT", "3")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn pgbench_value(out: &str, key: &str) -> Option<u64> {
+    out.lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+// ---------------------------------------------------------------------------------------
+// The test
+
+/// One measured failover.
+struct Row {
+    case: &'static str,
+    /// Fault to VIP on the new master.
+    vip: Duration,
+    /// Fault to VIP gone from the old master (None: it stayed).
+    off: Option<Duration>,
+    /// Fault to the client's ARP entry for the VIP naming the new master.
+    arp: Option<Duration>,
+    probe: ProbeStats,
+    note: String,
+}
+
+struct Lab {
+    nodes: Vec<Node>,
+    _db: Stack,
+    net: Net,
+    client: String,
+    macs: [String; 2],
+    rows: Vec<Row>,
+}
+
+impl Lab {
+    /// Index of the node holding the VIP (and only that one).
+    fn master(&self) -> usize {
+        let on: Vec<bool> = ["lb1", "lb2"].iter().map(|n| self.net.vip_on(n)).collect();
+        match on[..] {
+            [true, false] => 0,
+            [false, true] => 1,
+            _ => panic!("VIP on lb1: {}, on lb2: {}", on[0], on[1]),
+        }
+    }
+
+    /// Runs `fault` against master `from` while the client probe runs (a connection every
+    /// `every`), and measures until the VIP has been on the other node for 2 s: when the
+    /// VIP left `from`, reached the other node, and the client's ARP entry followed.
+    fn failover(
+        &mut self,
+        case: &'static str,
+        from: usize,
+        every: Duration,
+        fault: impl FnOnce(&mut Lab),
+    ) -> Row {
+        let to = 1 - from;
+        let (from_name, to_name) = (self.nodes[from].name, self.nodes[to].name);
+        assert_eq!(self.master(), from, "{case}: {from_name} must be master");
+        let probe = Probe::start(&self.client, every, 200, Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(500));
+        let t0 = Instant::now();
+        fault(self);
+        let (mut vip, mut off, mut arp) = (None, None, None);
+        loop {
+            let now = t0.elapsed();
+            if off.is_none() && !self.net.vip_on(from_name) {
+                off = Some(now);
+            }
+            if vip.is_none() && self.net.vip_on(to_name) {
+                vip = Some(now);
+            }
+            if arp.is_none() && self.net.client_arp().as_deref() == Some(&self.macs[to]) {
+                arp = Some(now);
+            }
+            match vip {
+                Some(v) if now > v + Duration::from_secs(2) => break,
+                None => assert!(
+                    now < Duration::from_secs(5),
+                    "{case}: VIP not on {to_name} after 5 s"
+                ),
+                _ => {}
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let vip = vip.unwrap();
+        let probe = probe.finish(t0);
+        let row = Row {
+            case,
+            vip,
+            off,
+            arp,
+            probe,
+            note: String::new(),
+        };
+        println!(
+            "{case}: VIP on {to_name} after {} ms, off {from_name} after {}, client ARP after {}; \
+             {} of {} connections failed, longest failure run {} ms, back after {}, slowest success \
+             {} ms; errors: {:?}; failures (start ms after the fault, took ms): {:?}",
+            ms(row.vip),
+            opt_ms(row.off),
+            opt_ms(row.arp),
+            row.probe.failed,
+            row.probe.attempts,
+            ms(row.probe.longest_fail_run),
+            opt_ms(row.probe.back_after),
+            ms(row.probe.slowest_ok),
+            row.probe.errors,
+            row.probe.fails
+        );
+        row
+    }
+
+    /// Restarts keepalived on `node` and waits until it is BACKUP and stays so.
+    fn restart_keepalived(&mut self, node: usize) {
+        let master = 1 - node;
+        self.nodes[node].keepalived = None;
+        let seen = self.nodes[node].states().len();
+        self.nodes[node].start_keepalived();
+        self.nodes[node].wait_state("BACKUP", seen, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(1000));
+        assert_eq!(
+            self.nodes[node].states().last().map(String::as_str),
+            Some("BACKUP")
+        );
+        assert_eq!(
+            self.master(),
+            master,
+            "{} stays BACKUP",
+            self.nodes[node].name
+        );
+    }
+
+    fn print_diagnostics(&self) {
+        for n in &self.nodes {
+            eprintln!("--- {} transitions: {:?}", n.name, n.states());
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(n.dir.path())
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.sort();
+            for p in logs
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            {
+                let log = std::fs::read_to_string(p).unwrap_or_default();
+                let tail: Vec<&str> = log
+                    .lines()
+                    .filter(|l| {
+                        !l.contains("Sending gratuitous ARP") && !l.contains("session closed")
+                    })
+                    .rev()
+                    .take(40)
+                    .collect();
+                eprintln!("--- {}:", p.display());
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn opt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(|| "-".to_owned(), |d| format!("{} ms", d.as_millis()))
+}
+
+#[test]
+fn vip_follows_a_healthy_pglb() {
+    assert!(
+        is_root(),
+        "tests/failover.rs needs root: it creates network namespaces and runs keepalived \
+         (CI runs the suite as root; run `sudo -E cargo nextest run --test failover`)"
+    );
+    for tool in ["ip", "keepalived", "curl", "psql", "pgbench", "mount"] {
+        let found = std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+            .any(|d| d.join(tool).is_file());
+        assert!(
+            found,
+            "{tool} not found (bash deploy/apt-deps.sh; apt-get install curl iproute2)"
+        );
+    }
+    let started = Instant::now();
+    let load_before = loadavg();
+
+    let net = Net::create();
+    println!(
+        "network: namespaces {}-{{sw,db,lb1,lb2,client}}, bridge {}br, node interface {}",
+        net.prefix,
+        net.short,
+        net.iface()
+    );
+
+    // PostgreSQL and three PgBouncers in the db namespace, the PgBouncers listening on
+    // every address there (the harness starts them on 127.0.0.1; restart on 0.0.0.0).
+    let db = in_netns(&net.ns("db"), || {
+        let mut stack = Stack::start(3);
+        for b in &mut stack.bouncers {
+            let ini = b.dir.path().join("pgbouncer.ini");
+            let conf = std::fs::read_to_string(&ini).expect("pgbouncer.ini");
+            assert!(conf.contains("listen_addr = 127.0.0.1\n"), "{conf}");
+            std::fs::write(
+                &ini,
+                conf.replace("listen_addr = 127.0.0.1\n", "listen_addr = 0.0.0.0\n"),
+            )
+            .expect("pgbouncer.ini");
+            b.restart();
+        }
+        stack.pg.pgbench_init();
+        stack
+    });
+    let ports: Vec<u16> = db.bouncers.iter().map(|b| b.port).collect();
+
+    let tmp = tempfile::Builder::new()
+        .prefix("pglb-failover-")
+        .tempdir()
+        .expect("tempdir");
+    let scripts = script_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keepalived"),
+        tmp.path(),
+    );
+    let mut nodes = Vec::new();
+    for (i, name) in ["lb1", "lb2"].into_iter().enumerate() {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("pglb-failover-{name}-"))
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir(dir.path().join("log")).expect("log dir");
+        let keepalived_conf = dir.path().join("keepalived.conf");
+        std::fs::write(
+            &keepalived_conf,
+            render_keepalived(i, &net.iface(), &scripts),
+        )
+        .expect("keepalived.conf");
+        // keepalived's own check, in the namespace where the interface exists.
+        let t = output(
+            ns_cmd(&net.ns(name), "keepalived")
+                .arg("-t")
+                .arg("-f")
+                .arg(&keepalived_conf),
+        );
+        assert!(
+            t.status.success() && !text(&t).contains("Disabling") && !text(&t).contains("WARNING"),
+            "{name}: keepalived -t: {}",
+            text(&t)
+        );
+        let pglb_conf = dir.path().join("pglb.toml");
+        std::fs::write(&pglb_conf, pglb_config(&ports)).expect("pglb.toml");
+        let check = output(
+            Command::new(env!("CARGO_BIN_EXE_pglb"))
+                .arg("--config")
+                .arg(&pglb_conf)
+                .arg("--check"),
+        );
+        assert!(check.status.success(), "pglb --check: {}", text(&check));
+        nodes.push(Node {
+            name,
+            ns: net.ns(name),
+            keepalived: None,
+            pglb: None,
+            keepalived_conf,
+            pglb_conf,
+            starts: 0,
+            dir,
+        });
+    }
+    let mut lab = Lab {
+        nodes,
+        _db: db,
+        client: net.ns("client"),
+        macs: [net.mac("lb1"), net.mac("lb2")],
+        net,
+        rows: Vec::new(),
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut lab)));
+    if result.is_err() || std::env::var_os("PGLB_FAILOVER_LOGS").is_some() {
+        lab.print_diagnostics();
+    }
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  note",
+        "failover (deploy/keepalived configs)",
+        "VIP",
+        "off",
+        "ARP",
+        "failed",
+        "fail run",
+        "back",
+        "slow ok"
+    );
+    for r in &lab.rows {
+        let _ = writeln!(
+            table,
+            "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  {}",
+            r.case,
+            ms(r.vip),
+            r.off.map_or_else(|| "stays".to_owned(), ms),
+            r.arp.map_or_else(|| "-".to_owned(), ms),
+            format!("{}/{}", r.probe.failed, r.probe.attempts),
+            ms(r.probe.longest_fail_run),
+            r.probe.back_after.map_or_else(|| "-".to_owned(), ms),
+            ms(r.probe.slowest_ok),
+            r.note
+        );
+    }
+    let _ = writeln!(
+        table,
+        "All times in ms from the fault. VIP: VIP on the new master (polled every 20 ms); off: \
+         VIP gone from the old master; ARP: the client's ARP entry names the new master; \
+         failed: probe connections (psql, SELECT 1) failed/made; fail run: longest run of \
+         failed connections; back: first success after the last failure; slow ok: slowest \
+         successful connection. Total {} s; load average {} at the start, {} at the end; \
+         {} cores.",
+        started.elapsed().as_secs(),
+        load_before,
+        loadavg(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!("\n{table}");
+    let target = Path::new(env!("CARGO_BIN_EXE_pglb"))
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("target"));
+    let _ = std::fs::write(target.join("failover-times.txt"), &table);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    drop(lab);
+    drop(tmp);
+}
+
+/// The failovers, in order; each leaves one master and a healthy backup for the next.
+fn scenario(lab: &mut Lab) {
+    let client = lab.client.clone();
+    let (lb1, lb2) = (0usize, 1usize);
+    let every = Duration::from_millis(100);
+
+    // ---- start: pglb on both nodes, keepalived on lb1 (becomes MASTER), then on lb2.
+    for n in &mut lab.nodes {
+        n.start_pglb();
+    }
+    lab.nodes[lb1].start_keepalived();
+    lab.nodes[lb1].wait_state("MASTER", 0, Duration::from_secs(5));
+    lab.nodes[lb2].start_keepalived();
+    lab.nodes[lb2].wait_state("BACKUP", 0, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+
+    // ---- a. steady state: VIP on lb1 only, and a client at the VIP is served by lb1.
+    assert_eq!(lab.master(), lb1, "VIP must start on lb1");
+    let before = lab.nodes[lb1].sessions();
+    assert_eq!(psql_vip(&client, "SELECT 40 + 2").as_deref(), Ok("42"));
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while lab.nodes[lb1].sessions() <= before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        lab.nodes[lb1].sessions() > before,
+        "lb1's pglb served the VIP"
+    );
+    println!("a. steady state: VIP on lb1, psql at {VIP}:5432 served by lb1's pglb");
+
+    // ---- b. SIGKILL pglb on the master.
+    let row = kill_pglb(lab, lb1, "b. SIGKILL pglb on master lb1", None);
+    lab.rows.push(row);
+
+    // ---- c. pglb back on lb1: with nopreempt the VIP stays on lb2.
+    let seen = lab.nodes[lb1].states().len();
+    lab.nodes[lb1].pglb = None;
+    lab.nodes[lb1].start_pglb();
+    let t0 = Instant::now();
+    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
+    let eligible = t0.elapsed();
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(2) {
+        assert_eq!(lab.master(), lb2, "nopreempt: VIP must stay on lb2");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!(
+        "c. pglb restarted on lb1: BACKUP after {} ms (rise 2); VIP stayed on lb2 for 2 s",
+        ms(eligible)
+    );
+    // Planned hand-over back to lb1: SIGTERM keepalived on lb2 (priority-0 adverts).
+    let mut row = lab.failover(
+        "c. planned: SIGTERM keepalived on lb2",
+        lb2,
+        Duration::from_millis(50),
+        |lab| {
+            signal(
+                lab.nodes[lb2].keepalived.as_ref().unwrap().pid(),
+                libc::SIGTERM,
+            )
+        },
+    );
+    // A connection open while the VIP moves lives on the old master and is cut; every
+    // connection started after the VIP left lb2 must succeed (at worst after a SYN
+    // retransmission while the client's ARP entry still names lb2).
+    let off = row.off.expect("VIP removed from lb2").as_millis() as i128;
+    let cut = row.probe.fails.iter().filter(|(at, _)| *at < off).count();
+    let after: Vec<_> = row
+        .probe
+        .fails
+        .iter()
+        .filter(|(at, _)| *at >= off)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "planned hand-over: connections started after the VIP left lb2 failed: {after:?} {:?}",
+        row.probe.errors
+    );
+    assert!(row.vip < TARGET, "planned hand-over took {:?}", row.vip);
+    row.note = format!("{cut} in flight at the move cut; 0 later");
+    lab.rows.push(row);
+    lab.nodes[lb2].keepalived.as_mut().unwrap().terminate();
+    lab.restart_keepalived(lb2);
+
+    // ---- d. keepalived on the master crashes: SIGKILL to all its processes.
+    let mut row = lab.failover("d. SIGKILL keepalived (all) on lb1", lb1, every, |lab| {
+        lab.nodes[lb1].keepalived.as_mut().unwrap().crash()
+    });
+    assert!(
+        row.vip < TARGET,
+        "keepalived crash: VIP moved after {:?}",
+        row.vip
+    );
+    assert_fail_run(&row);
+    row.note = if row.off.is_none() {
+        "VIP also stays on lb1 until keepalived restarts".to_owned()
+    } else {
+        String::new()
+    };
+    lab.rows.push(row);
+    lab.restart_keepalived(lb1); // removes a stale VIP at start
+
+    // ---- d'. SIGKILL only keepalived's main process on the master (lb2).
+    let mut row = lab.failover(
+        "d'. SIGKILL keepalived main pid on lb2",
+        lb2,
+        every,
+        |lab| lab.nodes[lb2].keepalived.as_mut().unwrap().kill_main(),
+    );
+    assert!(
+        row.vip < TARGET,
+        "keepalived main killed: VIP moved after {:?}",
+        row.vip
+    );
+    assert_fail_run(&row);
+    row.note = "its VRRP child stops gracefully".to_owned();
+    lab.rows.push(row);
+    lab.restart_keepalived(lb2);
+
+    // ---- e. the master's link goes down.
+    let iface = lab.net.iface();
+    let lb1_ns = lab.nodes[lb1].ns.clone();
+    let seen = lab.nodes[lb1].states().len();
+    let mut row = lab.failover("e. link down on master lb1", lb1, every, |_| {
+        ip(&["-n", &lb1_ns, "link", "set", &iface, "down"]);
+    });
+    lab.nodes[lb1].wait_state("FAULT", seen, Duration::from_secs(2));
+    assert!(row.vip < TARGET, "link down: VIP moved after {:?}", row.vip);
+    assert_fail_run(&row);
+    let lb1_addr: SocketAddr = format!("{}:5432", LB_IPS[0]).parse().unwrap();
+    let answered = in_netns(&client, || {
+        TcpStream::connect_timeout(&lb1_addr, Duration::from_millis(1000)).is_ok()
+    });
+    assert!(!answered, "lb1 must not answer with its link down");
+    let (s1, s2) = (lab.nodes[lb1].sessions(), lab.nodes[lb2].sessions());
+    assert_eq!(psql_vip(&client, "SELECT 1").as_deref(), Ok("1"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lab.nodes[lb1].sessions(),
+        s1,
+        "lb1 served a client with its link down"
+    );
+    assert!(lab.nodes[lb2].sessions() > s2, "lb2 serves the VIP");
+    row.note = "lb1 FAULT; lb1:5432 does not answer".to_owned();
+    lab.rows.push(row);
+    let seen = lab.nodes[lb1].states().len();
+    ip(&["-n", &lb1_ns, "link", "set", &iface, "up"]);
+    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(lab.master(), lb2, "nopreempt: lb1 back as BACKUP");
+
+    // ---- f. clients and pgbench while pglb on the master (lb2) is killed.
+    let row = kill_pglb(lab, lb2, "f. SIGKILL pglb on lb2, pgbench running", Some(6));
+    lab.rows.push(row);
+    let out = output(&mut pgbench(&client, 3));
+    let said = text(&out);
+    assert!(out.status.success(), "pgbench after the failover: {said}");
+    let done = pgbench_value(&said, "number of transactions actually processed:").unwrap_or(0);
+    let failed = pgbench_value(&said, "number of failed transactions:");
+    println!("f. pgbench -S -T 3 after the failover: {done} transactions, failed: {failed:?}");
+    assert!(done > 0, "{said}");
+    assert_eq!(failed, Some(0), "{said}");
+}
+
+/// New connections fail at most while the VIP is on its way (plus a connection that
+/// was open when it moved).
+fn assert_fail_run(row: &Row) {
+    assert!(
+        row.probe.longest_fail_run <= row.vip + Duration::from_millis(1000),
+        "{}: clients failed for {:?}, longer than the VIP move ({:?}) + 1 s",
+        row.case,
+        row.probe.longest_fail_run,
+        row.vip
+    );
+}
+
+/// SIGKILL pglb on master `m` with the client probe (and, with `pgbench_secs`, pgbench)
+/// running; the VIP must move to the other node within the target.
+fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Option<u32>) -> Row {
+    let client = lab.client.clone();
+    let seen = lab.nodes[m].states().len();
+    let bench = pgbench_secs.map(|s| pgbench(&client, s).spawn().expect("pgbench"));
+    if bench.is_some() {
+        std::thread::sleep(Duration::from_millis(1000));
+    }
+    let mut row = lab.failover(case, m, Duration::from_millis(100), |lab| {
+        signal(
+            lab.nodes[m].pglb.as_ref().expect("pglb").pid(),
+            libc::SIGKILL,
+        )
+    });
+    lab.nodes[m].wait_state("FAULT", seen, Duration::from_secs(1));
+    if let Some(b) = bench {
+        let out = b.wait_with_output().expect("pgbench");
+        let said = text(&out);
+        let done = pgbench_value(&said, "number of transactions actually processed:").unwrap_or(0);
+        println!(
+            "{case}: pgbench -S during the failover: exit {:?}, {done} transactions (its sessions on the killed pglb end)",
+            out.status.code()
+        );
+        row.note = format!("pgbench during it: exit {:?}", out.status.code());
+    }
+    assert!(
+        row.vip < TARGET,
+        "{case}: the VIP moved after {:?}, target {TARGET:?}",
+        row.vip
+    );
+    assert_fail_run(&row);
+    row
+}
