@@ -95,6 +95,17 @@ class Scram:
             raise LoginError("server signature mismatch")
 
 
+SALTED = {}  # (password, salt, iterations) -> salted password: one PBKDF2 per salt
+
+
+async def salted_password(loop, password, salt, iterations):
+    key = (password, salt, iterations)
+    if key not in SALTED:
+        SALTED[key] = await loop.run_in_executor(
+            None, hashlib.pbkdf2_hmac, "sha256", password, salt, iterations)
+    return SALTED[key]
+
+
 async def login(args, loop):
     """Connects and authenticates; returns the open (reader, writer)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", args.port)
@@ -117,9 +128,7 @@ async def login(args, loop):
             elif code == 11:  # AuthenticationSASLContinue
                 server_first = payload[4:].decode()
                 salt, iterations = scram.salt_and_iterations(server_first)
-                salted = await loop.run_in_executor(
-                    None, hashlib.pbkdf2_hmac, "sha256", scram.password, salt, iterations
-                )
+                salted = await salted_password(loop, scram.password, salt, iterations)
                 writer.write(scram.final_response(server_first, salted))
             elif code == 12:  # AuthenticationSASLFinal
                 scram.verify_server_final(payload[4:].decode())

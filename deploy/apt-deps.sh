@@ -2,7 +2,8 @@
 # Installs, through apt, the Debian 12 packages that pglb's tests and demo run for real:
 # PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test);
 # for tests/deploy_files.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
-# python3-yaml (docker-compose.yml), systemd (systemd-analyze security); and cargo-deb
+# python3-yaml (docker-compose.yml), systemd (systemd-analyze security); for
+# tests/failover.rs: keepalived, curl, iproute2 (ip netns); and cargo-deb
 # (the Debian package), from crates.io.
 # haproxy and linux-perf are for bench/ (the comparison and profiles).
 # `--demo` installs only what deploy/demo.sh needs.
@@ -10,7 +11,7 @@
 set -euo pipefail
 packages=(postgresql-15 postgresql-client-15 pgbouncer)
 if [ "${1:-}" != "--demo" ]; then
-  packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf)
+  packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf curl iproute2)
   # cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb"
