@@ -544,8 +544,9 @@ fn keepalived_nodes_differ_only_in_priority_router_id_and_peers() {
             "{node}"
         );
         assert_eq!(v("interval"), ["1"]);
-        assert_eq!(v("timeout"), ["1"]);
-        assert_eq!(v("fall"), ["2"]);
+        // fall 1 / timeout 2: see the file's comment and tests/failover.rs.
+        assert_eq!(v("timeout"), ["2"]);
+        assert_eq!(v("fall"), ["1"]);
         assert_eq!(v("rise"), ["2"]);
         assert_eq!(v("vrrp_instance"), ["VI_PGLB {"]);
         // nopreempt works only from an initial BACKUP state, on both nodes.
