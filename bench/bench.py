@@ -70,6 +70,7 @@ class Settings:
     workloads: list
     pglb_binary: Path
     pglb_log_level: str
+    perf: bool
     out: Path
     tmp: Path
 
@@ -85,6 +86,7 @@ class Settings:
             workloads=[w for w in os.environ.get("BENCH_WORKLOADS", "").split(",") if w],
             pglb_binary=Path(os.environ.get("BENCH_PGLB", REPO / "target/release/pglb")),
             pglb_log_level=os.environ.get("BENCH_PGLB_LOG_LEVEL", "warn"),
+            perf=os.environ.get("BENCH_PERF", "") not in ("", "0"),
             out=Path(os.environ.get("BENCH_OUT", REPO / "bench/results/latest.md")),
             tmp=Path(tmp),
         )
@@ -495,6 +497,7 @@ def run_pgbench(settings, stack, workload, target, round_no):
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir()
     argv = pgbench_argv(settings, workload, stack.target_port(target), log_dir / "txn")
+    profiler = start_profile(settings, target, target_proc, workload, round_no)
     before = cpu_snapshot(stack, target_proc)
     try:
         result = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
@@ -502,7 +505,9 @@ def run_pgbench(settings, stack, workload, target, round_no):
     except subprocess.TimeoutExpired:
         run.error = "pgbench did not finish in time (killed)"
         return run
-    after = cpu_snapshot(stack, target_proc)
+    finally:
+        after = cpu_snapshot(stack, target_proc)
+        finish_profile(settings, profiler)
     parse_pgbench_output(result.stdout, run)
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["?"])[-1]
@@ -520,6 +525,40 @@ def run_pgbench(settings, stack, workload, target, round_no):
             + (after.self_s - before.self_s))
     run.noise_cores = max(0.0, (after.busy - before.busy) / CLK_TCK - ours) / wall
     return run
+
+
+def start_profile(settings, target, target_proc, workload, round_no):
+    """BENCH_PERF=1: `perf record` the proxy (pglb or HAProxy) during its runs of the
+    first round; the report (top symbols by self time, kernel included) goes beside the
+    results. Software clock sampling: it works where hardware counters do not."""
+    if not settings.perf or target == "direct" or round_no != 1 or not shutil.which("perf"):
+        return None
+    data = settings.tmp / f"perf-{workload.key}-{target}.data"
+    proc = subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p",
+         str(target_proc.pid), "-o", str(data)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, data, settings.out.parent / f"perf-{workload.key}-{target}.txt"
+
+
+def finish_profile(settings, profiler):
+    if profiler is None:
+        return
+    proc, data, report = profiler
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
+         "--percent-limit", "0.7", "--sort", "symbol"],
+        capture_output=True, text=True)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text("\n".join(line for line in out.stdout.splitlines()
+                                if line and not line.startswith("#")) + "\n")
+    data.unlink(missing_ok=True)
 
 
 def describe(run):

@@ -1,22 +1,27 @@
 //! Relay: copy bytes both ways between client and server until one side closes, an idle
 //! timeout fires or pglb stops.
 //!
-//! Each direction waits for readiness without a buffer and borrows one only while data
-//! flows, so an idle session costs no buffer memory. Writes apply backpressure: a client
-//! that stops reading stops pglb reading from its server (at most one buffer in flight).
+//! The two directions are plain poll functions over one small state (no future per
+//! direction, one timer): a session is a few hundred bytes plus its sockets while idle.
+//! Each direction waits for readiness without a buffer and holds one only while data
+//! flows. Writes apply backpressure: a client that stops reading stops pglb reading from
+//! its server (at most one buffer in flight per direction).
 
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
 use tokio::time::{Instant, sleep_until};
+use tokio_util::io::poll_read_buf;
 
 use crate::backend::Scanner;
 use crate::cancel::Registry;
@@ -103,6 +108,7 @@ pub struct Outcome {
     pub end: End,
 }
 
+#[derive(Debug)]
 enum PumpEnd {
     Eof,
     ReadError(io::Error),
@@ -191,7 +197,7 @@ impl Tracker {
 }
 
 /// Which side a pump reads, for protocol tracking.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Side {
     Client,
     Server,
@@ -201,7 +207,7 @@ enum Side {
 trait Source {
     /// Reads the next chunk into `buf` (0 at EOF). May allocate `buf` lazily and free it
     /// while waiting.
-    fn next_chunk(&mut self, buf: &mut Vec<u8>) -> impl Future<Output = io::Result<usize>> + Send;
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>>;
 }
 
 /// A TCP read half: waits for readiness with no buffer, so an idle direction holds none;
@@ -209,18 +215,21 @@ trait Source {
 struct TcpSource<'a>(ReadHalf<'a>);
 
 impl Source for TcpSource<'_> {
-    async fn next_chunk(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
         loop {
-            if buf.capacity() > 0 {
-                buf.clear();
-                match self.0.try_read_buf(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => *buf = Vec::new(),
-                    Err(e) => return Err(e),
-                }
+            if buf.capacity() == 0 {
+                ready!(self.0.as_ref().poll_read_ready(cx))?;
+                buf.reserve(CHUNK);
             }
-            self.0.readable().await?;
-            buf.reserve(CHUNK);
+            // Through `AsyncRead` rather than `try_read`: tokio then forgets the socket's
+            // readiness after a short read, so the next wait goes straight to epoll
+            // instead of first paying for a recv that returns EAGAIN (one syscall in three
+            // on a request/response stream).
+            match poll_read_buf(Pin::new(&mut self.0), cx, buf) {
+                // Nothing to read after all: wait again without the buffer.
+                Poll::Pending if buf.capacity() > 0 && buf.is_empty() => *buf = Vec::new(),
+                other => return other,
+            }
         }
     }
 }
@@ -228,60 +237,110 @@ impl Source for TcpSource<'_> {
 /// Any other stream (TLS): TLS keeps buffers of its own, so one more is no loss.
 struct StreamSource<R>(R);
 
-impl<R: AsyncRead + Unpin + Send> Source for StreamSource<R> {
-    async fn next_chunk(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
-        buf.clear();
-        buf.reserve(CHUNK);
-        self.0.read_buf(buf).await
+impl<R: AsyncRead + Unpin> Source for StreamSource<R> {
+    fn poll_chunk(&mut self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
+        if buf.capacity() == 0 {
+            buf.reserve(CHUNK);
+        }
+        poll_read_buf(Pin::new(&mut self.0), cx, buf)
     }
 }
 
-/// Copies `from` → `to` until EOF, then half-closes `to` so the peer sees the FIN.
-#[allow(clippy::too_many_arguments)] // one call site per direction, all of it needed
-async fn pump<W: AsyncWrite + Unpin>(
-    mut from: impl Source,
-    to: &mut W,
-    moved: &AtomicU64,
-    last_read: &AtomicU64,
-    epoch: Instant,
-    meters: [&AtomicU64; 2],
-    tracker: Option<&Tracker>,
+/// One direction: read a chunk, write all of it, repeat; at EOF half-close the other
+/// side so the peer sees the FIN.
+struct Pump<'m, R, W> {
+    from: R,
+    to: W,
     side: Side,
-) -> PumpEnd {
-    let mut scanner = match side {
-        Side::Client => Scanner::frontend(),
-        Side::Server => Scanner::backend(),
-    };
-    let mut buf = Vec::new();
-    loop {
-        let n = match from.next_chunk(&mut buf).await {
-            Ok(0) => {
-                let _ = to.shutdown().await;
-                return PumpEnd::Eof;
-            }
-            Ok(n) => n,
-            Err(e) => return PumpEnd::ReadError(e),
+    scanner: Scanner,
+    /// The chunk being written (empty between chunks) and how much of it is out.
+    buf: Vec<u8>,
+    written: usize,
+    /// The source ended: half-closing `to`.
+    eof: bool,
+    moved: u64,
+    /// When this side last sent bytes, in ms since the relay began.
+    last_read: u64,
+    meters: [&'m AtomicU64; 2],
+}
+
+impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
+    fn new(from: R, to: W, side: Side, meters: [&'m AtomicU64; 2]) -> Self {
+        let scanner = match side {
+            Side::Client => Scanner::frontend(),
+            Side::Server => Scanner::backend(),
         };
-        last_read.store(epoch.elapsed().as_millis() as u64, Relaxed);
-        // Client requests are counted before they can reach the server, so a
-        // ReadyForQuery is never mistaken for the answer to a later one.
-        if let (Some(t), Side::Client) = (tracker, side) {
-            t.client_bytes(&mut scanner, &buf[..n]);
+        Pump {
+            from,
+            to,
+            side,
+            scanner,
+            buf: Vec::new(),
+            written: 0,
+            eof: false,
+            moved: 0,
+            last_read: 0,
+            meters,
         }
-        if let Err(e) = to.write_all(&buf[..n]).await {
-            return PumpEnd::WriteError(e);
-        }
-        moved.add(n as u64);
-        for m in meters {
-            m.add(n as u64);
-        }
-        if let (Some(t), Side::Server) = (tracker, side) {
-            t.server_bytes(&mut scanner, &buf[..n]);
-            // A transaction just ended: the first safe moment to close. (Not the
-            // ReadyForQuery that ends the login: the client is about to use its new
-            // session; the quiet check in `relay` handles it.)
-            if t.draining.load(Relaxed) && t.requested.load(Relaxed) && t.idle() {
-                return PumpEnd::Drained;
+    }
+
+    /// Moves bytes until this direction has to wait (Pending) or is over (Ready).
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        tracker: Option<&Tracker>,
+        epoch: Instant,
+    ) -> Poll<PumpEnd> {
+        loop {
+            if self.eof {
+                // Ends the direction whether or not the half-close worked: nothing more
+                // can be sent either way.
+                let _ = ready!(Pin::new(&mut self.to).poll_shutdown(cx));
+                return Poll::Ready(PumpEnd::Eof);
+            }
+            if !self.buf.is_empty() {
+                while self.written < self.buf.len() {
+                    match ready!(Pin::new(&mut self.to).poll_write(cx, &self.buf[self.written..])) {
+                        Ok(0) => {
+                            return Poll::Ready(PumpEnd::WriteError(
+                                io::ErrorKind::WriteZero.into(),
+                            ));
+                        }
+                        Ok(n) => self.written += n,
+                        Err(e) => return Poll::Ready(PumpEnd::WriteError(e)),
+                    }
+                }
+                if let Err(e) = ready!(Pin::new(&mut self.to).poll_flush(cx)) {
+                    return Poll::Ready(PumpEnd::WriteError(e));
+                }
+                let n = self.buf.len() as u64;
+                self.moved += n;
+                for m in self.meters {
+                    m.add(n);
+                }
+                if let (Some(t), Side::Server) = (tracker, self.side) {
+                    t.server_bytes(&mut self.scanner, &self.buf);
+                    // A transaction just ended: the first safe moment to close. (Not the
+                    // ReadyForQuery that ends the login: the client is about to use its
+                    // new session; the quiet check in `relay` handles it.)
+                    if t.draining.load(Relaxed) && t.requested.load(Relaxed) && t.idle() {
+                        return Poll::Ready(PumpEnd::Drained);
+                    }
+                }
+                self.buf.clear();
+                self.written = 0;
+            }
+            match ready!(self.from.poll_chunk(cx, &mut self.buf)) {
+                Ok(0) => self.eof = true,
+                Ok(_) => {
+                    self.last_read = epoch.elapsed().as_millis() as u64;
+                    // Client requests are counted before they can reach the server, so a
+                    // ReadyForQuery is never mistaken for the answer to a later one.
+                    if let (Some(t), Side::Client) = (tracker, self.side) {
+                        t.client_bytes(&mut self.scanner, &self.buf);
+                    }
+                }
+                Err(e) => return Poll::Ready(PumpEnd::ReadError(e)),
             }
         }
     }
@@ -306,66 +365,65 @@ pub async fn relay(
     tracker: Option<&Tracker>,
     drain: Drain<impl Future<Output = ()>>,
 ) -> Outcome {
+    let (server_r, server_w) = server.split();
     match client {
         Client::Plain(c) => {
-            let (r, w) = c.split();
-            relay_halves(TcpSource(r), w, server, idle, meters, stop, tracker, drain).await
+            let (client_r, client_w) = c.split();
+            let up = Pump::new(
+                TcpSource(client_r),
+                server_w,
+                Side::Client,
+                meters.to_server,
+            );
+            let down = Pump::new(
+                TcpSource(server_r),
+                client_w,
+                Side::Server,
+                meters.to_client,
+            );
+            run(up, down, idle, stop, tracker, drain).await
         }
         Client::Tls(t) => {
-            let (r, w) = tokio::io::split(t.as_mut());
-            relay_halves(
-                StreamSource(r),
-                w,
-                server,
-                idle,
-                meters,
-                stop,
-                tracker,
-                drain,
-            )
-            .await
+            // Boxed: TLS sessions are few, and the plaintext relay stays small.
+            let (client_r, client_w) = tokio::io::split(t.as_mut());
+            let up = Pump::new(
+                StreamSource(client_r),
+                server_w,
+                Side::Client,
+                meters.to_server,
+            );
+            let down = Pump::new(
+                TcpSource(server_r),
+                client_w,
+                Side::Server,
+                meters.to_client,
+            );
+            Box::pin(run(up, down, idle, stop, tracker, drain)).await
         }
     }
 }
 
-#[allow(clippy::too_many_arguments)] // `relay`'s arguments, with the client split
-async fn relay_halves<W: AsyncWrite + Unpin>(
-    client_r: impl Source,
-    mut client_w: W,
-    server: &mut TcpStream,
+/// Which pump finished, and how.
+enum Event {
+    Up(PumpEnd),
+    Down(PumpEnd),
+}
+
+async fn run<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>(
+    mut up: Pump<'_, R1, W1>,
+    mut down: Pump<'_, R2, W2>,
     idle: Idle,
-    meters: Meters<'_>,
     stop: impl Future<Output = End>,
     tracker: Option<&Tracker>,
     drain: Drain<impl Future<Output = ()>>,
 ) -> Outcome {
     let epoch = Instant::now();
-    let (to_server, to_client) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (last_client, last_server) = (AtomicU64::new(0), AtomicU64::new(0));
-    let (server_r, mut server_w) = server.split();
-    let upstream = pump(
-        client_r,
-        &mut server_w,
-        &to_server,
-        &last_client,
-        epoch,
-        meters.to_server,
-        tracker,
-        Side::Client,
-    );
-    let downstream = pump(
-        TcpSource(server_r),
-        &mut client_w,
-        &to_client,
-        &last_server,
-        epoch,
-        meters.to_client,
-        tracker,
-        Side::Server,
-    );
+    let mut up_done = false;
     let drain_requested = drain.requested;
-    tokio::pin!(upstream, downstream, stop, drain_requested);
-    let (mut up_done, mut down_done) = (false, false);
+    // One timer for every deadline (idle, drain quiet, drain deadline), reset when the
+    // loop goes round: a fired timer re-checks against the latest activity.
+    let timer = sleep_until(epoch + idle.client.min(idle.server));
+    tokio::pin!(stop, drain_requested, timer);
     let mut drain_deadline: Option<Instant> = None;
     // The activity point at which the drain quiet check last ran (it runs once per point).
     let mut drain_checked: Option<(u64, u64)> = None;
@@ -373,27 +431,46 @@ async fn relay_halves<W: AsyncWrite + Unpin>(
     let end = loop {
         // Idle means no bytes in either direction; the side quiet the longest is blamed
         // and its timeout applies.
-        let (lc, ls) = (last_client.load(Relaxed), last_server.load(Relaxed));
+        let (lc, ls) = (up.last_read, down.last_read);
         let (quiet_since, limit, timeout_end) = if lc <= ls {
             (ls, idle.client, End::ClientTimeout)
         } else {
             (lc, idle.server, End::ServerTimeout)
         };
-        let deadline = epoch + Duration::from_millis(quiet_since) + limit;
+        let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
+        let quiet_check =
+            drain_deadline.is_some() && tracker.is_some() && drain_checked != Some((lc, ls));
+        let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
+        let mut wake = idle_at;
+        if quiet_check {
+            wake = wake.min(quiet_at);
+        }
+        if let Some(at) = drain_deadline {
+            wake = wake.min(at);
+        }
+        if timer.deadline() != wake {
+            timer.as_mut().reset(wake);
+        }
+        let io = poll_fn(|cx| {
+            if !up_done {
+                if let Poll::Ready(e) = up.poll(cx, tracker, epoch) {
+                    return Poll::Ready(Event::Up(e));
+                }
+            }
+            down.poll(cx, tracker, epoch).map(Event::Down)
+        });
         tokio::select! {
-            r = &mut upstream, if !up_done => match r {
-                PumpEnd::Eof if down_done => break End::ClientClosed,
-                PumpEnd::Eof => up_done = true,
-                PumpEnd::ReadError(e) => break End::ClientError(e),
-                PumpEnd::WriteError(e) => break End::ServerError(e),
-                PumpEnd::Drained => break End::Drained,
-            },
-            r = &mut downstream, if !down_done => match r {
-                PumpEnd::Eof if up_done => break End::ClientClosed,
-                PumpEnd::Eof => down_done = true,
-                PumpEnd::ReadError(e) => break End::ServerError(e),
-                PumpEnd::WriteError(e) => break End::ClientError(e),
-                PumpEnd::Drained => break End::Drained,
+            event = io => match event {
+                // The client half-closed: the server may still answer.
+                Event::Up(PumpEnd::Eof) => up_done = true,
+                Event::Up(PumpEnd::ReadError(e)) => break End::ClientError(e),
+                Event::Up(PumpEnd::WriteError(e)) => break End::ServerError(e),
+                Event::Down(PumpEnd::Eof) if up_done => break End::ClientClosed,
+                // The server closed: the client's half is finished too.
+                Event::Down(PumpEnd::Eof) => break End::ServerClosed,
+                Event::Down(PumpEnd::ReadError(e)) => break End::ServerError(e),
+                Event::Down(PumpEnd::WriteError(e)) => break End::ClientError(e),
+                Event::Up(PumpEnd::Drained) | Event::Down(PumpEnd::Drained) => break End::Drained,
             },
             _ = &mut drain_requested, if drain_deadline.is_none() => {
                 drain_deadline = Some(Instant::now() + drain.deadline);
@@ -401,31 +478,29 @@ async fn relay_halves<W: AsyncWrite + Unpin>(
                     t.draining.store(true, Relaxed);
                 }
             }
-            _ = sleep_until(epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET),
-                if drain_deadline.is_some() && tracker.is_some() && drain_checked != Some((lc, ls)) => {
-                drain_checked = Some((lc, ls));
-                let quiet = last_client.load(Relaxed) == lc && last_server.load(Relaxed) == ls;
-                if quiet && tracker.is_some_and(Tracker::idle) {
-                    break End::Drained;
+            _ = &mut timer => {
+                let now = Instant::now();
+                if drain_deadline.is_some_and(|at| now >= at) {
+                    break End::DrainTimeout;
                 }
-            }
-            _ = sleep_until(drain_deadline.unwrap_or(epoch)), if drain_deadline.is_some() => break End::DrainTimeout,
-            _ = sleep_until(deadline) => {
-                // Activity may have happened while we slept: only end if still idle.
-                if last_client.load(Relaxed) == lc && last_server.load(Relaxed) == ls {
+                // Activity may have happened while the timer ran: go by the latest.
+                let still = up.last_read == lc && down.last_read == ls;
+                if quiet_check && still && now >= quiet_at {
+                    drain_checked = Some((lc, ls));
+                    if tracker.is_some_and(Tracker::idle) {
+                        break End::Drained;
+                    }
+                }
+                if still && now >= idle_at {
                     break timeout_end;
                 }
             }
             end = &mut stop => break end,
         }
-        if down_done && !up_done {
-            // The server closed: the client's half is finished too.
-            break End::ServerClosed;
-        }
     };
     Outcome {
-        to_server: to_server.load(Relaxed),
-        to_client: to_client.load(Relaxed),
+        to_server: up.moved,
+        to_client: down.moved,
         end,
     }
 }

@@ -61,11 +61,11 @@ pub async fn serve(
     let t = listen.cfg.timeouts;
 
     // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
-    let Some((mut client, hello)) = negotiate(tcp, peer, &listen).await else {
+    let Some((mut client, hello)) = Box::pin(negotiate(tcp, peer, &listen)).await else {
         return;
     };
     if let Hello::Cancel(key) = &hello {
-        let routed = cancel::route(&listen, &listen.cancels, key).await;
+        let routed = Box::pin(cancel::route(&listen, &listen.cancels, key)).await;
         match routed {
             cancel::Routed::Owner(addr) => {
                 info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, server = %addr, "cancel request routed to the session's server")
@@ -80,7 +80,7 @@ pub async fn serve(
         Admission::Admitted(permits) => permits,
         Admission::Refused(refusal, _answering) => {
             listen.counters.denied.inc();
-            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            Box::pin(refuse(client, peer, &listen, hello, refusal, accepted)).await;
             return;
         }
     };
@@ -88,10 +88,10 @@ pub async fn serve(
 
     // 2. Pick a server and connect, moving on to another server when a connect fails or
     //    the server refuses the startup before authentication.
-    let opened = match open(&mut client, &listen, hello).await {
+    let opened = match Box::pin(open(&mut client, &listen, hello)).await {
         Ok(opened) => opened,
         Err((hello, refusal)) => {
-            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            Box::pin(refuse(client, peer, &listen, hello, refusal, accepted)).await;
             return;
         }
     };
