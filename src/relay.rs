@@ -7,7 +7,7 @@
 //! flows. Writes apply backpressure: a client that stops reading stops pglb reading from
 //! its server (at most one buffer in flight per direction).
 
-use std::future::{Future, poll_fn};
+use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,8 +20,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::ReadHalf;
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::io::poll_read_buf;
+use tokio_util::sync::CancellationToken;
 
 use crate::backend::Scanner;
 use crate::cancel::Registry;
@@ -346,24 +348,28 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
     }
 }
 
-/// How a drain reaches a session: `requested` completes when the server is set to drain;
-/// the session then ends at its next idle moment (plaintext), or at `deadline`.
-pub struct Drain<F> {
-    pub requested: F,
-    pub deadline: Duration,
+/// What can end a session from outside. Passed as handles, not futures: the futures are
+/// made once, inside the relay, which keeps every session's state small.
+pub struct Signals<'a> {
+    /// pglb's shutdown grace is over.
+    pub shutdown: &'a CancellationToken,
+    /// Changes when the server is marked DOWN with shutdown-sessions.
+    pub kill: watch::Receiver<u64>,
+    /// True while the server is draining: the session ends at its next idle moment
+    /// (plaintext), or after `drain_deadline`.
+    pub draining: watch::Receiver<bool>,
+    pub drain_deadline: Duration,
 }
 
-/// Relays until the session ends. `stop` completes with the reason when pglb must close
-/// the session (shutdown grace over, server marked down with shutdown-sessions).
-/// `tracker` follows the protocol of plaintext sessions (None: opaque TLS bytes).
+/// Relays until the session ends or `signals` end it. `tracker` follows the protocol of
+/// plaintext sessions (None: opaque TLS bytes).
 pub async fn relay(
     client: &mut Client,
     server: &mut TcpStream,
     idle: Idle,
     meters: Meters<'_>,
-    stop: impl Future<Output = End>,
+    signals: Signals<'_>,
     tracker: Option<&Tracker>,
-    drain: Drain<impl Future<Output = ()>>,
 ) -> Outcome {
     let (server_r, server_w) = server.split();
     match client {
@@ -381,7 +387,7 @@ pub async fn relay(
                 Side::Server,
                 meters.to_client,
             );
-            run(up, down, idle, stop, tracker, drain).await
+            run(up, down, idle, signals, tracker).await
         }
         Client::Tls(t) => {
             // Boxed: TLS sessions are few, and the plaintext relay stays small.
@@ -398,7 +404,7 @@ pub async fn relay(
                 Side::Server,
                 meters.to_client,
             );
-            Box::pin(run(up, down, idle, stop, tracker, drain)).await
+            Box::pin(run(up, down, idle, signals, tracker)).await
         }
     }
 }
@@ -413,13 +419,28 @@ async fn run<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Un
     mut up: Pump<'_, R1, W1>,
     mut down: Pump<'_, R2, W2>,
     idle: Idle,
-    stop: impl Future<Output = End>,
+    signals: Signals<'_>,
     tracker: Option<&Tracker>,
-    drain: Drain<impl Future<Output = ()>>,
 ) -> Outcome {
     let epoch = Instant::now();
     let mut up_done = false;
-    let drain_requested = drain.requested;
+    let Signals {
+        shutdown,
+        mut kill,
+        mut draining,
+        drain_deadline: drain_after,
+    } = signals;
+    let stop = async {
+        tokio::select! {
+            _ = shutdown.cancelled() => End::Shutdown,
+            _ = kill.changed() => End::ServerDown,
+        }
+    };
+    let drain_requested = async {
+        if draining.wait_for(|d| *d).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
     // One timer for every deadline (idle, drain quiet, drain deadline), reset when the
     // loop goes round: a fired timer re-checks against the latest activity.
     let timer = sleep_until(epoch + idle.client.min(idle.server));
@@ -473,7 +494,7 @@ async fn run<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Un
                 Event::Up(PumpEnd::Drained) | Event::Down(PumpEnd::Drained) => break End::Drained,
             },
             _ = &mut drain_requested, if drain_deadline.is_none() => {
-                drain_deadline = Some(Instant::now() + drain.deadline);
+                drain_deadline = Some(Instant::now() + drain_after);
                 if let Some(t) = tracker {
                     t.draining.store(true, Relaxed);
                 }

@@ -126,30 +126,19 @@ pub async fn serve(
     let tracker = startup
         .as_ref()
         .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg.addr))));
-    let mut kill = srv.kill.subscribe();
-    let stop = async {
-        tokio::select! {
-            _ = stop.cancelled() => relay::End::Shutdown,
-            _ = kill.changed() => relay::End::ServerDown,
-        }
-    };
-    let mut draining = srv.draining.subscribe();
-    let drain = relay::Drain {
-        requested: async move {
-            if draining.wait_for(|d| *d).await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        },
-        deadline: t.drain,
+    let signals = relay::Signals {
+        shutdown: &stop,
+        kill: srv.kill.subscribe(),
+        draining: srv.draining.subscribe(),
+        drain_deadline: t.drain,
     };
     let mut outcome = relay::relay(
         &mut client,
         &mut server,
         idle,
         meters,
-        stop,
+        signals,
         tracker.as_ref(),
-        drain,
     )
     .await;
     outcome.to_server += to_server;
