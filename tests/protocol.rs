@@ -152,25 +152,8 @@ async fn pgbench_tpcb_while_draining_loses_no_transaction() {
         stats_toml(stats)
     );
     let pglb = Pglb::start(&config, port);
-    let bench = tokio::process::Command::new("pgbench")
-        // -C: a connection per transaction, as a pool that reconnects after a drain would.
-        .args([
-            "-n",
-            "-C",
-            "-c",
-            "6",
-            "-j",
-            "2",
-            "-T",
-            "8",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["-U", harness::APP_USER, harness::APP_DB])
-        .env("PGPASSWORD", harness::APP_PASSWORD)
-        .output();
+    // -C: a connection per transaction, as a pool that reconnects after a drain would.
+    let bench = harness::pgbench(port, &["-n", "-C", "-c", "6", "-j", "2", "-T", "8"]).output();
     let drain = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
         admin(stats, "pgb1", "drain").await;

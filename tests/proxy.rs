@@ -193,23 +193,7 @@ async fn pgbench_select_only_through_pglb_has_no_failures() {
     stack.pg.pgbench_init();
     let port = free_port();
     let pglb = Pglb::start(&Pglb::config(port, "", &stack.servers_toml()), port);
-    let out = tokio::process::Command::new("pgbench")
-        .args([
-            "-n",
-            "-S",
-            "-c",
-            "8",
-            "-j",
-            "2",
-            "-T",
-            "5",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["-U", harness::APP_USER, harness::APP_DB])
-        .env("PGPASSWORD", harness::APP_PASSWORD)
+    let out = harness::pgbench(port, &["-n", "-S", "-c", "8", "-j", "2", "-T", "5"])
         .output()
         .await
         .expect("pgbench");
@@ -288,31 +272,3 @@ async fn sigterm_grace_ends_stuck_sessions() {
     assert!(pglb.log().contains("closing remaining sessions"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_requests_reach_the_right_pgbouncer() {
-    let stack = Stack::start(3);
-    let port = free_port();
-    let pglb = Pglb::start(&Pglb::config(port, "", &stack.servers_toml()), port);
-    for round in 0..6 {
-        let client = pglb.connect().await.expect("connect");
-        let token = client.cancel_token();
-        let started = Instant::now();
-        let query = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        token
-            .cancel_query(tokio_postgres::NoTls)
-            .await
-            .expect("send cancel");
-        let result = tokio::time::timeout(Duration::from_secs(5), query)
-            .await
-            .unwrap_or_else(|_| panic!("round {round}: the cancel was lost\n{}", pglb.log()))
-            .expect("join");
-        let err = result.expect_err("query was cancelled");
-        assert_eq!(
-            db_error(&err).map(|e| e.0).as_deref(),
-            Some("57014"),
-            "round {round}: {err}"
-        );
-        assert!(started.elapsed() < Duration::from_secs(3));
-    }
-}

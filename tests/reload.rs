@@ -41,25 +41,8 @@ async fn ten_reloads_under_pgbench_fail_no_transaction() {
     pglb.wait_log(&["is UP"], 3, Duration::from_secs(5));
     // A long-lived session on a server that every generation keeps (pgb1 is in all of them).
     let kept = pglb.connect().await.expect("connect");
-    let bench = tokio::process::Command::new("pgbench")
-        .args([
-            "-n",
-            "-C",
-            "-S",
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-T",
-            "8",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-        ])
-        .args(["-U", harness::APP_USER, harness::APP_DB])
-        .env("PGPASSWORD", harness::APP_PASSWORD)
-        .output();
+    let bench =
+        harness::pgbench(port, &["-n", "-C", "-S", "-c", "4", "-j", "2", "-T", "8"]).output();
     let reloads = async {
         let lists: [&[usize]; 4] = [&[0, 1], &[0, 2], &[0], &[0, 1, 2]];
         for i in 0..10 {

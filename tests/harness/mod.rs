@@ -744,3 +744,33 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     let (status, _, body) = http(port, "GET", path, None, "", "").await;
     (status, body)
 }
+
+/// pgbench against 127.0.0.1:`port` as the app user, with `args` before the connection
+/// options (e.g. `["-n", "-S", "-c", "8", "-T", "5"]`).
+pub fn pgbench(port: u16, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("pgbench");
+    c.args(args)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", APP_USER, APP_DB])
+        .env("PGPASSWORD", APP_PASSWORD);
+    c
+}
+
+/// Open descriptors of a process (0 once it is gone).
+#[allow(dead_code)] // not every test binary uses every helper
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Resident memory of a process, KiB (0 once it is gone).
+#[allow(dead_code)]
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
