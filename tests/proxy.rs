@@ -271,4 +271,3 @@ async fn sigterm_grace_ends_stuck_sessions() {
     );
     assert!(pglb.log().contains("closing remaining sessions"));
 }
-
