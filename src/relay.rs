@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::net::tcp::ReadHalf;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::io::poll_read_buf;
@@ -371,42 +371,40 @@ pub async fn relay(
     signals: Signals<'_>,
     tracker: Option<&Tracker>,
 ) -> Outcome {
-    let (server_r, server_w) = server.split();
     match client {
         Client::Plain(c) => {
             let (client_r, client_w) = c.split();
-            let up = Pump::new(
-                TcpSource(client_r),
-                server_w,
-                Side::Client,
-                meters.to_server,
-            );
-            let down = Pump::new(
-                TcpSource(server_r),
-                client_w,
-                Side::Server,
-                meters.to_client,
-            );
+            let (up, down) = pumps(TcpSource(client_r), client_w, server, meters);
             run(up, down, idle, signals, tracker).await
         }
         Client::Tls(t) => {
             // Boxed: TLS sessions are few, and the plaintext relay stays small.
             let (client_r, client_w) = tokio::io::split(t.as_mut());
-            let up = Pump::new(
-                StreamSource(client_r),
-                server_w,
-                Side::Client,
-                meters.to_server,
-            );
-            let down = Pump::new(
-                TcpSource(server_r),
-                client_w,
-                Side::Server,
-                meters.to_client,
-            );
+            let (up, down) = pumps(StreamSource(client_r), client_w, server, meters);
             Box::pin(run(up, down, idle, signals, tracker)).await
         }
     }
+}
+
+type Pumps<'m, 's, R, W> = (Pump<'m, R, WriteHalf<'s>>, Pump<'m, TcpSource<'s>, W>);
+
+/// The two directions between a client's halves and the server.
+fn pumps<'m, 's, R: Source, W: AsyncWrite + Unpin>(
+    client_r: R,
+    client_w: W,
+    server: &'s mut TcpStream,
+    meters: Meters<'m>,
+) -> Pumps<'m, 's, R, W> {
+    let (server_r, server_w) = server.split();
+    (
+        Pump::new(client_r, server_w, Side::Client, meters.to_server),
+        Pump::new(
+            TcpSource(server_r),
+            client_w,
+            Side::Server,
+            meters.to_client,
+        ),
+    )
 }
 
 /// Which pump finished, and how.
