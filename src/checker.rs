@@ -222,26 +222,12 @@ async fn slowstart(listen: Arc<ListenState>, idx: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, Check, Listen, Role, Secret, Server, Timeouts};
+    use crate::config::{Balance, Listen, Server, Timeouts};
     use std::sync::Mutex;
 
     fn listen(rise: u32, fall: u32) -> Arc<ListenState> {
         let d = Duration::from_secs(1);
-        let check = Check {
-            kind: CheckKind::Tcp,
-            interval: Duration::from_secs(2),
-            fastinter: Duration::from_millis(500),
-            downinter: Duration::from_secs(5),
-            timeout: d,
-            rise,
-            fall,
-            user: "u".into(),
-            password: Secret::default(),
-            database: "d".into(),
-            query: "SELECT 1".into(),
-            expect_role: Role::Any,
-            error_limit: 3,
-        };
+        let check = crate::health::tests::check(rise, fall);
         let server = Server {
             name: "pgb1".into(),
             addr_text: "127.0.0.1:1".into(),

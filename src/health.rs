@@ -250,10 +250,11 @@ impl Health {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{Role, Secret};
 
+    /// A tcp check with these thresholds (also used by the checker's tests).
     pub(crate) fn check(rise: u32, fall: u32) -> Check {
         Check {
             kind: CheckKind::Tcp,

@@ -6,27 +6,12 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Bouncer, BouncerOpts, Pglb, Stack, db_error, free_port, http};
+use harness::{Bouncer, BouncerOpts, Pglb, Stack, db_error, free_port};
 
 fn stats_toml(port: u16) -> String {
     format!(
         "[stats]\nbind = \"127.0.0.1:{port}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
     )
-}
-
-async fn admin(stats: u16, server: &str, action: &str) {
-    let body = format!("{{\"action\": \"{action}\"}}");
-    let path = format!("/api/servers/postgres/{server}");
-    let (code, _, text) = http(
-        stats,
-        "POST",
-        &path,
-        Some(("admin", "s3cret")),
-        &body,
-        "application/json",
-    )
-    .await;
-    assert_eq!(code, 200, "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,7 +88,7 @@ async fn drain_waits_for_the_transaction_then_closes_with_57p01() {
         .simple_query("INSERT INTO drained VALUES (1)")
         .await
         .expect("insert");
-    admin(stats, on, "drain").await;
+    harness::admin_action(stats, on, "drain").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Inside the transaction the session is left alone…
     client
@@ -156,9 +141,9 @@ async fn pgbench_tpcb_while_draining_loses_no_transaction() {
     let bench = harness::pgbench(port, &["-n", "-C", "-c", "6", "-j", "2", "-T", "8"]).output();
     let drain = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        admin(stats, "pgb1", "drain").await;
+        harness::admin_action(stats, "pgb1", "drain").await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        admin(stats, "pgb1", "ready").await;
+        harness::admin_action(stats, "pgb1", "ready").await;
     };
     let (out, ()) = tokio::join!(bench, drain);
     let out = out.expect("pgbench");

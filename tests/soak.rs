@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http, http_get, open_fds, rss_kib};
+use harness::{Pglb, Stack, free_port, http_get, open_fds, rss_kib};
 use tokio::sync::Mutex;
 
 fn soak_secs() -> u64 {
@@ -141,18 +141,7 @@ async fn chaos_soak_loses_nothing_silently() {
                         (i, "drain")
                     }
                 };
-                let body = format!("{{\"action\": \"{action}\"}}");
-                let path = format!("/api/servers/postgres/pgb{}", i + 1);
-                let (code, _, _) = http(
-                    stats,
-                    "POST",
-                    &path,
-                    Some(("admin", "s3cret")),
-                    &body,
-                    "application/json",
-                )
-                .await;
-                assert_eq!(code, 200);
+                harness::admin_action(stats, &format!("pgb{}", i + 1), action).await;
                 drains += 1;
             }
             _ => {

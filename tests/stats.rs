@@ -9,6 +9,15 @@ use harness::{Pglb, Stack, free_port, http, http_get};
 
 const CHECK: &str = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 2\nfall = 2\n";
 
+/// pglb on `port` over the stack's PgBouncers with tcp checks, and its stats on `stats`.
+fn checked_with_stats(port: u16, stack: &Stack, stats: u16, stats_extra: &str) -> String {
+    format!(
+        "{}\n{}",
+        Pglb::config(port, CHECK, &stack.servers_toml()),
+        stats_toml(stats, stats_extra)
+    )
+}
+
 fn stats_toml(port: u16, extra: &str) -> String {
     format!(
         "[stats]\nbind = \"127.0.0.1:{port}\"\nrefresh = \"1s\"\n{extra}\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
@@ -82,11 +91,7 @@ fn csv_header_matches_the_haproxy_reference() {
 async fn csv_rows_follow_a_killed_and_restarted_pgbouncer() {
     let mut stack = Stack::start(3);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, CHECK, &stack.servers_toml()),
-        stats_toml(stats, "")
-    );
+    let config = checked_with_stats(port, &stack, stats, "");
     let pglb = Pglb::start(&config, port);
     wait_status(stats, "pgb1", "UP", Duration::from_secs(5)).await;
 
@@ -162,11 +167,7 @@ async fn csv_rows_follow_a_killed_and_restarted_pgbouncer() {
 async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     let mut stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, CHECK, &stack.servers_toml()),
-        stats_toml(stats, "")
-    );
+    let config = checked_with_stats(port, &stack, stats, "");
     let pglb = Pglb::start(&config, port);
     wait_status(stats, "pgb2", "UP", Duration::from_secs(5)).await;
     let c = pglb.connect().await.expect("connect");
@@ -229,11 +230,7 @@ async fn admin_needs_credentials_drains_and_survives_a_restart() {
     let state_dir = tempfile::tempdir().expect("tempdir");
     let state_file = state_dir.path().join("state.toml");
     let extra = format!("state_file = \"{}\"", state_file.display());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, CHECK, &stack.servers_toml()),
-        stats_toml(stats, &extra)
-    );
+    let config = checked_with_stats(port, &stack, stats, &extra);
     let mut pglb = Pglb::start(&config, port);
     wait_status(stats, "pgb2", "UP", Duration::from_secs(5)).await;
     let before = pglb.connect().await.expect("connect");
@@ -368,11 +365,7 @@ async fn state_changes_are_posted_to_the_webhook() {
     let alerts = format!(
         "[alerts]\nwebhook_url = \"http://127.0.0.1:{hook}/services/T000/B000/XXX\"\ncoalesce = \"300ms\"\n"
     );
-    let config = format!(
-        "{}\n{}\n{alerts}",
-        Pglb::config(port, CHECK, &stack.servers_toml()),
-        stats_toml(stats, "")
-    );
+    let config = format!("{}\n{alerts}", checked_with_stats(port, &stack, stats, ""));
     let _pglb = Pglb::start(&config, port);
     let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
         .await

@@ -774,3 +774,21 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// An admin action through the JSON API (`drain`, `ready`, `maint`, ...) on a server of
+/// listen `postgres`, as the tests' admin user; asserts it was accepted.
+#[allow(dead_code)]
+pub async fn admin_action(stats: u16, server: &str, action: &str) {
+    let body = format!("{{\"action\": \"{action}\"}}");
+    let path = format!("/api/servers/postgres/{server}");
+    let (code, _, text) = http(
+        stats,
+        "POST",
+        &path,
+        Some(("admin", "s3cret")),
+        &body,
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 200, "{action} {server}: {text}");
+}
