@@ -70,7 +70,7 @@ class Settings:
     workloads: list
     pglb_binary: Path
     pglb_log_level: str
-    perf: bool
+    perf: str
     out: Path
     tmp: Path
 
@@ -86,7 +86,7 @@ class Settings:
             workloads=[w for w in os.environ.get("BENCH_WORKLOADS", "").split(",") if w],
             pglb_binary=Path(os.environ.get("BENCH_PGLB", REPO / "target/release/pglb")),
             pglb_log_level=os.environ.get("BENCH_PGLB_LOG_LEVEL", "warn"),
-            perf=os.environ.get("BENCH_PERF", "") not in ("", "0"),
+            perf="" if os.environ.get("BENCH_PERF", "0") == "0" else os.environ["BENCH_PERF"],
             out=Path(os.environ.get("BENCH_OUT", REPO / "bench/results/latest.md")),
             tmp=Path(tmp),
         )
@@ -320,8 +320,8 @@ def start_pglb(procs, settings, stack):
 
 
 def write_haproxy_config(stack, path):
-    # nbthread 2: one thread per core, as many as pglb's tokio runtime has workers on
-    # this 2-core machine (its default: one per core), so both may use the whole box.
+    # nbthread 2: one thread per core, as many as pglb's worker threads on this 2-core
+    # machine (its default: one per core), so both may use the whole box.
     servers = "".join(f"    server pgb{n} 127.0.0.1:{port} check\n"
                       for n, (port, _) in enumerate(stack.bouncers, 1))
     # maxconn 20000 makes HAProxy want ~40,000 descriptors and refuse to start when it
@@ -503,12 +503,13 @@ def run_pgbench(settings, stack, workload, target, round_no):
         result = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
                                 timeout=settings.duration * 4 + 120)
     except subprocess.TimeoutExpired:
+        finish_profile(settings, profiler, 0)
         run.error = "pgbench did not finish in time (killed)"
         return run
     finally:
         after = cpu_snapshot(stack, target_proc)
-        finish_profile(settings, profiler)
     parse_pgbench_output(result.stdout, run)
+    finish_profile(settings, profiler, run.txns)
     if result.returncode != 0:
         tail = (result.stderr.strip().splitlines() or ["?"])[-1]
         run.error = (run.error + "; " if run.error else "") + f"pgbench exit {result.returncode}: {tail}"
@@ -530,18 +531,25 @@ def run_pgbench(settings, stack, workload, target, round_no):
 def start_profile(settings, target, target_proc, workload, round_no):
     """BENCH_PERF=1: `perf record` the proxy (pglb or HAProxy) during its runs of the
     first round; the report (top symbols by self time, kernel included) goes beside the
-    results. Software clock sampling: it works where hardware counters do not."""
+    results. Software clock sampling: it works where hardware counters do not.
+    BENCH_PERF=syscalls: `perf trace -s` instead, a count of every syscall per thread."""
     if not settings.perf or target == "direct" or round_no != 1 or not shutil.which("perf"):
         return None
-    data = settings.tmp / f"perf-{workload.key}-{target}.data"
-    proc = subprocess.Popen(
-        ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p",
-         str(target_proc.pid), "-o", str(data)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, data, settings.out.parent / f"perf-{workload.key}-{target}.txt"
+    stem = f"perf-{workload.key}-{target}"
+    if settings.perf == "syscalls":
+        data = settings.tmp / f"{stem}.trace"
+        argv = ["perf", "trace", "-s", "-p", str(target_proc.pid), "-o", str(data)]
+        stem += "-syscalls"
+    else:
+        data = settings.tmp / f"{stem}.data"
+        argv = ["perf", "record", "-q", "-e", "cpu-clock", "-F", "1999", "-g", "-p",
+                str(target_proc.pid), "-o", str(data)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # attached before the first transaction
+    return proc, data, settings.out.parent / f"{stem}.txt"
 
 
-def finish_profile(settings, profiler):
+def finish_profile(settings, profiler, txns):
     if profiler is None:
         return
     proc, data, report = profiler
@@ -551,14 +559,32 @@ def finish_profile(settings, profiler):
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+    report.parent.mkdir(parents=True, exist_ok=True)
+    if data.suffix == ".trace":
+        report.write_text(syscall_summary(data.read_text(errors="replace"), txns))
+        data.unlink(missing_ok=True)
+        return
     out = subprocess.run(
         ["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
          "--percent-limit", "0.7", "--sort", "symbol"],
         capture_output=True, text=True)
-    report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(line for line in out.stdout.splitlines()
                                 if line and not line.startswith("#")) + "\n")
     data.unlink(missing_ok=True)
+
+
+def syscall_summary(trace, txns):
+    """Sums `perf trace -s` per-thread tables into calls per transaction by syscall."""
+    calls = {}
+    for line in trace.splitlines():
+        m = re.match(r"\s+([a-z_0-9]+)\s+(\d+)\s+\d+\s+[\d.]+", line)
+        if m and m.group(1) not in ("syscall",):
+            calls[m.group(1)] = calls.get(m.group(1), 0) + int(m.group(2))
+    total = sum(calls.values())
+    lines = [f"transactions: {txns}", f"syscalls: {total} ({total / max(txns, 1):.2f} per txn)"]
+    for name, n in sorted(calls.items(), key=lambda kv: -kv[1]):
+        lines.append(f"{name:<20} {n:>10} {n / max(txns, 1):8.3f} per txn")
+    return "\n".join(lines) + "\n"
 
 
 def describe(run):
@@ -741,7 +767,7 @@ def method_notes(settings):
         "SCRAM) <- pglb / HAProxy (leastconn). Direct = one PgBouncer (so 20 server "
         "connections instead of 60).",
         f"- pglb: log_level \"{settings.pglb_log_level}\" (no per-session log line), tcp check 2s. "
-        "HAProxy 2.6: nbthread 2 (one thread per core, like pglb's tokio runtime), no logging, "
+        "HAProxy 2.6: nbthread 2 (one thread per core, like pglb's worker threads), no logging, "
         "pgsql-check user app.",
         "- Latency: per-transaction pgbench --log, p99 = 99th percentile of all transactions.",
         "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "

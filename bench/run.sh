@@ -22,6 +22,8 @@
 #   BENCH_OUT=path            where to write the report (default bench/results/latest.md)
 #   BENCH_PERF=1              perf-record the proxies in round 1; top symbols to
 #                             bench/results/perf-<workload>-<proxy>.txt
+#   BENCH_PERF=syscalls       instead count the proxies' syscalls per transaction (perf trace -s)
+#                             to bench/results/perf-<workload>-<proxy>-syscalls.txt
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

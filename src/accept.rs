@@ -50,16 +50,25 @@ impl Shared {
     }
 }
 
-/// Accepts until `stop` is cancelled, then drops the listener (the port closes).
+/// Accepts until `stop` is cancelled, then drops the listener (the port closes once every
+/// worker's loop has dropped its descriptor). Runs on a worker: the listener is
+/// registered with, and sessions are spawned on, the runtime it is polled on.
 /// `current` holds the listen's state; a reload swaps it, and new clients get the new one
 /// while sessions already running keep theirs.
 pub async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     current: watch::Receiver<Arc<ListenState>>,
     shared: Shared,
     stop: CancellationToken,
 ) {
     const FIRST_BACKOFF: Duration = Duration::from_millis(5);
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            warn!(listen = %current.borrow().cfg.name, error = %e, "worker cannot watch the listening socket");
+            return;
+        }
+    };
     let mut backoff = FIRST_BACKOFF;
     loop {
         let accepted = tokio::select! {

@@ -176,7 +176,7 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
     match t {
         Transition::WentDown => {
             if server.cfg.on_marked_down == OnMarkedDown::ShutdownSessions {
-                server.kill.send_modify(|n| *n += 1);
+                server.kill_sessions();
             }
             server.set_weight(server.base_weight());
             if active + backup == 0 {

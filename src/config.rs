@@ -79,6 +79,8 @@ pub struct Global {
     pub grace: Duration,
     /// tracing filter used when `RUST_LOG` is not set.
     pub log_level: String,
+    /// Worker threads serving sessions (HAProxy's nbthread); by default one per core.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -291,6 +293,7 @@ mod raw {
         pub maxconn: Spanned<usize>,
         pub grace: HumanDuration,
         pub log_level: String,
+        pub threads: Option<Spanned<usize>>,
     }
 
     impl Default for Global {
@@ -299,6 +302,7 @@ mod raw {
                 maxconn: Spanned::new(0..0, 20_000),
                 grace: HumanDuration(Duration::from_secs(30)),
                 log_level: "info".into(),
+                threads: None,
             }
         }
     }
@@ -508,15 +512,29 @@ impl Locator<'_> {
     }
 }
 
+/// More worker threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 256;
+
 fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
     let g = file.global;
     if *g.maxconn.get_ref() == 0 {
         return Err(at.at(&g.maxconn, "global maxconn must be at least 1"));
     }
+    let threads = match g.threads {
+        Some(t) if !(1..=MAX_THREADS).contains(t.get_ref()) => {
+            return Err(at.at(
+                &t,
+                format!("global threads must be between 1 and {MAX_THREADS}"),
+            ));
+        }
+        Some(t) => t.into_inner(),
+        None => std::thread::available_parallelism().map_or(1, usize::from),
+    };
     let global = Global {
         maxconn: g.maxconn.into_inner(),
         grace: g.grace.0,
         log_level: g.log_level,
+        threads,
     };
 
     if file.listen.is_empty() {
@@ -911,6 +929,15 @@ backup = true
         assert!(e.reason.contains("invalid duration"), "{e}");
         let e = error_of(&GOOD.replace("maxconn = 100", "maxconn = 0"));
         assert_eq!(e.line, 3, "{e}");
+        let e = error_of(&GOOD.replace("maxconn = 100", "maxconn = 100\nthreads = 0"));
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.reason.contains("threads must be between 1 and"), "{e}");
+        let threads = |text: &str| parse(text).expect("valid").global.threads;
+        assert_eq!(
+            threads(&GOOD.replace("maxconn = 100", "maxconn = 100\nthreads = 3")),
+            3
+        );
+        assert!(threads(GOOD) >= 1, "by default one per core");
         let e = error_of(&GOOD.replace("localhost:6433", "no-such-host.invalid:6433"));
         assert_eq!(e.line, 19, "{e}");
         assert_eq!(e.to_string().split(':').next(), Some("t.toml"));

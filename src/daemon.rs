@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +35,9 @@ pub struct Control<S> {
     pub reload: mpsc::UnboundedReceiver<()>,
     /// The file reloads read again.
     pub config_path: PathBuf,
+    /// Worker runtimes: every one accepts on every listen and runs the sessions it
+    /// accepted (see [`crate::workers`]). At least one.
+    pub workers: Vec<Handle>,
 }
 
 /// One served listen: its socket's accept loop and the state it hands to new clients.
@@ -55,6 +58,7 @@ struct Daemon {
     shared: Shared,
     /// Stops the health checks of the current generation of listens.
     checks: CancellationToken,
+    workers: Vec<Handle>,
 }
 
 /// Runs pglb until `control.shutdown` completes. Binding errors are returned before any
@@ -68,7 +72,7 @@ pub async fn run<S: Future<Output = ()>>(
     let listens = reload::next_generation(&[], &config.listens, &events, &cancels).listens;
     let mut listeners = Vec::new();
     for l in &listens {
-        let listener = net::bind(l.cfg.bind, l.cfg.backlog)
+        let listener = net::bind_std(l.cfg.bind, l.cfg.backlog)
             .with_context(|| format!("listen '{}': cannot bind {}", l.cfg.name, l.cfg.bind))?;
         listeners.push(listener);
     }
@@ -95,6 +99,7 @@ pub async fn run<S: Future<Output = ()>>(
         ));
     }
 
+    anyhow::ensure!(!control.workers.is_empty(), "no worker to run sessions on");
     let tracker = TaskTracker::new();
     let close_sessions = CancellationToken::new();
     let mut daemon = Daemon {
@@ -110,6 +115,7 @@ pub async fn run<S: Future<Output = ()>>(
         served: HashMap::new(),
         loops: JoinSet::new(),
         checks: CancellationToken::new(),
+        workers: control.workers,
     };
     for (listener, l) in listeners.into_iter().zip(&listens) {
         daemon.serve(listener, l);
@@ -126,6 +132,7 @@ pub async fn run<S: Future<Output = ()>>(
         shutdown,
         mut reload,
         config_path,
+        ..
     } = control;
     tokio::pin!(shutdown);
     loop {
@@ -169,23 +176,32 @@ pub async fn run<S: Future<Output = ()>>(
 }
 
 impl Daemon {
-    /// Starts accepting on `listener` for `listen`.
-    fn serve(&mut self, listener: TcpListener, listen: &Arc<ListenState>) {
+    /// Starts accepting on `listener` for `listen`, on every worker.
+    fn serve(&mut self, listener: std::net::TcpListener, listen: &Arc<ListenState>) {
         info!(
             listen = %listen.cfg.name,
             bind = %listen.cfg.bind,
             balance = listen.cfg.balance.as_str(),
             servers = listen.servers.len(),
+            threads = self.workers.len(),
             "listening"
         );
         let (current, rx) = watch::channel(Arc::clone(listen));
         let stop = CancellationToken::new();
-        self.loops.spawn(accept::accept_loop(
-            listener,
-            rx,
-            self.shared.clone(),
-            stop.clone(),
-        ));
+        for worker in &self.workers {
+            match listener.try_clone() {
+                Ok(own) => {
+                    let task =
+                        accept::accept_loop(own, rx.clone(), self.shared.clone(), stop.clone());
+                    self.loops.spawn_on(task, worker);
+                }
+                // Out of descriptors: fewer workers take this listen's clients.
+                Err(e) => {
+                    error!(listen = %listen.cfg.name, error = %e, "a worker cannot accept on this listen")
+                }
+            }
+        }
+        // `listener` closes here: each worker holds its own descriptor for the socket.
         self.served.insert(
             listen.cfg.name.clone(),
             Served {
@@ -234,7 +250,7 @@ impl Daemon {
                 .get(&l.cfg.name)
                 .is_none_or(|s| s.bind != l.cfg.bind);
             if moved {
-                let listener = net::bind(l.cfg.bind, l.cfg.backlog).map_err(|e| {
+                let listener = net::bind_std(l.cfg.bind, l.cfg.backlog).map_err(|e| {
                     format!("listen '{}': cannot bind {}: {e}", l.cfg.name, l.cfg.bind)
                 })?;
                 fresh.push((listener, Arc::clone(l)));
@@ -267,7 +283,7 @@ impl Daemon {
         }
         // Sessions on servers that are gone end at their next transaction boundary.
         for s in &next.retired {
-            s.draining.send_replace(true);
+            s.set_draining(true);
         }
         self.checks.cancel();
         self.checks = CancellationToken::new();

@@ -2,7 +2,8 @@
 //!
 //! The data path, one module per step:
 //! [`accept`] → [`startup`] → [`pick`] (with [`balance`]) → [`relay`], driven per client
-//! by [`session`]. Server and listen state lives in [`state`], shared by everything;
+//! by [`session`], on one of the [`workers`]. Server and listen state lives in [`state`],
+//! shared by everything;
 //! [`checker`] (with [`probe`] and [`health`]) keeps it truthful.
 
 pub mod accept;
@@ -25,6 +26,7 @@ pub mod session;
 pub mod startup;
 pub mod state;
 pub mod tls;
+pub mod workers;
 
 pub use config::Config;
 pub use daemon::run;

@@ -40,12 +40,14 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Sessions run on the workers; the main thread's runtime does the control work.
+    let workers = pglb::workers::Workers::start(config.global.threads);
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
+        .build();
+    let (workers, runtime) = match (workers, runtime) {
+        (Ok(w), Ok(rt)) => (w, rt),
+        (Err(e), _) | (_, Err(e)) => {
             eprintln!("pglb: cannot start the runtime: {e}");
             return ExitCode::from(1);
         }
@@ -57,9 +59,11 @@ fn main() -> ExitCode {
             shutdown: shutdown_signal(),
             reload,
             config_path: cli.config.clone(),
+            workers: workers.handles().to_vec(),
         };
         pglb::run(config, control).await
     });
+    drop(workers);
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

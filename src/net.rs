@@ -21,14 +21,21 @@ pub fn tune(stream: &TcpStream) -> io::Result<()> {
     SockRef::from(stream).set_tcp_keepalive(&keepalive())
 }
 
-/// A listening socket with SO_REUSEADDR and the configured backlog.
+/// A listening socket with SO_REUSEADDR and the configured backlog, on the current
+/// runtime.
 pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
+    TcpListener::from_std(bind_std(addr, backlog)?)
+}
+
+/// A non-blocking listening socket not yet tied to a runtime: each worker takes its own
+/// descriptor for it (`try_clone`) and accepts from the one queue.
+pub fn bind_std(addr: SocketAddr, backlog: u32) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     socket.listen(backlog.min(i32::MAX as u32) as i32)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
 /// Connects within `timeout`, tuned for relaying.

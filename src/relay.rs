@@ -2,12 +2,13 @@
 //! timeout fires or pglb stops.
 //!
 //! The two directions are plain poll functions over one small state (no future per
-//! direction, one timer): a session is a few hundred bytes plus its sockets while idle.
+//! direction, one timer), driven by one hand-written future: a session is a few hundred
+//! bytes plus its sockets while idle.
 //! Each direction waits for readiness without a buffer and holds one only while data
 //! flows. Writes apply backpressure: a client that stops reading stops pglb reading from
 //! its server (at most one buffer in flight per direction).
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -20,10 +21,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::io::poll_read_buf;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use crate::backend::Scanner;
 use crate::cancel::Registry;
@@ -348,16 +348,16 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
     }
 }
 
-/// What can end a session from outside. Passed as handles, not futures: the futures are
-/// made once, inside the relay, which keeps every session's state small.
+/// What can end a session from outside, as tokens: the relay waits on them with
+/// nameable futures kept inside its own state (no per-session boxing).
 pub struct Signals<'a> {
     /// pglb's shutdown grace is over.
     pub shutdown: &'a CancellationToken,
-    /// Changes when the server is marked DOWN with shutdown-sessions.
-    pub kill: watch::Receiver<u64>,
-    /// True while the server is draining: the session ends at its next idle moment
-    /// (plaintext), or after `drain_deadline`.
-    pub draining: watch::Receiver<bool>,
+    /// The server was marked DOWN with shutdown-sessions.
+    pub kill: &'a CancellationToken,
+    /// The server is draining: the session ends at its next idle moment (plaintext), or
+    /// after `drain_deadline`.
+    pub drain: &'a CancellationToken,
     pub drain_deadline: Duration,
 }
 
@@ -375,13 +375,13 @@ pub async fn relay(
         Client::Plain(c) => {
             let (client_r, client_w) = c.split();
             let (up, down) = pumps(TcpSource(client_r), client_w, server, meters);
-            run(up, down, idle, signals, tracker).await
+            Run::new(up, down, idle, signals, tracker).await
         }
         Client::Tls(t) => {
             // Boxed: TLS sessions are few, and the plaintext relay stays small.
             let (client_r, client_w) = tokio::io::split(t.as_mut());
             let (up, down) = pumps(StreamSource(client_r), client_w, server, meters);
-            Box::pin(run(up, down, idle, signals, tracker)).await
+            Box::pin(Run::new(up, down, idle, signals, tracker)).await
         }
     }
 }
@@ -407,119 +407,154 @@ fn pumps<'m, 's, R: Source, W: AsyncWrite + Unpin>(
     )
 }
 
-/// Which pump finished, and how.
-enum Event {
-    Up(PumpEnd),
-    Down(PumpEnd),
+pin_project_lite::pin_project! {
+    /// The relay of one session, written as a plain future so that an idle session is
+    /// just this state: the two pumps, one timer, and a wait on each signal. (An `async
+    /// fn` with `select!` kept about twice as much per session: copies of its arguments
+    /// and a future per branch.)
+    struct Run<'a, R1, W1, R2, W2> {
+        up: Pump<'a, R1, W1>,
+        down: Pump<'a, R2, W2>,
+        // The client half-closed: only the server's direction is left.
+        up_done: bool,
+        idle: Idle,
+        tracker: Option<&'a Tracker>,
+        epoch: Instant,
+        drain_after: Duration,
+        // Set once a drain was requested: when the session must be gone.
+        drain_deadline: Option<Instant>,
+        // The activity point at which the drain quiet check last ran (once per point).
+        drain_checked: Option<(u64, u64)>,
+        // One timer for every deadline (idle, drain quiet, drain deadline), moved to the
+        // nearest one on each poll.
+        #[pin]
+        timer: Sleep,
+        #[pin]
+        shutdown: WaitForCancellationFuture<'a>,
+        #[pin]
+        kill: WaitForCancellationFuture<'a>,
+        #[pin]
+        drain: WaitForCancellationFuture<'a>,
+    }
 }
 
-async fn run<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>(
-    mut up: Pump<'_, R1, W1>,
-    mut down: Pump<'_, R2, W2>,
-    idle: Idle,
-    signals: Signals<'_>,
-    tracker: Option<&Tracker>,
-) -> Outcome {
-    let epoch = Instant::now();
-    let mut up_done = false;
-    let Signals {
-        shutdown,
-        mut kill,
-        mut draining,
-        drain_deadline: drain_after,
-    } = signals;
-    let stop = async {
-        tokio::select! {
-            _ = shutdown.cancelled() => End::Shutdown,
-            _ = kill.changed() => End::ServerDown,
+impl<'a, R1, W1, R2, W2> Run<'a, R1, W1, R2, W2> {
+    fn new(
+        up: Pump<'a, R1, W1>,
+        down: Pump<'a, R2, W2>,
+        idle: Idle,
+        signals: Signals<'a>,
+        tracker: Option<&'a Tracker>,
+    ) -> Self {
+        let epoch = Instant::now();
+        Run {
+            up,
+            down,
+            up_done: false,
+            idle,
+            tracker,
+            epoch,
+            drain_after: signals.drain_deadline,
+            drain_deadline: None,
+            drain_checked: None,
+            timer: sleep_until(epoch + idle.client.min(idle.server)),
+            shutdown: signals.shutdown.cancelled(),
+            kill: signals.kill.cancelled(),
+            drain: signals.drain.cancelled(),
         }
-    };
-    let drain_requested = async {
-        if draining.wait_for(|d| *d).await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    // One timer for every deadline (idle, drain quiet, drain deadline), reset when the
-    // loop goes round: a fired timer re-checks against the latest activity.
-    let timer = sleep_until(epoch + idle.client.min(idle.server));
-    tokio::pin!(stop, drain_requested, timer);
-    let mut drain_deadline: Option<Instant> = None;
-    // The activity point at which the drain quiet check last ran (it runs once per point).
-    let mut drain_checked: Option<(u64, u64)> = None;
+    }
+}
 
-    let end = loop {
-        // Idle means no bytes in either direction; the side quiet the longest is blamed
-        // and its timeout applies.
-        let (lc, ls) = (up.last_read, down.last_read);
-        let (quiet_since, limit, timeout_end) = if lc <= ls {
-            (ls, idle.client, End::ClientTimeout)
-        } else {
-            (lc, idle.server, End::ServerTimeout)
-        };
-        let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
-        let quiet_check =
-            drain_deadline.is_some() && tracker.is_some() && drain_checked != Some((lc, ls));
-        let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
-        let mut wake = idle_at;
-        if quiet_check {
-            wake = wake.min(quiet_at);
-        }
-        if let Some(at) = drain_deadline {
-            wake = wake.min(at);
-        }
-        if timer.deadline() != wake {
-            timer.as_mut().reset(wake);
-        }
-        let io = poll_fn(|cx| {
-            if !up_done {
-                if let Poll::Ready(e) = up.poll(cx, tracker, epoch) {
-                    return Poll::Ready(Event::Up(e));
-                }
+impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin> Future
+    for Run<'_, R1, W1, R2, W2>
+{
+    type Output = Outcome;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        let mut this = self.project();
+        let end = loop {
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                break End::Shutdown;
             }
-            down.poll(cx, tracker, epoch).map(Event::Down)
-        });
-        tokio::select! {
-            event = io => match event {
-                // The client half-closed: the server may still answer.
-                Event::Up(PumpEnd::Eof) => up_done = true,
-                Event::Up(PumpEnd::ReadError(e)) => break End::ClientError(e),
-                Event::Up(PumpEnd::WriteError(e)) => break End::ServerError(e),
-                Event::Down(PumpEnd::Eof) if up_done => break End::ClientClosed,
-                // The server closed: the client's half is finished too.
-                Event::Down(PumpEnd::Eof) => break End::ServerClosed,
-                Event::Down(PumpEnd::ReadError(e)) => break End::ServerError(e),
-                Event::Down(PumpEnd::WriteError(e)) => break End::ClientError(e),
-                Event::Up(PumpEnd::Drained) | Event::Down(PumpEnd::Drained) => break End::Drained,
-            },
-            _ = &mut drain_requested, if drain_deadline.is_none() => {
-                drain_deadline = Some(Instant::now() + drain_after);
-                if let Some(t) = tracker {
+            if this.kill.as_mut().poll(cx).is_ready() {
+                break End::ServerDown;
+            }
+            if this.drain_deadline.is_none() && this.drain.as_mut().poll(cx).is_ready() {
+                *this.drain_deadline = Some(Instant::now() + *this.drain_after);
+                if let Some(t) = this.tracker {
                     t.draining.store(true, Relaxed);
                 }
             }
-            _ = &mut timer => {
-                let now = Instant::now();
-                if drain_deadline.is_some_and(|at| now >= at) {
-                    break End::DrainTimeout;
-                }
-                // Activity may have happened while the timer ran: go by the latest.
-                let still = up.last_read == lc && down.last_read == ls;
-                if quiet_check && still && now >= quiet_at {
-                    drain_checked = Some((lc, ls));
-                    if tracker.is_some_and(Tracker::idle) {
-                        break End::Drained;
+
+            let (tracker, epoch) = (*this.tracker, *this.epoch);
+            if !*this.up_done {
+                match this.up.poll(cx, tracker, epoch) {
+                    // The client half-closed: the server may still answer.
+                    Poll::Ready(PumpEnd::Eof) => {
+                        *this.up_done = true;
+                        continue;
                     }
-                }
-                if still && now >= idle_at {
-                    break timeout_end;
+                    Poll::Ready(PumpEnd::ReadError(e)) => break End::ClientError(e),
+                    Poll::Ready(PumpEnd::WriteError(e)) => break End::ServerError(e),
+                    Poll::Ready(PumpEnd::Drained) => break End::Drained,
+                    Poll::Pending => {}
                 }
             }
-            end = &mut stop => break end,
-        }
-    };
-    Outcome {
-        to_server: up.moved,
-        to_client: down.moved,
-        end,
+            match this.down.poll(cx, tracker, epoch) {
+                Poll::Ready(PumpEnd::Eof) if *this.up_done => break End::ClientClosed,
+                // The server closed: the client's half is finished too.
+                Poll::Ready(PumpEnd::Eof) => break End::ServerClosed,
+                Poll::Ready(PumpEnd::ReadError(e)) => break End::ServerError(e),
+                Poll::Ready(PumpEnd::WriteError(e)) => break End::ClientError(e),
+                Poll::Ready(PumpEnd::Drained) => break End::Drained,
+                Poll::Pending => {}
+            }
+
+            // Both directions wait: arm the timer for the nearest deadline. Idle means no
+            // bytes either way; the side quiet the longest is blamed and its limit applies.
+            let (lc, ls) = (this.up.last_read, this.down.last_read);
+            let (quiet_since, limit, timeout_end) = if lc <= ls {
+                (ls, this.idle.client, End::ClientTimeout)
+            } else {
+                (lc, this.idle.server, End::ServerTimeout)
+            };
+            let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
+            let quiet_check = this.drain_deadline.is_some()
+                && tracker.is_some()
+                && *this.drain_checked != Some((lc, ls));
+            let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
+            let mut wake = idle_at;
+            if quiet_check {
+                wake = wake.min(quiet_at);
+            }
+            if let Some(at) = *this.drain_deadline {
+                wake = wake.min(at);
+            }
+            if this.timer.deadline() != wake {
+                this.timer.as_mut().reset(wake);
+            }
+            if this.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // A deadline passed with no bytes moved since it was computed.
+            let now = Instant::now();
+            if this.drain_deadline.is_some_and(|at| now >= at) {
+                break End::DrainTimeout;
+            }
+            if quiet_check && now >= quiet_at {
+                *this.drain_checked = Some((lc, ls));
+                if tracker.is_some_and(Tracker::idle) {
+                    break End::Drained;
+                }
+            }
+            if now >= idle_at {
+                break timeout_end;
+            }
+        };
+        Poll::Ready(Outcome {
+            to_server: this.up.moved,
+            to_client: this.down.moved,
+            end,
+        })
     }
 }

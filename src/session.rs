@@ -30,40 +30,72 @@ pub enum Admission {
 }
 
 /// Counts the session in the listen's current sessions while alive.
-struct Current<'a>(&'a ListenState);
+struct Current(Arc<ListenState>);
 
-impl<'a> Current<'a> {
-    fn enter(listen: &'a ListenState) -> Self {
+impl Current {
+    fn enter(listen: &Arc<ListenState>) -> Self {
         let c = &listen.counters;
         c.stot.inc();
         c.rate.tick();
         let now = c.cur.fetch_add(1, Relaxed) + 1;
         raise_max(&c.smax, now);
-        Current(listen)
+        Current(Arc::clone(listen))
     }
 }
 
-impl Drop for Current<'_> {
+impl Drop for Current {
     fn drop(&mut self) {
         self.0.counters.cur.fetch_sub(1, Relaxed);
     }
 }
 
+/// A client connected through to its server, ready to relay.
+struct Established {
+    client: Client,
+    opened: Opened,
+    _permits: Vec<OwnedSemaphorePermit>,
+    _current: Current,
+}
+
 /// Serves one accepted client. `stop` closes the session when pglb's shutdown grace ends.
-pub async fn serve(
+///
+/// The opening (startup, pick, connect) runs in a boxed future of its own, freed once
+/// the session relays: an established session keeps only what the relay and its closing
+/// log line need. (A plain fn around an `async` block: an `async fn` would keep a second
+/// copy of its arguments for the whole session.)
+pub fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     admission: Admission,
     stop: CancellationToken,
-) {
+) -> impl Future<Output = ()> {
     let accepted = Instant::now();
-    let t = listen.cfg.timeouts;
+    let opening = Box::pin(establish(
+        tcp,
+        peer,
+        Arc::clone(&listen),
+        admission,
+        accepted,
+    ));
+    async move {
+        if let Some(mut session) = opening.await {
+            relay_and_log(&mut session, peer, &listen, &stop, accepted).await;
+        }
+    }
+}
 
+/// Steps 1 and 2: startup, then pick a server and connect. None when the session ended
+/// there (a cancel request, a refusal, a client gone).
+async fn establish(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listen: Arc<ListenState>,
+    admission: Admission,
+    accepted: Instant,
+) -> Option<Established> {
     // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
-    let Some((mut client, hello)) = Box::pin(negotiate(tcp, peer, &listen)).await else {
-        return;
-    };
+    let (mut client, hello) = Box::pin(negotiate(tcp, peer, &listen)).await?;
     if let Hello::Cancel(key) = &hello {
         let routed = Box::pin(cancel::route(&listen, &listen.cancels, key)).await;
         match routed {
@@ -74,39 +106,46 @@ pub async fn serve(
                 info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, servers = n, "cancel request for an unknown key sent to every server up")
             }
         }
-        return;
+        return None;
     }
-    let _permits = match admission {
+    let permits = match admission {
         Admission::Admitted(permits) => permits,
         Admission::Refused(refusal, _answering) => {
             listen.counters.denied.inc();
-            Box::pin(refuse(client, peer, &listen, hello, refusal, accepted)).await;
-            return;
+            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            return None;
         }
     };
-    let _current = Current::enter(&listen);
+    let current = Current::enter(&listen);
 
     // 2. Pick a server and connect, moving on to another server when a connect fails or
     //    the server refuses the startup before authentication.
-    let opened = match Box::pin(open(&mut client, &listen, hello)).await {
-        Ok(opened) => opened,
+    match Box::pin(open(&mut client, &listen, hello)).await {
+        Ok(opened) => Some(Established {
+            client,
+            opened,
+            _permits: permits,
+            _current: current,
+        }),
         Err((hello, refusal)) => {
-            Box::pin(refuse(client, peer, &listen, hello, refusal, accepted)).await;
-            return;
+            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            None
         }
-    };
-    let Opened {
-        slot,
-        mut server,
-        startup,
-        wait,
-        connect,
-        to_server,
-        to_client,
-    } = opened;
-    let srv = Arc::clone(slot.server());
+    }
+}
 
-    // 3. Relay, following the protocol of plaintext sessions.
+/// Steps 3 and 4: relay, following the protocol of plaintext sessions, then log.
+async fn relay_and_log(
+    session: &mut Established,
+    peer: SocketAddr,
+    listen: &ListenState,
+    stop: &CancellationToken,
+    accepted: Instant,
+) {
+    let t = listen.cfg.timeouts;
+    let opened = &mut session.opened;
+    let srv = Arc::clone(opened.slot.server());
+    let client = &mut session.client;
     let idle = Idle {
         client: t.client,
         server: t.server,
@@ -118,31 +157,33 @@ pub async fn serve(
     for (m, n) in meters
         .to_server
         .iter()
-        .map(|m| (m, to_server))
-        .chain(meters.to_client.iter().map(|m| (m, to_client)))
+        .map(|m| (m, opened.to_server))
+        .chain(meters.to_client.iter().map(|m| (m, opened.to_client)))
     {
         m.add(n);
     }
-    let tracker = startup
+    let tracker = opened
+        .startup
         .as_ref()
         .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg.addr))));
+    let ends = srv.session_signals();
     let signals = relay::Signals {
-        shutdown: &stop,
-        kill: srv.kill.subscribe(),
-        draining: srv.draining.subscribe(),
+        shutdown: stop,
+        kill: &ends.kill,
+        drain: &ends.drain,
         drain_deadline: t.drain,
     };
     let mut outcome = relay::relay(
-        &mut client,
-        &mut server,
+        client,
+        &mut opened.server,
         idle,
         meters,
         signals,
         tracker.as_ref(),
     )
     .await;
-    outcome.to_server += to_server;
-    outcome.to_client += to_client;
+    outcome.to_server += opened.to_server;
+    outcome.to_client += opened.to_client;
     if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
         listen.cancels.remove(&key);
     }
@@ -156,29 +197,28 @@ pub async fn serve(
             let _ = client
                 .write_all(&refusal::error_response("FATAL", "57P01", &message))
                 .await;
-            let _ = server.write_all(&[b'X', 0, 0, 0, 4]).await;
+            let _ = opened.server.write_all(&[b'X', 0, 0, 0, 4]).await;
         })
         .await;
     }
-    drop(slot);
 
     // 4. One line per finished session.
-    let params = startup.as_ref();
+    let params = opened.startup.as_ref();
     let total = accepted.elapsed();
     info!(
         client = %peer,
         listen = %listen.cfg.name,
         server = %srv.cfg.name,
-        wait_ms = wait.as_millis() as u64,
-        connect_ms = connect.as_millis() as u64,
+        wait_ms = opened.wait.as_millis() as u64,
+        connect_ms = opened.connect.as_millis() as u64,
         total_ms = total.as_millis() as u64,
         bytes_in = outcome.to_server,
         bytes_out = outcome.to_client,
         term = outcome.end.code(),
         end = %outcome.end.describe(),
-        user = params.and_then(|p| p.param("user")).unwrap_or("-"),
-        database = params.and_then(|p| p.param("database")).unwrap_or("-"),
-        application_name = params.and_then(|p| p.param("application_name")).unwrap_or("-"),
+        user = params.and_then(|p| p.param("user")).as_deref().unwrap_or("-"),
+        database = params.and_then(|p| p.param("database")).as_deref().unwrap_or("-"),
+        application_name = params.and_then(|p| p.param("application_name")).as_deref().unwrap_or("-"),
         tls = if client.is_tls() { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
         "session closed"
     );
@@ -557,8 +597,8 @@ async fn refuse(
         refused = refusal.kind(),
         reason = %refusal.message(),
         total_ms = accepted.elapsed().as_millis() as u64,
-        user = startup.as_ref().and_then(|m| m.param("user")).unwrap_or("-"),
-        database = startup.as_ref().and_then(|m| m.param("database")).unwrap_or("-"),
+        user = startup.as_ref().and_then(|m| m.param("user")).as_deref().unwrap_or("-"),
+        database = startup.as_ref().and_then(|m| m.param("database")).as_deref().unwrap_or("-"),
         "session refused"
     );
     if startup.is_some() {

@@ -4,7 +4,7 @@
 //! (StartupMessage, SSLRequest, GSSENCRequest, CancelRequest). These packets have no type
 //! byte: a 4-byte length (including itself) then a 4-byte code or protocol version.
 
-use std::collections::BTreeMap;
+use std::borrow::Cow;
 
 use bytes::{Bytes, BytesMut};
 use pgwire::messages::cancel::CancelRequest;
@@ -65,14 +65,33 @@ impl CancelKey {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
     pub version: (u16, u16),
-    pub params: BTreeMap<String, String>,
-    /// The packet as received, forwarded unchanged to the server.
+    /// The packet as received, forwarded unchanged to the server. Its parameters were
+    /// checked when it was decoded and are read from it on demand: a session keeps only
+    /// these bytes, not a map of strings, for its whole life.
     pub raw: Bytes,
 }
 
 impl StartupMessage {
-    pub fn param(&self, key: &str) -> Option<&str> {
-        self.params.get(key).map(String::as_str)
+    /// A parameter's value (the last one when the client sent it twice, as PostgreSQL
+    /// reads it); bytes that are not UTF-8 are shown as U+FFFD.
+    pub fn param(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.params()
+            .filter(|(k, _)| *k == key)
+            .last()
+            .map(|(_, v)| v)
+    }
+
+    /// The name/value pairs in packet order.
+    pub fn params(&self) -> impl Iterator<Item = (Cow<'_, str>, Cow<'_, str>)> {
+        let mut fields = self.raw.get(8..).unwrap_or_default().split(|&b| b == 0);
+        std::iter::from_fn(move || {
+            let name = fields.next().filter(|n| !n.is_empty())?;
+            let value = fields.next()?;
+            Some((
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(value),
+            ))
+        })
     }
 }
 
@@ -197,7 +216,6 @@ fn decode_startup(packet: Bytes, code: u32) -> Result<Packet, StartupError> {
     }
     Ok(Packet::Startup(StartupMessage {
         version: (major, minor),
-        params: startup.parameters,
         raw: packet,
     }))
 }
@@ -293,11 +311,36 @@ mod tests {
             let Packet::Startup(m) = decode_bytes(&p).expect("valid") else {
                 panic!("not a startup message")
             };
-            assert_eq!(m.param("user"), Some("app"));
-            assert_eq!(m.param("database"), Some("db"));
+            assert_eq!(m.param("user").as_deref(), Some("app"));
+            assert_eq!(m.param("database").as_deref(), Some("db"));
+            assert_eq!(m.param("application_name"), None);
+            let pairs: Vec<(String, String)> = m
+                .params()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            assert_eq!(
+                pairs,
+                [
+                    ("user".into(), "app".into()),
+                    ("database".into(), "db".into())
+                ]
+            );
             assert_eq!(m.version, (3, (version & 0xffff) as u16));
             assert_eq!(&m.raw[..], &p[..], "raw bytes are kept for forwarding");
         }
+    }
+
+    #[test]
+    fn a_repeated_parameter_reads_as_its_last_value() {
+        let p = startup_packet(0x0003_0000, &[("user", "first"), ("user", "app")]);
+        let Packet::Startup(m) = decode_bytes(&p).expect("valid") else {
+            panic!("not a startup message")
+        };
+        assert_eq!(
+            m.param("user").as_deref(),
+            Some("app"),
+            "as PostgreSQL reads it"
+        );
     }
 
     #[test]
@@ -422,7 +465,7 @@ mod tests {
         sent.extend(startup_packet(0x0003_0000, &[("user", "app")]));
         client.write_all(&sent).await.expect("write");
         let hello = read_hello(&mut server).await.expect("hello");
-        assert!(matches!(hello, Hello::Startup(m) if m.param("user") == Some("app")));
+        assert!(matches!(hello, Hello::Startup(m) if m.param("user").as_deref() == Some("app")));
         let mut answer = [0u8; 1];
         client.read_exact(&mut answer).await.expect("answer");
         assert_eq!(&answer, b"N");

@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering:
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::{Notify, Semaphore, broadcast, watch};
+use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
 
 use crate::config;
 use crate::events::Event;
@@ -176,13 +177,21 @@ pub struct ServerState {
     pub consecutive_errors: AtomicU32,
     /// A healthy primary failing a replica check: a fallback target for replica listens.
     pub fallback_ok: AtomicBool,
-    /// Bumped to close this server's sessions (on-marked-down shutdown-sessions).
-    pub kill: watch::Sender<u64>,
-    /// True while the server is drained: its sessions close at their next transaction
-    /// boundary.
-    pub draining: watch::Sender<bool>,
+    /// What sessions starting now take to learn of a kill or a drain.
+    sessions: Mutex<SessionSignals>,
     /// Wakes the checker early (after passive health marked the server down).
     pub wake_checker: Notify,
+}
+
+/// What ends a server's sessions early. Each session clones the tokens when it starts; a
+/// token is cancelled once and then replaced, so later sessions are not affected. (Tokens,
+/// not watch channels: a session waits on them with nameable futures, no boxing.)
+#[derive(Debug, Default, Clone)]
+pub struct SessionSignals {
+    /// Cancelled to close the sessions now.
+    pub kill: CancellationToken,
+    /// Cancelled to drain: sessions close at their next transaction boundary.
+    pub drain: CancellationToken,
 }
 
 impl ServerState {
@@ -199,8 +208,7 @@ impl ServerState {
             counters: ServerCounters::default(),
             consecutive_errors: AtomicU32::new(0),
             fallback_ok: AtomicBool::new(false),
-            kill: watch::Sender::new(0),
-            draining: watch::Sender::new(false),
+            sessions: Mutex::default(),
             wake_checker: Notify::new(),
         }
     }
@@ -220,7 +228,31 @@ impl ServerState {
 
     pub(crate) fn set_admin(&self, admin: Admin) {
         self.admin.store(admin.to_u8(), Relaxed);
-        self.draining.send_replace(admin == Admin::Drain);
+        self.set_draining(admin == Admin::Drain);
+    }
+
+    /// The signals for a session starting on this server now.
+    pub fn session_signals(&self) -> SessionSignals {
+        lock(&self.sessions).clone()
+    }
+
+    /// Closes the sessions running on this server (on-marked-down shutdown-sessions);
+    /// sessions that start afterwards are not affected.
+    pub(crate) fn kill_sessions(&self) {
+        let mut s = lock(&self.sessions);
+        s.kill.cancel();
+        s.kill = CancellationToken::new();
+    }
+
+    /// While on, sessions on this server (running or starting) close at their next
+    /// transaction boundary. Turning it off spares sessions that start afterwards.
+    pub(crate) fn set_draining(&self, on: bool) {
+        let mut s = lock(&self.sessions);
+        if on {
+            s.drain.cancel();
+        } else if s.drain.is_cancelled() {
+            s.drain = CancellationToken::new();
+        }
     }
 
     /// The weight outside slowstart: configured or set by an operator.
