@@ -70,6 +70,7 @@ class Settings:
     workloads: list
     pglb_binary: Path
     pglb_log_level: str
+    threads: int
     perf: str
     out: Path
     tmp: Path
@@ -86,6 +87,7 @@ class Settings:
             workloads=[w for w in os.environ.get("BENCH_WORKLOADS", "").split(",") if w],
             pglb_binary=Path(os.environ.get("BENCH_PGLB", REPO / "target/release/pglb")),
             pglb_log_level=os.environ.get("BENCH_PGLB_LOG_LEVEL", "warn"),
+            threads=env_int("BENCH_THREADS", 2),
             perf="" if os.environ.get("BENCH_PERF", "0") == "0" else os.environ["BENCH_PERF"],
             out=Path(os.environ.get("BENCH_OUT", REPO / "bench/results/latest.md")),
             tmp=Path(tmp),
@@ -300,7 +302,7 @@ def write_pglb_config(settings, stack, path):
         for n, (port, _) in enumerate(stack.bouncers, 1))
     path.write_text(
         "[global]\nmaxconn = 20000\ngrace = \"2s\"\n"
-        f'log_level = "{settings.pglb_log_level}"\n\n'
+        f'log_level = "{settings.pglb_log_level}"\nthreads = {settings.threads}\n\n'
         f'[[listen]]\nname = "bench"\nbind = "127.0.0.1:{stack.pglb_port}"\n'
         'balance = "leastconn"\nmaxconn = 15000\n\n'
         '[listen.timeouts]\nconnect = "5s"\nclient = "30m"\nserver = "30m"\n\n'
@@ -319,9 +321,9 @@ def start_pglb(procs, settings, stack):
     wait_until("pglb", lambda: can_query(stack.pglb_port), proc=stack.pglb)
 
 
-def write_haproxy_config(stack, path):
-    # nbthread 2: one thread per core, as many as pglb's worker threads on this 2-core
-    # machine (its default: one per core), so both may use the whole box.
+def write_haproxy_config(settings, stack, path):
+    # The same thread count for both proxies (BENCH_THREADS, default 2: one per core on
+    # this machine, both proxies' default), so both may use the whole box.
     servers = "".join(f"    server pgb{n} 127.0.0.1:{port} check\n"
                       for n, (port, _) in enumerate(stack.bouncers, 1))
     # maxconn 20000 makes HAProxy want ~40,000 descriptors and refuse to start when it
@@ -329,7 +331,7 @@ def write_haproxy_config(stack, path):
     # (pglb runs with the same limit and its maxconn beyond it too).
     relax = "    no strict-limits\n" if open_files_limit() < 2 * 20000 + 100 else ""
     path.write_text(
-        "global\n    maxconn 20000\n    nbthread 2\n" + relax + "\n"
+        f"global\n    maxconn 20000\n    nbthread {settings.threads}\n" + relax + "\n"
         "defaults\n    mode tcp\n    timeout client 30m\n    timeout server 30m\n"
         "    timeout connect 5s\n\n"
         f"listen postgres\n    bind 127.0.0.1:{stack.haproxy_port}\n    maxconn 20000\n"
@@ -342,7 +344,7 @@ def start_haproxy(procs, settings, stack):
     d = make_service_dir(settings.tmp / "haproxy")
     stack.haproxy_port = stack.haproxy_port or free_port()
     config = d / "haproxy.cfg"
-    write_haproxy_config(stack, config)
+    write_haproxy_config(settings, stack, config)
     run_checked(["haproxy", "-c", "-q", "-f", str(config)], "haproxy -c")
     stack.haproxy = procs.start("haproxy", ["haproxy", "-db", "-f", str(config)],
                                 d / "haproxy.log", stop_signal=signal.SIGTERM)
@@ -417,6 +419,14 @@ class CpuSnapshot:
     busy: int
     children_s: float
     self_s: float
+    segments: int
+
+
+def tcp_segments():
+    """Segments the kernel has sent (all of loopback: every hop, ACKs included)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("OutSegs")]) if len(rows) >= 2 else 0
 
 
 def cpu_snapshot(stack, target_proc):
@@ -427,7 +437,8 @@ def cpu_snapshot(stack, target_proc):
     return CpuSnapshot(
         at=time.monotonic(), target=process_ticks(target_proc.pid), bouncers=bouncers,
         ours=proxies + bouncers + postgres_ticks(stack), busy=busy_ticks(),
-        children_s=kids.ru_utime + kids.ru_stime, self_s=me.ru_utime + me.ru_stime)
+        children_s=kids.ru_utime + kids.ru_stime, self_s=me.ru_utime + me.ru_stime,
+        segments=tcp_segments())
 
 
 # ---------------------------------------------------------------- pgbench runs
@@ -446,6 +457,7 @@ class Run:
     target_cpu_us: float = float("nan")  # per transaction (= per connection under -C)
     bouncers_cpu_us: float = float("nan")
     noise_cores: float = float("nan")
+    segments: float = float("nan")  # TCP segments sent on the machine per transaction
     error: str = ""
 
 
@@ -525,6 +537,8 @@ def run_pgbench(settings, stack, workload, target, round_no):
     ours = ((after.ours - before.ours) / CLK_TCK + (after.children_s - before.children_s)
             + (after.self_s - before.self_s))
     run.noise_cores = max(0.0, (after.busy - before.busy) / CLK_TCK - ours) / wall
+    if run.txns:
+        run.segments = (after.segments - before.segments) / run.txns
     return run
 
 
@@ -590,6 +604,7 @@ def syscall_summary(trace, txns):
 def describe(run):
     text = (f"{run.workload:<12} {run.target:<8} tps={run.tps:9.1f} avg={run.lat_avg_ms:7.3f}ms "
             f"p99={run.lat_p99_ms:7.3f}ms cpu={run.target_cpu_us:6.1f}us/txn "
+            f"bouncers={run.bouncers_cpu_us:6.1f}us/txn segs={run.segments:5.1f}/txn "
             f"noise={run.noise_cores:.2f} cores")
     return text + (f"  ERROR: {run.error}" if run.error else "")
 
@@ -738,12 +753,13 @@ def memory_table(results):
 
 def runs_table(runs):
     lines = ["| round | workload | target | TPS | txns | lat avg ms | lat p99 ms "
-             "| target CPU µs/txn | PgBouncers CPU µs/txn | noise, cores | error |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| target CPU µs/txn | PgBouncers CPU µs/txn | TCP segments/txn | noise, cores | error |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         lines.append(f"| {r.round} | {r.workload} | {r.target} | {fmt(r.tps)} | {r.txns} "
                      f"| {fmt(r.lat_avg_ms, 3)} | {fmt(r.lat_p99_ms, 3)} | {fmt(r.target_cpu_us)} "
-                     f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.noise_cores, 2)} | {r.error} |")
+                     f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.segments)} | {fmt(r.noise_cores, 2)} "
+                     f"| {r.error} |")
     return "\n".join(lines)
 
 
@@ -766,9 +782,9 @@ def method_notes(settings):
         "- Topology: PostgreSQL 15 (fsync off) <- 3 PgBouncers (transaction pooling, pool 20, "
         "SCRAM) <- pglb / HAProxy (leastconn). Direct = one PgBouncer (so 20 server "
         "connections instead of 60).",
-        f"- pglb: log_level \"{settings.pglb_log_level}\" (no per-session log line), tcp check 2s. "
-        "HAProxy 2.6: nbthread 2 (one thread per core, like pglb's worker threads), no logging, "
-        "pgsql-check user app.",
+        f"- pglb: log_level \"{settings.pglb_log_level}\" (no per-session log line), "
+        f"threads = {settings.threads}, tcp check 2s. HAProxy 2.6: nbthread {settings.threads}, "
+        "no logging, pgsql-check user app.",
         "- Latency: per-transaction pgbench --log, p99 = 99th percentile of all transactions.",
         "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "
         "Direct column: the PgBouncer's own CPU (there is no proxy).",

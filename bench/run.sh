@@ -19,6 +19,7 @@
 #   BENCH_WORKLOADS=k,...     only these: select-c8 select-c64 select-c256 tpcb-c32 connect-c16
 #   BENCH_PGLB=path           use this pglb binary instead of building target/release/pglb
 #   BENCH_PGLB_LOG_LEVEL=lvl  pglb log_level (default warn: no per-session line, like HAProxy here)
+#   BENCH_THREADS=N           pglb threads and HAProxy nbthread (default 2, one per core here)
 #   BENCH_OUT=path            where to write the report (default bench/results/latest.md)
 #   BENCH_PERF=1              perf-record the proxies in round 1; top symbols to
 #                             bench/results/perf-<workload>-<proxy>.txt

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -15,6 +15,7 @@ use crate::net;
 use crate::refusal::Refusal;
 use crate::session::{self, Admission};
 use crate::state::ListenState;
+use crate::workers::Pool;
 
 /// Refused clients are answered by short tasks; this caps how many run at once so a
 /// flood beyond maxconn costs bounded work (beyond it, the socket is simply closed).
@@ -32,6 +33,8 @@ pub struct Shared {
     pub tracker: TaskTracker,
     /// Cancelled when the shutdown grace ends: sessions close.
     pub close_sessions: CancellationToken,
+    /// Where sessions run.
+    pub workers: Arc<Pool>,
 }
 
 impl Shared {
@@ -39,6 +42,7 @@ impl Shared {
         global_limit: usize,
         tracker: TaskTracker,
         close_sessions: CancellationToken,
+        workers: Arc<Pool>,
     ) -> Self {
         Shared {
             global: Arc::new(Semaphore::new(global_limit)),
@@ -46,17 +50,19 @@ impl Shared {
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             tracker,
             close_sessions,
+            workers,
         }
     }
 }
 
 /// Accepts until `stop` is cancelled, then drops the listener (the port closes once every
-/// worker's loop has dropped its descriptor). Runs on a worker: the listener is
-/// registered with, and sessions are spawned on, the runtime it is polled on.
+/// worker's loop has dropped its descriptor). Runs on worker `me`, whose event loop
+/// watches the listener; each client goes to the least loaded worker.
 /// `current` holds the listen's state; a reload swaps it, and new clients get the new one
 /// while sessions already running keep theirs.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
+    me: usize,
     current: watch::Receiver<Arc<ListenState>>,
     shared: Shared,
     stop: CancellationToken,
@@ -102,9 +108,35 @@ pub async fn accept_loop(
             }
         };
         let (listen, close) = (Arc::clone(&listen), shared.close_sessions.clone());
+        let worker = shared.workers.pick(me);
+        let load = shared.workers.enter(worker);
+        if worker == me {
+            shared.tracker.spawn(async move {
+                let _load = load;
+                session::serve(stream, peer, listen, admission, close).await
+            });
+            continue;
+        }
+        // Another worker's event loop must own the socket: hand it over unregistered.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(client = %peer, error = %e, "cannot hand the client to another worker");
+                continue;
+            }
+        };
+        let session = async move {
+            let _load = load;
+            match TcpStream::from_std(stream) {
+                Ok(tcp) => session::serve(tcp, peer, listen, admission, close).await,
+                Err(e) => {
+                    debug!(client = %peer, error = %e, "worker cannot watch the client socket")
+                }
+            }
+        };
         shared
             .tracker
-            .spawn(session::serve(stream, peer, listen, admission, close));
+            .spawn_on(session, shared.workers.handle(worker));
     }
 }
 

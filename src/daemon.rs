@@ -10,7 +10,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::runtime::Handle;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -22,6 +21,7 @@ use crate::config::Config;
 use crate::events::Event;
 use crate::notify::notify;
 use crate::state::{ListenState, Process, lock};
+use crate::workers::Pool;
 use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload};
 
 /// Extra time given to sessions to unwind once told to close.
@@ -35,9 +35,8 @@ pub struct Control<S> {
     pub reload: mpsc::UnboundedReceiver<()>,
     /// The file reloads read again.
     pub config_path: PathBuf,
-    /// Worker runtimes: every one accepts on every listen and runs the sessions it
-    /// accepted (see [`crate::workers`]). At least one.
-    pub workers: Vec<Handle>,
+    /// Where sessions run: every worker accepts on every listen (see [`crate::workers`]).
+    pub workers: Arc<Pool>,
 }
 
 /// One served listen: its socket's accept loop and the state it hands to new clients.
@@ -58,7 +57,7 @@ struct Daemon {
     shared: Shared,
     /// Stops the health checks of the current generation of listens.
     checks: CancellationToken,
-    workers: Vec<Handle>,
+    workers: Arc<Pool>,
 }
 
 /// Runs pglb until `control.shutdown` completes. Binding errors are returned before any
@@ -79,7 +78,11 @@ pub async fn run<S: Future<Output = ()>>(
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
         admin::load(path, &listens);
     }
-    let process = Arc::new(Process::new(listens.clone(), config.global.maxconn));
+    let process = Arc::new(Process::new(
+        listens.clone(),
+        config.global.maxconn,
+        Arc::clone(&control.workers),
+    ));
     let stop_http = CancellationToken::new();
     if let Some(stats) = &config.stats {
         let listener = net::bind(stats.bind, 128)
@@ -107,6 +110,7 @@ pub async fn run<S: Future<Output = ()>>(
             config.global.maxconn,
             tracker.clone(),
             close_sessions.clone(),
+            Arc::clone(&control.workers),
         ),
         config,
         process,
@@ -188,12 +192,12 @@ impl Daemon {
         );
         let (current, rx) = watch::channel(Arc::clone(listen));
         let stop = CancellationToken::new();
-        for worker in &self.workers {
+        for worker in 0..self.workers.len() {
             match listener.try_clone() {
                 Ok(own) => {
-                    let task =
-                        accept::accept_loop(own, rx.clone(), self.shared.clone(), stop.clone());
-                    self.loops.spawn_on(task, worker);
+                    let (current, shared) = (rx.clone(), self.shared.clone());
+                    let task = accept::accept_loop(own, worker, current, shared, stop.clone());
+                    self.loops.spawn_on(task, self.workers.handle(worker));
                 }
                 // Out of descriptors: fewer workers take this listen's clients.
                 Err(e) => {

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             shutdown: shutdown_signal(),
             reload,
             config_path: cli.config.clone(),
-            workers: workers.handles().to_vec(),
+            workers: workers.pool(),
         };
         pglb::run(config, control).await
     });

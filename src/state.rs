@@ -12,6 +12,7 @@ use crate::config;
 use crate::events::Event;
 use crate::health::Health;
 use crate::pick::Dispatch;
+use crate::workers::Pool;
 
 /// Locks a mutex whose data stays usable even if a holder panicked (counters and
 /// health verdicts are always in a consistent state between statements).
@@ -419,13 +420,16 @@ pub struct Process {
     pub reload_error: Mutex<Option<String>>,
     /// Cleared when shutdown begins: `/health` then reports 503.
     pub serving: AtomicBool,
+    /// The worker threads, for their session counts.
+    workers: Arc<Pool>,
 }
 
 impl Process {
-    pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize) -> Self {
+    pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize, workers: Arc<Pool>) -> Self {
         Process {
             listens: std::sync::RwLock::new(Arc::new(listens)),
             maxconn,
+            workers,
             started: Instant::now(),
             reload_error: Mutex::new(None),
             serving: AtomicBool::new(true),
@@ -446,6 +450,7 @@ impl Process {
             self.maxconn,
             self.started,
             lock(&self.reload_error).clone(),
+            self.workers.sessions(),
         )
     }
 }

@@ -163,6 +163,56 @@ async fn csv_rows_follow_a_killed_and_restarted_pgbouncer() {
     wait_status(stats, "pgb2", "UP", Duration::from_secs(3)).await;
 }
 
+/// GET /metrics, parsed as Prometheus text.
+async fn scrape(stats: u16) -> prometheus_parse::Scrape {
+    let (code, body) = http_get(stats, "/metrics").await;
+    assert_eq!(code, 200);
+    let lines = body.lines().map(|l| Ok(l.to_owned()));
+    prometheus_parse::Scrape::parse(lines).expect("Prometheus text")
+}
+
+/// The sum of a metric's samples, only those with `label` when given.
+fn sum(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)>) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name && label.is_none_or(|(k, v)| s.labels.get(k) == Some(v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_evenly_over_worker_threads() {
+    let stack = Stack::start(2);
+    let (port, stats) = (free_port(), free_port());
+    let config = checked_with_stats(port, &stack, stats, "")
+        .replace("maxconn = 5000", "maxconn = 5000\nthreads = 2");
+    let pglb = Pglb::start(&config, port);
+    // One after another: each new client goes to the worker with fewer sessions,
+    // whichever worker accepted it.
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let c = pglb.connect().await.expect("connect");
+        c.simple_query("SELECT 1").await.expect("query");
+        clients.push(c);
+    }
+    let scrape = scrape(stats).await;
+    let on = |w: &str| sum(&scrape, "pglb_worker_current_sessions", Some(("worker", w)));
+    assert_eq!((on("0"), on("1")), (10.0, 10.0));
+    // And every session works at once, whichever thread relays it.
+    let queries = clients
+        .iter()
+        .map(|c| c.simple_query("SELECT pg_sleep(0.2)"));
+    for r in futures_util::future::join_all(queries).await {
+        r.expect("query");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     let mut stack = Stack::start(2);
@@ -173,25 +223,9 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     let c = pglb.connect().await.expect("connect");
     c.simple_query("SELECT 1").await.expect("query");
 
-    let (code, body) = http_get(stats, "/metrics").await;
-    assert_eq!(code, 200);
-    let lines = body.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("Prometheus text");
-    let value = |name: &str, server: Option<&str>| -> f64 {
-        scrape
-            .samples
-            .iter()
-            .filter(|s| {
-                s.metric == name && server.is_none_or(|sv| s.labels.get("server") == Some(sv))
-            })
-            .map(|s| match s.value {
-                prometheus_parse::Value::Gauge(v)
-                | prometheus_parse::Value::Counter(v)
-                | prometheus_parse::Value::Untyped(v) => v,
-                _ => f64::NAN,
-            })
-            .sum()
-    };
+    let scrape = scrape(stats).await;
+    let value =
+        |name: &str, server: Option<&str>| sum(&scrape, name, server.map(|s| ("server", s)));
     assert_eq!(value("pglb_listen_current_sessions", None), 1.0);
     assert_eq!(value("pglb_server_up", None), 2.0);
     assert_eq!(value("pglb_server_sessions_total", None), 1.0);

@@ -24,6 +24,8 @@ pub struct Snapshot {
     pub listens: Vec<ListenSnap>,
     /// Set when the last configuration reload failed (its error).
     pub reload_error: Option<String>,
+    /// Client sessions on each worker thread.
+    pub worker_sessions: Vec<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -132,6 +134,7 @@ pub fn snapshot(
     maxconn: usize,
     started: Instant,
     reload_error: Option<String>,
+    worker_sessions: Vec<usize>,
 ) -> Snapshot {
     let now = Instant::now();
     let unix_now = SystemTime::now()
@@ -150,6 +153,7 @@ pub fn snapshot(
         maxconn,
         listens,
         reload_error,
+        worker_sessions,
     }
 }
 

@@ -81,6 +81,17 @@ impl Collector for SnapshotCollector {
         )?;
         family(
             &mut enc,
+            "pglb_worker_current_sessions",
+            "Client sessions running on each worker thread.",
+            Kind::Gauge,
+            s.worker_sessions
+                .iter()
+                .enumerate()
+                .map(|(n, v)| (vec![("worker", n.to_string())], *v as f64))
+                .collect(),
+        )?;
+        family(
+            &mut enc,
             "pglb_process_max_connections",
             "Global maxconn.",
             Kind::Gauge,
