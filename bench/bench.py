@@ -580,7 +580,7 @@ def finish_profile(settings, profiler, txns):
         return
     out = subprocess.run(
         ["perf", "report", "-i", str(data), "--no-children", "--stdio", "-g", "none",
-         "--percent-limit", "0.7", "--sort", "symbol"],
+         "--percent-limit", "0.25", "--sort", "symbol"],
         capture_output=True, text=True)
     report.write_text("\n".join(line for line in out.stdout.splitlines()
                                 if line and not line.startswith("#")) + "\n")

@@ -20,7 +20,7 @@ use crate::accept::{self, Shared};
 use crate::config::Config;
 use crate::events::Event;
 use crate::notify::notify;
-use crate::state::{ListenState, Process, lock};
+use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
 use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload};
 
@@ -170,7 +170,7 @@ pub async fn run<S: Future<Output = ()>>(
             sessions = tracker.len(),
             "shutdown grace over: closing remaining sessions"
         );
-        close_sessions.cancel();
+        state::end_sessions(&close_sessions);
         let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
     }
     daemon.checks.cancel();

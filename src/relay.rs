@@ -12,10 +12,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{Acquire, Relaxed};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -29,7 +29,7 @@ use crate::backend::Scanner;
 use crate::cancel::Registry;
 use crate::client::Client;
 use crate::startup::CancelKey;
-use crate::state::{Counter, lock};
+use crate::state::{Counter, SESSION_SIGNALS, lock};
 
 /// Largest chunk moved per read.
 const CHUNK: usize = 16 * 1024;
@@ -425,6 +425,9 @@ pin_project_lite::pin_project! {
         drain_deadline: Option<Instant>,
         // The activity point at which the drain quiet check last ran (once per point).
         drain_checked: Option<(u64, u64)>,
+        // `SESSION_SIGNALS` when the tokens were last looked at, and the waker they hold.
+        signals_seen: u64,
+        waker: Option<Waker>,
         // One timer for every deadline (idle, drain quiet, drain deadline), moved to the
         // nearest one on each poll.
         #[pin]
@@ -457,6 +460,8 @@ impl<'a, R1, W1, R2, W2> Run<'a, R1, W1, R2, W2> {
             drain_after: signals.drain_deadline,
             drain_deadline: None,
             drain_checked: None,
+            signals_seen: 0,
+            waker: None,
             timer: sleep_until(epoch + idle.client.min(idle.server)),
             shutdown: signals.shutdown.cancelled(),
             kill: signals.kill.cancelled(),
@@ -473,16 +478,26 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin> Fut
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut this = self.project();
         let end = loop {
-            if this.shutdown.as_mut().poll(cx).is_ready() {
-                break End::Shutdown;
-            }
-            if this.kill.as_mut().poll(cx).is_ready() {
-                break End::ServerDown;
-            }
-            if this.drain_deadline.is_none() && this.drain.as_mut().poll(cx).is_ready() {
-                *this.drain_deadline = Some(Instant::now() + *this.drain_after);
-                if let Some(t) = this.tracker {
-                    t.draining.store(true, Relaxed);
+            // The tokens need a look only when one was cancelled since the last look, or
+            // when they hold an outdated waker.
+            let sent = SESSION_SIGNALS.load(Acquire);
+            let new_waker = !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+            if new_waker || sent != *this.signals_seen {
+                *this.signals_seen = sent;
+                if new_waker {
+                    *this.waker = Some(cx.waker().clone());
+                }
+                if this.shutdown.as_mut().poll(cx).is_ready() {
+                    break End::Shutdown;
+                }
+                if this.kill.as_mut().poll(cx).is_ready() {
+                    break End::ServerDown;
+                }
+                if this.drain_deadline.is_none() && this.drain.as_mut().poll(cx).is_ready() {
+                    *this.drain_deadline = Some(Instant::now() + *this.drain_after);
+                    if let Some(t) = this.tracker {
+                        t.draining.store(true, Relaxed);
+                    }
                 }
             }
 
@@ -530,7 +545,11 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin> Fut
             if let Some(at) = *this.drain_deadline {
                 wake = wake.min(at);
             }
-            if this.timer.deadline() != wake {
+            // Moved earlier at once; moved later only once it fired (activity pushes the
+            // idle deadline on every message, and a reset is not free): a timer that fires
+            // early finds nothing due and is re-armed here.
+            let armed = this.timer.deadline();
+            if wake < armed || (wake > armed && this.timer.is_elapsed()) {
                 this.timer.as_mut().reset(wake);
             }
             if this.timer.as_mut().poll(cx).is_pending() {

@@ -184,6 +184,18 @@ pub struct ServerState {
     pub wake_checker: Notify,
 }
 
+/// Bumped before any token that ends or drains sessions is cancelled. A relay looks at
+/// its tokens only when this moved since it last did: looking takes two locks that every
+/// session shares, on every wake-up, while the counter is one read of a line that is
+/// almost never written.
+pub static SESSION_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// Cancels a token that sessions wait on (see [`SESSION_SIGNALS`]).
+pub fn end_sessions(token: &CancellationToken) {
+    SESSION_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    token.cancel();
+}
+
 /// What ends a server's sessions early. Each session clones the tokens when it starts; a
 /// token is cancelled once and then replaced, so later sessions are not affected. (Tokens,
 /// not watch channels: a session waits on them with nameable futures, no boxing.)
@@ -241,7 +253,7 @@ impl ServerState {
     /// sessions that start afterwards are not affected.
     pub(crate) fn kill_sessions(&self) {
         let mut s = lock(&self.sessions);
-        s.kill.cancel();
+        end_sessions(&s.kill);
         s.kill = CancellationToken::new();
     }
 
@@ -250,7 +262,7 @@ impl ServerState {
     pub(crate) fn set_draining(&self, on: bool) {
         let mut s = lock(&self.sessions);
         if on {
-            s.drain.cancel();
+            end_sessions(&s.drain);
         } else if s.drain.is_cancelled() {
             s.drain = CancellationToken::new();
         }

@@ -219,3 +219,55 @@ async fn a_pgbouncer_refusing_the_startup_is_skipped_silently() {
         "PgBouncer's reason is logged:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_drain_deadlines_close_sessions_with_their_reason() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let timeouts =
+        "[listen.timeouts]\nclient = \"1500ms\"\nserver = \"1500ms\"\ndrain = \"500ms\"\n";
+    let config = format!(
+        "{}\n{}",
+        Pglb::config(port, timeouts, &stack.servers_toml()),
+        stats_toml(stats)
+    );
+    let pglb = Pglb::start(&config, port);
+
+    // Idle past the limit: closed. Busy for longer than the limit: kept.
+    let idle = pglb.connect().await.expect("connect");
+    idle.simple_query("SELECT 1").await.expect("query");
+    let busy = pglb.connect().await.expect("connect");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        busy.simple_query("SELECT 1")
+            .await
+            .expect("a busy session stays open");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        idle.simple_query("SELECT 1").await.is_err(),
+        "idle session kept"
+    );
+    let timed_out = ["term=\"cD\"", "end=client idle timeout"];
+    let log = pglb.wait_log(&timed_out, 1, Duration::from_secs(2));
+    let closed = |needles: &[&str]| {
+        log.lines()
+            .filter(|l| l.contains("session closed") && needles.iter().all(|n| l.contains(n)))
+            .count()
+    };
+    assert_eq!(closed(&timed_out), 1, "{log}");
+    assert_eq!(closed(&[]), 1, "only the idle session closed:\n{log}");
+    drop(busy);
+
+    // Drained inside a transaction: closed at the drain deadline, not at a boundary.
+    let open = pglb.connect().await.expect("connect");
+    open.simple_query("BEGIN; SELECT 1").await.expect("begin");
+    harness::admin_action(stats, "pgb1", "drain").await;
+    let deadline = ["term=\"pD\"", "end=drain deadline reached"];
+    let log = pglb.wait_log(&deadline, 1, Duration::from_secs(3));
+    assert!(
+        log.lines().any(|l| deadline.iter().all(|n| l.contains(n))),
+        "{log}"
+    );
+    assert!(open.simple_query("SELECT 1").await.is_err(), "{log}");
+}
