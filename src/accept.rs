@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 
 use crate::net;
 use crate::refusal::Refusal;
-use crate::session::{self, Admission};
+use crate::session::{self, Admission, Incoming};
 use crate::state::ListenState;
 use crate::workers::Pool;
 
@@ -111,29 +111,20 @@ pub async fn accept_loop(
         let worker = shared.workers.pick(me);
         let load = shared.workers.enter(worker);
         if worker == me {
-            shared.tracker.spawn(async move {
-                let _load = load;
-                session::serve(stream, peer, listen, admission, close).await
-            });
+            let tcp = Incoming::Here(stream);
+            let session = session::serve(tcp, peer, listen, admission, close, load);
+            shared.tracker.spawn(session);
             continue;
         }
         // Another worker's event loop must own the socket: hand it over unregistered.
-        let stream = match stream.into_std() {
-            Ok(s) => s,
+        let tcp = match stream.into_std() {
+            Ok(s) => Incoming::Handed(s),
             Err(e) => {
                 debug!(client = %peer, error = %e, "cannot hand the client to another worker");
                 continue;
             }
         };
-        let session = async move {
-            let _load = load;
-            match TcpStream::from_std(stream) {
-                Ok(tcp) => session::serve(tcp, peer, listen, admission, close).await,
-                Err(e) => {
-                    debug!(client = %peer, error = %e, "worker cannot watch the client socket")
-                }
-            }
-        };
+        let session = session::serve(tcp, peer, listen, admission, close, load);
         shared
             .tracker
             .spawn_on(session, shared.workers.handle(worker));

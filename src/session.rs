@@ -18,6 +18,7 @@ use crate::refusal::Refusal;
 use crate::relay::{self, Idle, Meters};
 use crate::startup::{self, Hello, StartupError, StartupMessage};
 use crate::state::{self, Counter, ListenState, raise_max};
+use crate::workers::Load;
 use crate::{cancel, checker, net, refusal, tls};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
@@ -49,6 +50,13 @@ impl Drop for Current {
     }
 }
 
+/// An accepted client socket: registered with this worker's event loop already, or
+/// handed over by the worker that accepted it, to be registered here.
+pub enum Incoming {
+    Here(TcpStream),
+    Handed(std::net::TcpStream),
+}
+
 /// A client connected through to its server, ready to relay.
 struct Established {
     client: Client,
@@ -63,12 +71,14 @@ struct Established {
 /// the session relays: an established session keeps only what the relay and its closing
 /// log line need. (A plain fn around an `async` block: an `async fn` would keep a second
 /// copy of its arguments for the whole session.)
+/// `load` counts the session on the worker it runs on.
 pub fn serve(
-    tcp: TcpStream,
+    tcp: Incoming,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     admission: Admission,
     stop: CancellationToken,
+    load: Load,
 ) -> impl Future<Output = ()> {
     let accepted = Instant::now();
     let opening = Box::pin(establish(
@@ -79,6 +89,7 @@ pub fn serve(
         accepted,
     ));
     async move {
+        let _load = load;
         if let Some(mut session) = opening.await {
             relay_and_log(&mut session, peer, &listen, &stop, accepted).await;
         }
@@ -88,12 +99,22 @@ pub fn serve(
 /// Steps 1 and 2: startup, then pick a server and connect. None when the session ended
 /// there (a cancel request, a refusal, a client gone).
 async fn establish(
-    tcp: TcpStream,
+    tcp: Incoming,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     admission: Admission,
     accepted: Instant,
 ) -> Option<Established> {
+    let tcp = match tcp {
+        Incoming::Here(tcp) => tcp,
+        Incoming::Handed(tcp) => match TcpStream::from_std(tcp) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                debug!(client = %peer, error = %e, "worker cannot watch the client socket");
+                return None;
+            }
+        },
+    };
     // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
     let (mut client, hello) = Box::pin(negotiate(tcp, peer, &listen)).await?;
     if let Hello::Cancel(key) = &hello {
