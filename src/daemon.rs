@@ -240,6 +240,9 @@ impl Daemon {
         if config.global.maxconn != self.config.global.maxconn {
             warn!("global maxconn changes take effect at the next restart");
         }
+        if config.global.threads != self.config.global.threads {
+            warn!("global threads changes take effect at the next restart");
+        }
         if config.stats.as_ref().map(|s| s.bind) != self.config.stats.as_ref().map(|s| s.bind) {
             warn!("[stats] changes take effect at the next restart");
         }
