@@ -113,14 +113,7 @@ async fn running_out_of_descriptors_backs_off_and_recovers() {
         pglb.log().contains("accept failed"),
         "the condition is logged"
     );
-    assert!(
-        pglb.proc
-            .child
-            .try_wait()
-            .map(|s| s.is_none())
-            .unwrap_or(false),
-        "pglb is alive"
-    );
+    assert!(pglb.proc.running(), "pglb is alive");
     drop(held);
     Command::new("prlimit")
         .arg(format!("--pid={pid}"))

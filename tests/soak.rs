@@ -183,14 +183,7 @@ async fn chaos_soak_loses_nothing_silently() {
         tally.session_errors.load(Relaxed),
         tally.hangs.load(Relaxed)
     );
-    assert!(
-        pglb.proc
-            .child
-            .try_wait()
-            .map(|s| s.is_none())
-            .unwrap_or(false),
-        "pglb died"
-    );
+    assert!(pglb.proc.running(), "pglb died");
     assert!(ok > secs, "too little traffic went through: {ok}");
     assert!(
         unexcused.is_empty(),

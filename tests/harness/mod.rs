@@ -121,6 +121,11 @@ impl Proc {
         }
     }
 
+    /// Not exited yet.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Stops the process and waits for it; returns its exit status if it exited in time.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(status)) = self.child.try_wait() {
