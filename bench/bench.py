@@ -100,13 +100,14 @@ class Workload:
     label: str
     pgbench_args: list
     per_connection: bool = False
+    writes: bool = False
 
 
 WORKLOADS = [
     Workload("select-c8", "select-only -c 8", ["-S", "-c", "8"]),
     Workload("select-c64", "select-only -c 64", ["-S", "-c", "64"]),
     Workload("select-c256", "select-only -c 256", ["-S", "-c", "256"]),
-    Workload("tpcb-c32", "TPC-B-like -c 32", ["-c", "32"]),
+    Workload("tpcb-c32", "TPC-B-like -c 32", ["-c", "32"], writes=True),
     Workload("connect-c16", "select-only -C -c 16", ["-C", "-S", "-c", "16"], per_connection=True),
 ]
 
@@ -233,6 +234,7 @@ def can_query(port):
 class Stack:
     postgres: subprocess.Popen = None
     pg_port: int = 0
+    pg_dir: Path = None
     bouncers: list = field(default_factory=list)  # (port, Popen)
     pglb: subprocess.Popen = None
     pglb_port: int = 0
@@ -257,19 +259,34 @@ def start_postgres(procs, settings, stack):
         f.write(f"port = {stack.pg_port}\nlisten_addresses = '127.0.0.1'\n"
                 f"unix_socket_directories = '{pg_dir}'\nmax_connections = 400\n"
                 "shared_buffers = 128MB\nfsync = off\nsynchronous_commit = off\n"
-                "full_page_writes = off\nlog_min_messages = warning\n")
+                "full_page_writes = off\nlog_min_messages = warning\n"
+                # Vacuumed by the script between runs instead (settle_database), so no run
+                # shares the machine with an autovacuum worker.
+                "autovacuum = off\n")
     stack.postgres = procs.start("postgres", [str(PG_BIN / "postgres"), "-D", str(data)],
                                  pg_dir / "postgres.log", stop_signal=signal.SIGINT)
     wait_until("postgres", lambda: subprocess.run(
         [str(PG_BIN / "pg_isready"), "-q", "-h", str(pg_dir), "-p", str(stack.pg_port)]
     ).returncode == 0, proc=stack.postgres)
-    psql_local = ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(pg_dir),
-                  "-p", str(stack.pg_port), "-U", "postgres", "-d", "postgres", "-c"]
-    run_checked(psql_local + [f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'"], "psql")
-    run_checked(psql_local + [f"CREATE ROLE {IDLE_USER} LOGIN PASSWORD '{IDLE_SECRET}'"], "psql")
-    run_checked(psql_local + [f"CREATE DATABASE {APP_DB} OWNER {APP_USER}"], "psql")
+    stack.pg_dir = pg_dir
+    psql_local(stack, "postgres", f"CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'")
+    psql_local(stack, "postgres", f"CREATE ROLE {IDLE_USER} LOGIN PASSWORD '{IDLE_SECRET}'")
+    psql_local(stack, "postgres", f"CREATE DATABASE {APP_DB} OWNER {APP_USER}")
     run_checked(["pgbench", "-i", "-q", "-s", "10", "-h", str(pg_dir), "-p", str(stack.pg_port),
                  "-U", APP_USER, APP_DB], "pgbench -i")
+
+
+def psql_local(stack, db, sql):
+    """Runs SQL as the superuser over PostgreSQL's own socket (not through any proxy)."""
+    run_checked(["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(stack.pg_dir),
+                 "-p", str(stack.pg_port), "-U", "postgres", "-d", db, "-c", sql], "psql")
+
+
+def settle_database(stack):
+    """After a writing run: vacuum what it updated and checkpoint, so the next run (of
+    whichever target) starts from the same table state and no background writer is busy."""
+    psql_local(stack, APP_DB, "VACUUM")
+    psql_local(stack, APP_DB, "CHECKPOINT")
 
 
 def start_pgbouncers(procs, settings, stack, count=3):
@@ -614,12 +631,21 @@ def run_workloads(settings, stack):
     runs = []
     for round_no in range(1, settings.rounds + 1):
         for workload in workloads:
-            for target in TARGETS:
+            for target in round_order(round_no):
                 run = run_pgbench(settings, stack, workload, target, round_no)
                 log(f"round {round_no}/{settings.rounds} {describe(run)}")
                 runs.append(run)
+                if workload.writes:
+                    settle_database(stack)
                 time.sleep(0.5)
     return workloads, runs
+
+
+def round_order(round_no):
+    """Targets rotated by round (A B C, B C A, C A B, ...): none always runs first after a
+    change of workload or last before one."""
+    shift = (round_no - 1) % len(TARGETS)
+    return TARGETS[shift:] + TARGETS[:shift]
 
 
 # ---------------------------------------------------------------- idle clients (memory)
@@ -701,8 +727,21 @@ def fmt(value, digits=1):
     return "-" if value != value else f"{value:,.{digits}f}"
 
 
-def ratio(a, b):
-    return "-" if a != a or b != b or b == 0 else f"{a / b:.2f}"
+def paired_ratio(runs, workload, attr):
+    """pglb / HAProxy per round (the two ran minutes apart at most), as "median (min-max)".
+    Pairing within a round keeps slow drift of the machine out of the ratio; the range
+    shows how far one round can stray."""
+    by_round = {}
+    for r in runs:
+        if r.workload == workload.key and r.target in ("pglb", "haproxy"):
+            by_round.setdefault(r.round, {})[r.target] = getattr(r, attr)
+    ratios = [p["pglb"] / p["haproxy"] for p in by_round.values()
+              if len(p) == 2 and p["haproxy"] and p["pglb"] == p["pglb"] and p["haproxy"] == p["haproxy"]]
+    if not ratios:
+        return "-"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}"
+    return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def summary_table(workloads, runs, settings):
@@ -710,9 +749,9 @@ def summary_table(workloads, runs, settings):
         return median([getattr(r, attr) for r in runs
                        if r.workload == workload.key and r.target == target])
     lines = [
-        "| workload | TPS pglb | TPS HAProxy | TPS direct | TPS pglb/HAProxy "
+        "| workload | TPS pglb | TPS HAProxy | TPS direct | TPS pglb/HAProxy (rounds) "
         "| lat avg ms pglb / HAProxy / direct | lat p99 ms pglb / HAProxy / direct "
-        "| CPU µs/txn pglb | CPU µs/txn HAProxy | CPU pglb/HAProxy "
+        "| CPU µs/txn pglb | CPU µs/txn HAProxy | CPU pglb/HAProxy (rounds) "
         "| PgBouncer CPU µs/txn (direct) | noise, cores (max) |",
         "|---|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -725,8 +764,8 @@ def summary_table(workloads, runs, settings):
         label = w.label + (" (CPU per new connection)" if w.per_connection else "")
         lines.append(
             f"| {label} | {fmt(tps['pglb'])} | {fmt(tps['haproxy'])} | {fmt(tps['direct'])} "
-            f"| {ratio(tps['pglb'], tps['haproxy'])} | {avg} | {p99} | {fmt(cpu['pglb'])} "
-            f"| {fmt(cpu['haproxy'])} | {ratio(cpu['pglb'], cpu['haproxy'])} "
+            f"| {paired_ratio(runs, w, 'tps')} | {avg} | {p99} | {fmt(cpu['pglb'])} "
+            f"| {fmt(cpu['haproxy'])} | {paired_ratio(runs, w, 'target_cpu_us')} "
             f"| {fmt(cpu['direct'])} | {fmt(median(noise), 2)} ({fmt(max(noise, default=float('nan')), 2)}) |")
     errors = [r for r in runs if r.error]
     notes = [f"- run with errors: round {r.round} {r.workload} {r.target}: {r.error}" for r in errors]
@@ -778,7 +817,13 @@ def versions(settings):
 def method_notes(settings):
     return "\n".join([
         f"- {settings.rounds} round(s), each workload against pglb, HAProxy, PgBouncer direct in "
-        f"turn; medians over rounds. pgbench -n -M simple -j 2 -T {settings.duration}, scale 10.",
+        "turn, the order rotated every round (pglb first, then HAProxy first, then direct "
+        f"first, ...); medians over rounds. pgbench -n -M simple -j 2 -T {settings.duration}, "
+        "scale 10. Autovacuum off; after every TPC-B run the database is vacuumed and "
+        "checkpointed (outside the measured time), so every run starts from the same tables.",
+        "- pglb/HAProxy columns: the ratio within each round (the two runs minutes apart), "
+        "median over rounds, with the lowest and highest round in brackets: a range that "
+        "straddles the target means the run cannot tell.",
         "- Topology: PostgreSQL 15 (fsync off) <- 3 PgBouncers (transaction pooling, pool 20, "
         "SCRAM) <- pglb / HAProxy (leastconn). Direct = one PgBouncer (so 20 server "
         "connections instead of 60).",
