@@ -11,7 +11,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use crate::net;
 use crate::refusal::Refusal;
 use crate::session::{self, Admission, Incoming};
 use crate::state::ListenState;
@@ -97,9 +96,7 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        if let Err(e) = net::tune(&stream) {
-            debug!(client = %peer, error = %e, "cannot set socket options");
-        }
+        // TCP_NODELAY and keepalive come from the listening socket (`net::bind_std`).
         let admission = match admit(&listen, &shared) {
             Ok(admission) => admission,
             Err(()) => {

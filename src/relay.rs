@@ -13,7 +13,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::{Acquire, Relaxed};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
@@ -29,7 +29,7 @@ use crate::backend::Scanner;
 use crate::cancel::Registry;
 use crate::client::Client;
 use crate::startup::CancelKey;
-use crate::state::{Counter, SESSION_SIGNALS, lock};
+use crate::state::{Counter, SESSION_SIGNALS, StripedCounter, lock};
 
 /// Largest chunk moved per read.
 const CHUNK: usize = 16 * 1024;
@@ -91,8 +91,8 @@ impl End {
 
 /// Where a relay adds its byte counts: live, so stats move while sessions run.
 pub struct Meters<'a> {
-    pub to_server: [&'a AtomicU64; 2],
-    pub to_client: [&'a AtomicU64; 2],
+    pub to_server: [&'a StripedCounter; 2],
+    pub to_client: [&'a StripedCounter; 2],
 }
 
 /// Idle limits per side.
@@ -291,11 +291,11 @@ struct Pump<'m, R, W> {
     moved: u64,
     /// When this side last sent bytes, in ms since the relay began.
     last_read: u64,
-    meters: [&'m AtomicU64; 2],
+    meters: [&'m StripedCounter; 2],
 }
 
 impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
-    fn new(from: R, to: W, side: Side, meters: [&'m AtomicU64; 2]) -> Self {
+    fn new(from: R, to: W, side: Side, meters: [&'m StripedCounter; 2]) -> Self {
         let scanner = match side {
             Side::Client => Scanner::frontend(),
             Side::Server => Scanner::backend(),

@@ -18,6 +18,16 @@ use std::thread::JoinHandle;
 use tokio::runtime::{Builder, Handle};
 use tokio_util::sync::CancellationToken;
 
+thread_local! {
+    /// This thread's worker number; 0 on any other thread (the control thread).
+    static CURRENT: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The number of the worker running the caller (0 off the workers).
+pub fn current() -> usize {
+    CURRENT.with(|c| c.get())
+}
+
 /// The running worker threads. Dropping it stops them: tasks still on a worker are
 /// dropped (their sockets close), so drop it only once sessions are done or given up on.
 pub struct Workers {
@@ -52,6 +62,7 @@ impl Workers {
             let thread = std::thread::Builder::new()
                 .name(format!("pglb-worker-{n}"))
                 .spawn(move || {
+                    CURRENT.with(|c| c.set(n));
                     let _ = tx.send(runtime.handle().clone());
                     runtime.block_on(stop.cancelled());
                 })?;
@@ -145,23 +156,27 @@ impl Drop for Load {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
     fn tasks_run_on_their_own_worker_thread() {
         let workers = Workers::start(2).expect("workers start");
         let pool = workers.pool();
-        let names: Vec<String> = (0..pool.len())
+        let seen: Vec<(String, usize)> = (0..pool.len())
             .map(|n| {
                 let task = pool.handle(n).spawn(async {
                     tokio::task::yield_now().await;
-                    std::thread::current().name().map(String::from)
+                    let name = std::thread::current().name().map(String::from);
+                    (name.unwrap_or_default(), current())
                 });
-                wait(task).flatten().unwrap_or_default()
+                wait(task).unwrap_or_default()
             })
             .collect();
-        assert_eq!(names, ["pglb-worker-0", "pglb-worker-1"]);
+        assert_eq!(
+            seen,
+            [("pglb-worker-0".into(), 0), ("pglb-worker-1".into(), 1)]
+        );
     }
 
     #[test]
@@ -181,7 +196,7 @@ mod tests {
     }
 
     /// Waits for a task from a thread outside any runtime.
-    fn wait<T>(task: tokio::task::JoinHandle<T>) -> Option<T> {
+    pub(crate) fn wait<T>(task: tokio::task::JoinHandle<T>) -> Option<T> {
         Builder::new_current_thread()
             .build()
             .ok()?
