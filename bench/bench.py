@@ -81,8 +81,8 @@ class Settings:
         counts = os.environ.get("BENCH_MEMORY_CLIENTS", "2000" if quick else "2000,12000")
         return Settings(
             quick=quick,
-            rounds=env_int("BENCH_ROUNDS", 1 if quick else 3),
-            duration=env_int("BENCH_DURATION", 5 if quick else 15),
+            rounds=env_int("BENCH_ROUNDS", 1 if quick else 5),
+            duration=env_int("BENCH_DURATION", 5 if quick else 9),
             memory_counts=[int(c) for c in counts.split(",") if c.strip() and c.strip() != "0"],
             workloads=[w for w in os.environ.get("BENCH_WORKLOADS", "").split(",") if w],
             pglb_binary=Path(os.environ.get("BENCH_PGLB", REPO / "target/release/pglb")),

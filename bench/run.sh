@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: pglb vs HAProxy vs one PgBouncer directly, on loopback (127.0.0.1 only).
 #
-#   bash bench/run.sh                 # default: 3 rounds x 15 s runs, memory at 2,000 and 12,000 clients
+#   bash bench/run.sh                 # default: 5 rounds x 9 s runs, memory at 2,000 and 12,000 clients
 #   BENCH_QUICK=1 bash bench/run.sh   # smoke run, ~2 min: 1 round x 5 s, memory at 2,000 clients
 #
 # Sets up PostgreSQL 15, three PgBouncers, pglb and HAProxy in a temporary directory (as
@@ -12,8 +12,8 @@
 #
 # Environment:
 #   BENCH_QUICK=1             quick smoke settings (below are the defaults they change)
-#   BENCH_ROUNDS=N            rounds of every workload x target (default 3, quick 1)
-#   BENCH_DURATION=S          pgbench -T seconds per run (default 15, quick 5)
+#   BENCH_ROUNDS=N            rounds of every workload x target (default 5, quick 1)
+#   BENCH_DURATION=S          pgbench -T seconds per run (default 9, quick 5)
 #   BENCH_MEMORY_CLIENTS=a,b  idle-client counts for the memory table (default 2000,12000,
 #                             quick 2000; 0 skips it)
 #   BENCH_WORKLOADS=k,...     only these: select-c8 select-c64 select-c256 tpcb-c32 connect-c16
