@@ -12,6 +12,7 @@ single run, to bench/results/latest.md. Standard library only.
 import base64
 import hashlib
 import hmac
+import math
 import os
 import re
 import resource
@@ -728,7 +729,7 @@ def fmt(value, digits=1):
 
 
 def paired_ratio(runs, workload, attr):
-    """pglb / HAProxy per round (the two ran minutes apart at most), as "median (min-max)".
+    """pglb / HAProxy per round (the two ran seconds apart), as "median (min-max)".
     Pairing within a round keeps slow drift of the machine out of the ratio; the range
     shows how far one round can stray."""
     by_round = {}
@@ -736,7 +737,8 @@ def paired_ratio(runs, workload, attr):
         if r.workload == workload.key and r.target in ("pglb", "haproxy"):
             by_round.setdefault(r.round, {})[r.target] = getattr(r, attr)
     ratios = [p["pglb"] / p["haproxy"] for p in by_round.values()
-              if len(p) == 2 and p["haproxy"] and p["pglb"] == p["pglb"] and p["haproxy"] == p["haproxy"]]
+              if len(p) == 2 and p["haproxy"]
+              and not math.isnan(p["pglb"]) and not math.isnan(p["haproxy"])]
     if not ratios:
         return "-"
     if len(ratios) == 1:
@@ -821,7 +823,7 @@ def method_notes(settings):
         f"first, ...); medians over rounds. pgbench -n -M simple -j 2 -T {settings.duration}, "
         "scale 10. Autovacuum off; after every TPC-B run the database is vacuumed and "
         "checkpointed (outside the measured time), so every run starts from the same tables.",
-        "- pglb/HAProxy columns: the ratio within each round (the two runs minutes apart), "
+        "- pglb/HAProxy columns: the ratio within each round (the two runs seconds apart), "
         "median over rounds, with the lowest and highest round in brackets: a range that "
         "straddles the target means the run cannot tell.",
         "- Topology: PostgreSQL 15 (fsync off) <- 3 PgBouncers (transaction pooling, pool 20, "

@@ -507,7 +507,7 @@ mod tests {
         let workers = Workers::start(3).expect("workers start");
         let pool = workers.pool();
         let counter = Arc::new(StripedCounter::default());
-        counter.add(5); // off the workers (the control thread's stripe)
+        counter.add(5); // off the workers: stripe 0, shared with worker 0
         for n in 0..pool.len() {
             let c = Arc::clone(&counter);
             let task = pool.handle(n).spawn(async move {
