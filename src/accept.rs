@@ -106,22 +106,21 @@ pub async fn accept_loop(
         };
         let (listen, close) = (Arc::clone(&listen), shared.close_sessions.clone());
         let worker = shared.workers.pick(me);
-        let load = shared.workers.enter(worker);
-        if worker == me {
-            let tcp = Incoming::Here(stream);
-            let session = session::serve(tcp, peer, listen, admission, close, load);
-            shared.tracker.spawn(session);
-            continue;
-        }
-        // Another worker's event loop must own the socket: hand it over unregistered.
-        let tcp = match stream.into_std() {
-            Ok(s) => Incoming::Handed(s),
-            Err(e) => {
-                debug!(client = %peer, error = %e, "cannot hand the client to another worker");
-                continue;
+        let tcp = if worker == me {
+            Incoming::Here(stream)
+        } else {
+            // Another worker's event loop must own the socket: hand it over unregistered.
+            match stream.into_std() {
+                Ok(s) => Incoming::Handed(s),
+                Err(e) => {
+                    debug!(client = %peer, error = %e, "cannot hand the client to another worker");
+                    continue;
+                }
             }
         };
+        let load = shared.workers.enter(worker);
         let session = session::serve(tcp, peer, listen, admission, close, load);
+        // On this worker's own handle, tokio queues the task locally (no wake-up).
         shared
             .tracker
             .spawn_on(session, shared.workers.handle(worker));
