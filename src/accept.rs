@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::counters::Gate;
 use crate::refusal::Refusal;
 use crate::session::{self, Admission, Incoming};
 use crate::state::ListenState;
@@ -23,9 +24,8 @@ const MAX_REFUSING: usize = 256;
 /// What every accept loop shares.
 #[derive(Clone)]
 pub struct Shared {
-    /// Global maxconn.
-    pub global: Arc<Semaphore>,
-    pub global_limit: usize,
+    /// Global maxconn (the process's gate: a reload may change it).
+    pub global: Arc<Gate>,
     /// Bounds the tasks that answer refused clients.
     pub refusing: Arc<Semaphore>,
     /// Session tasks, so shutdown can wait for them.
@@ -38,14 +38,13 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        global_limit: usize,
+        global: Arc<Gate>,
         tracker: TaskTracker,
         close_sessions: CancellationToken,
         workers: Arc<Pool>,
     ) -> Self {
         Shared {
-            global: Arc::new(Semaphore::new(global_limit)),
-            global_limit,
+            global,
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             tracker,
             close_sessions,
@@ -57,12 +56,12 @@ impl Shared {
 /// Accepts until `stop` is cancelled, then drops the listener (the port closes once every
 /// worker's loop has dropped its descriptor). Runs on worker `me`, whose event loop
 /// watches the listener; each client goes to the least loaded worker.
-/// `current` holds the listen's state; a reload swaps it, and new clients get the new one
-/// while sessions already running keep theirs.
+/// The listen's state lives as long as the process serves it: a reload reconfigures it
+/// in place, so new clients and running sessions see one set of limits.
 pub async fn accept_loop(
     listener: std::net::TcpListener,
     me: usize,
-    current: watch::Receiver<Arc<ListenState>>,
+    listen: Arc<ListenState>,
     shared: Shared,
     stop: CancellationToken,
 ) {
@@ -70,7 +69,7 @@ pub async fn accept_loop(
     let listener = match TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
-            warn!(listen = %current.borrow().cfg.name, error = %e, "worker cannot watch the listening socket");
+            warn!(listen = %listen.name, error = %e, "worker cannot watch the listening socket");
             return;
         }
     };
@@ -80,14 +79,13 @@ pub async fn accept_loop(
             r = listener.accept() => r,
             _ = stop.cancelled() => break,
         };
-        let listen = Arc::clone(&current.borrow());
         let (stream, peer) = match accepted {
             Ok(conn) => {
                 backoff = FIRST_BACKOFF;
                 conn
             }
             Err(e) => {
-                warn!(listen = %listen.cfg.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
+                warn!(listen = %listen.name, error = %e, retry_in_ms = backoff.as_millis() as u64, "accept failed");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = stop.cancelled() => break,
@@ -131,16 +129,16 @@ pub async fn accept_loop(
 /// refusal cannot be afforded.
 fn admit(listen: &Arc<ListenState>, shared: &Shared) -> Result<Admission, ()> {
     let refusal = |scope, limit| Refusal::TooManyClients {
-        listen: listen.cfg.name.clone(),
+        listen: listen.name.clone(),
         scope,
         limit,
     };
-    let global = Arc::clone(&shared.global).try_acquire_owned();
-    let local = Arc::clone(&listen.maxconn).try_acquire_owned();
+    let global = shared.global.try_enter();
+    let local = listen.gate.try_enter();
     let refused = match (global, local) {
-        (Ok(g), Ok(l)) => return Ok(Admission::Admitted(vec![g, l])),
-        (Err(_), _) => refusal("global", shared.global_limit),
-        (_, Err(_)) => refusal("listen", listen.cfg.maxconn),
+        (Some(g), Some(l)) => return Ok(Admission::Admitted([g, l])),
+        (None, _) => refusal("global", shared.global.limit()),
+        (_, None) => refusal("listen", listen.gate.limit()),
     };
     match Arc::clone(&shared.refusing).try_acquire_owned() {
         Ok(permit) => Ok(Admission::Refused(refused, permit)),

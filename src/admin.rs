@@ -43,8 +43,8 @@ impl Action {
 /// Finds the listen by name or HAProxy's `#<iid>` form.
 pub fn find_listen<'a>(listens: &'a [Arc<ListenState>], b: &str) -> Option<&'a Arc<ListenState>> {
     match b.strip_prefix('#').and_then(|n| n.parse::<u32>().ok()) {
-        Some(iid) => listens.iter().find(|l| l.iid == iid),
-        None => listens.iter().find(|l| l.cfg.name == b),
+        Some(iid) => listens.iter().find(|l| l.iid() == iid),
+        None => listens.iter().find(|l| l.name == b),
     }
 }
 
@@ -58,7 +58,7 @@ pub fn apply(
     let listen = find_listen(listens, b).ok_or_else(|| format!("no listen {b:?}"))?;
     let server = listen
         .server(s)
-        .ok_or_else(|| format!("listen '{}' has no server {s:?}", listen.cfg.name))?;
+        .ok_or_else(|| format!("listen '{}' has no server {s:?}", listen.name))?;
     let before = server.status_of(&server.health());
     let what = match action {
         Action::Set(admin) => {
@@ -71,15 +71,12 @@ pub fn apply(
         }
     };
     let after = server.status_of(&server.health());
-    let sentence = format!(
-        "Server {}/{} {what} by admin",
-        listen.cfg.name, server.cfg.name
-    );
+    let sentence = format!("Server {}/{} {what} by admin", listen.name, server.name);
     info!("{sentence}");
     if before != after {
         let _ = listen.events.send(Event {
-            listen: listen.cfg.name.clone(),
-            server: Some(server.cfg.name.clone()),
+            listen: listen.name.clone(),
+            server: Some(server.name.clone()),
             from: before,
             to: after,
             reason: format!("{what} by admin"),
@@ -110,11 +107,11 @@ struct StateFile {
 pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
     let mut file = StateFile::default();
     for l in listens {
-        for s in &l.servers {
-            if s.admin() != Admin::Ready || s.base_weight() != s.cfg.weight {
+        for s in l.servers().iter() {
+            if s.admin() != Admin::Ready || s.base_weight() != s.cfg().weight {
                 file.server.push(Saved {
-                    listen: l.cfg.name.clone(),
-                    server: s.cfg.name.clone(),
+                    listen: l.name.clone(),
+                    server: s.name.clone(),
                     admin: s.admin(),
                     weight: s.base_weight(),
                 });
@@ -160,7 +157,7 @@ pub fn load(path: &Path, listens: &[Arc<ListenState>]) {
     for saved in file.server {
         let Some(server) = listens
             .iter()
-            .find(|l| l.cfg.name == saved.listen)
+            .find(|l| l.name == saved.listen)
             .and_then(|l| l.server(&saved.server))
         else {
             warn!(listen = %saved.listen, server = %saved.server, "admin state for a server no longer configured: ignored");

@@ -4,28 +4,60 @@
 //! For an unknown key (TLS passthrough, or issued before a restart) it sends the cancel
 //! to every server that is up: the key is 64+ bits of secret, so only its owner acts.
 //! A plain TCP balancer picks one server at random and loses most cancels.
+//!
+//! Sending to every server turns one unauthenticated packet into several connections, so
+//! unknown keys are rate-limited, per client address and process-wide; known keys never.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
+use crate::config::CancelLimits;
+use crate::counters::{Counter, lock};
 use crate::net;
 use crate::startup::CancelKey;
-use crate::state::{ListenState, lock};
+use crate::state::ListenState;
 
 /// Cancel keys of live plaintext sessions and the server that issued each, shared by all
 /// listens (a cancel may come in through any of them). Entries live as long as their
 /// session, so the map never outgrows the number of sessions.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Registry {
     keys: Mutex<HashMap<CancelKey, SocketAddr>>,
+    unknown: Mutex<Limiter>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(CancelLimits {
+            per_second: 100,
+            per_client: 10,
+        })
+    }
 }
 
 impl Registry {
+    pub fn new(limits: CancelLimits) -> Self {
+        Registry {
+            keys: Mutex::default(),
+            unknown: Mutex::new(Limiter::new(limits)),
+        }
+    }
+
+    /// Takes new limits (a reload); buckets start full.
+    pub fn set_limits(&self, limits: CancelLimits) {
+        *lock(&self.unknown) = Limiter::new(limits);
+    }
+
+    /// May a cancel with an unknown key from `client` go out now?
+    fn admit_unknown(&self, client: IpAddr) -> bool {
+        lock(&self.unknown).admit(client, Instant::now())
+    }
+
     pub fn insert(&self, key: CancelKey, server: SocketAddr) {
         lock(&self.keys).insert(key, server);
     }
@@ -54,16 +86,28 @@ pub enum Routed {
     Owner(SocketAddr),
     /// Key unknown (TLS session, or from before a restart): to every server that is up.
     Broadcast(usize),
+    /// Key unknown and over the rate limit: dropped.
+    Limited,
 }
 
-/// Routes a cancel: to its owner when the key is known, else to every server that is up.
-pub async fn route(listen: &Arc<ListenState>, registry: &Registry, key: &CancelKey) -> Routed {
+/// Routes a cancel: to its owner when the key is known, else to every server that is up
+/// (within the rate limit for unknown keys).
+pub async fn route(
+    listen: &Arc<ListenState>,
+    registry: &Registry,
+    key: &CancelKey,
+    client: IpAddr,
+) -> Routed {
     match registry.get(key) {
         Some(addr) => {
-            send_to(vec![addr], key, listen.cfg.timeouts.connect).await;
+            send_to(vec![addr], key, listen.cfg().timeouts.connect).await;
             Routed::Owner(addr)
         }
-        None => Routed::Broadcast(forward(listen, key).await),
+        None if registry.admit_unknown(client) => Routed::Broadcast(forward(listen, key).await),
+        None => {
+            listen.counters.cancels_limited.inc();
+            Routed::Limited
+        }
     }
 }
 
@@ -73,12 +117,12 @@ const LINGER: Duration = Duration::from_secs(5);
 /// Sends the cancel to every server that is up; returns how many received it.
 pub async fn forward(listen: &Arc<ListenState>, key: &CancelKey) -> usize {
     let servers = listen
-        .servers
+        .servers()
         .iter()
-        .filter(|s| s.is_up())
-        .map(|s| s.cfg.addr)
+        .filter(|s| s.is_up() && !s.is_removed())
+        .map(|s| s.cfg().addr)
         .collect();
-    send_to(servers, key, listen.cfg.timeouts.connect).await
+    send_to(servers, key, listen.cfg().timeouts.connect).await
 }
 
 async fn send_to(servers: Vec<SocketAddr>, key: &CancelKey, timeout: Duration) -> usize {
@@ -107,4 +151,97 @@ async fn send_to(servers: Vec<SocketAddr>, key: &CancelKey, timeout: Duration) -
         }
     }
     delivered
+}
+
+/// Token buckets for unknown-key cancels: one for the process, one per client address.
+/// A burst of twice the rate is allowed (a pool cancelling several queries at once).
+#[derive(Debug)]
+struct Limiter {
+    limits: CancelLimits,
+    all: Bucket,
+    clients: HashMap<IpAddr, Bucket>,
+}
+
+/// Client buckets kept at most; beyond, full (idle) ones are forgotten.
+const MAX_CLIENT_BUCKETS: usize = 4096;
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: u32, now: Instant) -> Self {
+        Bucket {
+            tokens: f64::from(rate) * 2.0,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, rate: u32, now: Instant) {
+        let gained = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + gained).min(f64::from(rate) * 2.0);
+        self.at = now;
+    }
+}
+
+impl Limiter {
+    fn new(limits: CancelLimits) -> Self {
+        Limiter {
+            limits,
+            all: Bucket::full(limits.per_second, Instant::now()),
+            clients: HashMap::new(),
+        }
+    }
+
+    fn admit(&mut self, client: IpAddr, now: Instant) -> bool {
+        let CancelLimits {
+            per_second,
+            per_client,
+        } = self.limits;
+        if self.clients.len() >= MAX_CLIENT_BUCKETS {
+            self.clients.retain(|_, b| {
+                b.refill(per_client, now);
+                b.tokens < f64::from(per_client) * 2.0
+            });
+        }
+        let mine = self
+            .clients
+            .entry(client)
+            .or_insert_with(|| Bucket::full(per_client, now));
+        mine.refill(per_client, now);
+        self.all.refill(per_second, now);
+        if mine.tokens < 1.0 || self.all.tokens < 1.0 {
+            return false;
+        }
+        mine.tokens -= 1.0;
+        self.all.tokens -= 1.0;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_cancels_are_limited_per_client_and_overall() {
+        let mut l = Limiter::new(CancelLimits {
+            per_second: 5,
+            per_client: 2,
+        });
+        let t0 = Instant::now();
+        let a: IpAddr = [10, 0, 0, 1].into();
+        let admitted = (0..10).filter(|_| l.admit(a, t0)).count();
+        assert_eq!(admitted, 4, "burst of twice the per-client rate");
+        // Half a second later one more token for `a`.
+        assert!(l.admit(a, t0 + Duration::from_millis(500)));
+        assert!(!l.admit(a, t0 + Duration::from_millis(500)));
+        // Other clients share the process-wide bucket: 10 tokens at first, 5 used.
+        let others = (2..20u8)
+            .filter(|i| l.admit([10, 0, 0, *i].into(), t0 + Duration::from_millis(500)))
+            .count();
+        assert_eq!(others, 7, "10 + 2.5 refilled - 5 used, rounded down");
+    }
 }

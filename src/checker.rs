@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, SystemTime};
 
+use tokio::runtime::Handle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
@@ -19,35 +20,77 @@ use crate::pick;
 use crate::probe;
 use crate::state::{ListenState, ServerState};
 
-/// Starts the checks of every checked server of `listen`.
-pub fn spawn(listen: &Arc<ListenState>, stop: &CancellationToken) {
-    for idx in 0..listen.servers.len() {
-        let server = Arc::clone(&listen.servers[idx]);
-        if server.cfg.check.kind == CheckKind::None {
+/// Starts the checks of every checked server of `listen` on `checks`, the runtime of
+/// the checks thread (so that nothing else the process does can delay them).
+pub fn spawn(listen: &Arc<ListenState>, stop: &CancellationToken, checks: &Handle) {
+    for server in listen.servers().iter() {
+        let cfg = server.cfg();
+        if cfg.check.kind == CheckKind::None {
             continue;
         }
-        let (listen, stop) = (Arc::clone(listen), stop.clone());
-        tokio::spawn(async move {
+        let (listen, server, stop) = (Arc::clone(listen), Arc::clone(server), stop.clone());
+        checks.spawn(async move {
             let probe = move || {
-                let server = Arc::clone(&server);
-                async move { probe::probe(&server.cfg.check, server.cfg.addr).await }
+                let cfg = Arc::clone(&cfg);
+                async move { probe::probe(&cfg.check, cfg.addr).await }
             };
-            run(listen, idx, probe, stop).await;
+            run(listen, server, probe, stop).await;
         });
+    }
+}
+
+/// The thread that runs every health check on an event loop of its own: however busy
+/// the stats server or the main thread get, checks keep their timing (a check delayed
+/// past its timeout would mark a healthy server DOWN). Stopped when dropped.
+pub struct ChecksThread {
+    handle: Handle,
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ChecksThread {
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = runtime.handle().clone();
+        let stop = CancellationToken::new();
+        let until = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("pglb-checks".into())
+            .spawn(move || runtime.block_on(until.cancelled()))?;
+        Ok(ChecksThread {
+            handle,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+}
+
+impl Drop for ChecksThread {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
 /// The check loop of one server. `probe` is injected so tests can script results.
 pub async fn run<F, Fut>(
     listen: Arc<ListenState>,
-    idx: usize,
+    server: Arc<ServerState>,
     mut probe: F,
     stop: CancellationToken,
 ) where
     F: FnMut() -> Fut,
     Fut: Future<Output = CheckResult>,
 {
-    let server = Arc::clone(&listen.servers[idx]);
+    let check = server.cfg().check.clone();
     loop {
         // In maintenance the server is out of service and not checked.
         if server.admin() != crate::state::Admin::Maint {
@@ -55,9 +98,9 @@ pub async fn run<F, Fut>(
                 r = probe() => r,
                 _ = stop.cancelled() => return,
             };
-            record(&listen, idx, result);
+            record(&listen, &server, result);
         }
-        let wait = jitter(server.health().next_interval(&server.cfg.check));
+        let wait = jitter(server.health().next_interval(&check));
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = server.wake_checker.notified() => {}
@@ -76,8 +119,7 @@ fn jitter(d: Duration) -> Duration {
 }
 
 /// Applies a check result to the server's health and acts on a transition.
-pub fn record(listen: &Arc<ListenState>, idx: usize, result: CheckResult) {
-    let server = &listen.servers[idx];
+pub fn record(listen: &Arc<ListenState>, server: &Arc<ServerState>, result: CheckResult) {
     let role_fallback = result.status == CheckStatus::L7Sts && result.primary == Some(true);
     server.fallback_ok.store(role_fallback, Relaxed);
     let (transition, before) = {
@@ -91,16 +133,20 @@ pub fn record(listen: &Arc<ListenState>, idx: usize, result: CheckResult) {
         server.consecutive_errors.store(0, Relaxed);
     }
     if let Some(t) = transition {
-        announce(listen, idx, t, &before, &result);
+        announce(listen, server, t, &before, &result);
     }
 }
 
 /// Passive health: a connect on live traffic failed. After `error_limit` in a row the
 /// server is marked DOWN at once and the checker takes over (fastinter until it rises).
-pub fn connect_failed(listen: &Arc<ListenState>, idx: usize, error: &std::io::Error) {
-    let server = &listen.servers[idx];
-    let limit = server.cfg.check.error_limit;
-    if limit == 0 || server.cfg.check.kind == CheckKind::None {
+pub fn connect_failed(
+    listen: &Arc<ListenState>,
+    server: &Arc<ServerState>,
+    error: &std::io::Error,
+) {
+    let cfg = server.cfg();
+    let limit = cfg.check.error_limit;
+    if limit == 0 || cfg.check.kind == CheckKind::None {
         return;
     }
     let errors = server.consecutive_errors.fetch_add(1, Relaxed) + 1;
@@ -120,7 +166,7 @@ pub fn connect_failed(listen: &Arc<ListenState>, idx: usize, error: &std::io::Er
         (t, before)
     };
     if let Some(t) = transition {
-        announce(listen, idx, t, &before, &result);
+        announce(listen, server, t, &before, &result);
         server.wake_checker.notify_one();
     }
 }
@@ -133,11 +179,16 @@ pub fn connect_succeeded(server: &ServerState) {
 }
 
 /// Logs a transition in HAProxy's words, publishes it, and applies its side effects.
-fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, r: &CheckResult) {
-    let server = &listen.servers[idx];
-    let name = format!("{}/{}", listen.cfg.name, server.cfg.name);
+fn announce(
+    listen: &Arc<ListenState>,
+    server: &Arc<ServerState>,
+    t: Transition,
+    before: &str,
+    r: &CheckResult,
+) {
+    let name = format!("{}/{}", listen.name, server.name);
     let (active, backup) = listen.up_counts();
-    let sessions = pick::sessions_on(listen, idx);
+    let sessions = server.sessions();
     let queued = pick::queue_len(listen);
     let code = r
         .code
@@ -161,8 +212,8 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
     }
     let to = server.health().status_text();
     let _ = listen.events.send(Event {
-        listen: listen.cfg.name.clone(),
-        server: Some(server.cfg.name.clone()),
+        listen: listen.name.clone(),
+        server: Some(server.name.clone()),
         from: before.to_owned(),
         to,
         reason: if r.detail.is_empty() {
@@ -175,36 +226,37 @@ fn announce(listen: &Arc<ListenState>, idx: usize, t: Transition, before: &str, 
 
     match t {
         Transition::WentDown => {
-            if server.cfg.on_marked_down == OnMarkedDown::ShutdownSessions {
+            if server.cfg().on_marked_down == OnMarkedDown::ShutdownSessions {
                 server.kill_sessions();
             }
             server.set_weight(server.base_weight());
             if active + backup == 0 {
-                error!("listen '{}' has no server available!", listen.cfg.name);
+                error!("listen '{}' has no server available!", listen.name);
                 let _ = listen.events.send(Event {
-                    listen: listen.cfg.name.clone(),
+                    listen: listen.name.clone(),
                     server: None,
                     from: "available".into(),
                     to: "no server available".into(),
-                    reason: format!("last server {} went down", server.cfg.name),
+                    reason: format!("last server {} went down", server.name),
                     at: SystemTime::now(),
                 });
             }
         }
         Transition::WentUp => {
-            if !server.cfg.slowstart.is_zero() {
-                tokio::spawn(slowstart(Arc::clone(listen), idx));
+            if !server.cfg().slowstart.is_zero() {
+                tokio::spawn(slowstart(Arc::clone(listen), Arc::clone(server)));
             }
         }
     }
     pick::servers_changed(listen);
 }
 
-/// Ramps the weight from 1 to the configured one over `slowstart`, so a server that just
-/// recovered is not flooded by leastconn (it has the fewest sessions of all).
-async fn slowstart(listen: Arc<ListenState>, idx: usize) {
-    let server = &listen.servers[idx];
-    let (full, span) = (server.base_weight(), server.cfg.slowstart);
+/// Ramps the weight up to the operator's weight over `slowstart`, so a server that just
+/// recovered is not flooded by leastconn (it has the fewest sessions of all). The target
+/// is read at every step: an operator who changes the weight meanwhile is obeyed, and a
+/// weight of 0 takes no sessions, slowstart or not.
+async fn slowstart(listen: Arc<ListenState>, server: Arc<ServerState>) {
+    let span = server.cfg().slowstart;
     let started = Instant::now();
     let step = (span / 20).max(Duration::from_millis(100));
     while started.elapsed() < span {
@@ -212,11 +264,20 @@ async fn slowstart(listen: Arc<ListenState>, idx: usize) {
             return;
         }
         let share = started.elapsed().as_secs_f64() / span.as_secs_f64();
-        server.set_weight(((f64::from(full) * share).ceil() as u32).clamp(1, full.max(1)));
+        server.set_weight(ramp(server.base_weight(), share));
         tokio::time::sleep(step).await;
     }
-    server.set_weight(full);
+    server.set_weight(server.base_weight());
     pick::servers_changed(&listen);
+}
+
+/// The weight `share` (0..1) of the way through a slowstart towards `target`: at least 1
+/// while the target is not 0, never above the target.
+fn ramp(target: u32, share: f64) -> u32 {
+    if target == 0 {
+        return 0;
+    }
+    ((f64::from(target) * share).ceil() as u32).clamp(1, target)
 }
 
 #[cfg(test)]
@@ -254,6 +315,7 @@ mod tests {
                     connect: d,
                     client: d,
                     server: d,
+                    login: d,
                     queue: d,
                     startup: d,
                     drain: d,
@@ -292,7 +354,7 @@ mod tests {
         let script = vec![true, true, false, false, false, false, true, true];
         let task = tokio::spawn(run(
             Arc::clone(&l),
-            0,
+            Arc::clone(&l.servers()[0]),
             scripted(script, Arc::clone(&calls)),
             stop.clone(),
         ));
@@ -325,14 +387,58 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn passive_errors_mark_down_at_the_limit() {
         let l = listen(2, 3);
-        record(&l, 0, CheckResult::new(CheckStatus::L4Ok, ""));
-        assert!(l.servers[0].is_up());
+        let s = Arc::clone(&l.servers()[0]);
+        record(&l, &s, CheckResult::new(CheckStatus::L4Ok, ""));
+        assert!(s.is_up());
         let e = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
-        connect_failed(&l, 0, &e);
-        connect_failed(&l, 0, &e);
-        assert!(l.servers[0].is_up(), "two errors are below the limit");
-        connect_failed(&l, 0, &e);
-        assert!(!l.servers[0].is_up());
-        assert_eq!(l.servers[0].health().status_text(), "DOWN");
+        connect_failed(&l, &s, &e);
+        connect_failed(&l, &s, &e);
+        assert!(s.is_up(), "two errors are below the limit");
+        connect_failed(&l, &s, &e);
+        assert!(!s.is_up());
+        assert_eq!(s.health().status_text(), "DOWN");
+    }
+
+    #[test]
+    fn slowstart_ramps_towards_the_operator_weight_never_above() {
+        assert_eq!(ramp(100, 0.0), 1);
+        assert_eq!(ramp(100, 0.5), 50);
+        assert_eq!(ramp(100, 1.0), 100);
+        assert_eq!(
+            ramp(0, 0.5),
+            0,
+            "weight 0 takes no sessions during slowstart"
+        );
+        assert_eq!(ramp(10, 0.99), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_weight_set_during_slowstart_is_kept() {
+        let l = listen(1, 1);
+        let s = Arc::clone(&l.servers()[0]);
+        let mut cfg = (*s.cfg()).clone();
+        cfg.slowstart = Duration::from_secs(10);
+        let mut lc = (*l.cfg()).clone();
+        lc.servers = vec![cfg];
+        l.reconfigure(1, lc);
+        record(&l, &s, CheckResult::new(CheckStatus::L4Ok, ""));
+        assert!(s.is_up());
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(
+            s.weight() > 1 && s.weight() < 100,
+            "ramping: {}",
+            s.weight()
+        );
+        s.set_base_weight(0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(s.weight(), 0, "set to 0 mid-ramp stays 0");
+        assert!(!s.usable());
+        s.set_base_weight(40);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            s.weight(),
+            40,
+            "ends at the operator's weight, not the configured 100"
+        );
     }
 }

@@ -81,6 +81,17 @@ pub struct Global {
     pub log_level: String,
     /// Worker threads serving sessions (HAProxy's nbthread); by default one per core.
     pub threads: usize,
+    /// CancelRequests with a key pglb does not know, per second: process-wide and per
+    /// client address. Each one is sent to every server, so unbounded they would let
+    /// anyone multiply connections to the servers. Known keys are never limited.
+    pub unknown_cancels: CancelLimits,
+}
+
+/// Rates of CancelRequests with unknown keys (per second, with a burst of twice that).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CancelLimits {
+    pub per_second: u32,
+    pub per_client: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -141,6 +152,9 @@ pub struct Timeouts {
     pub connect: Duration,
     pub client: Duration,
     pub server: Duration,
+    /// The wait for a server's first answer (to the StartupMessage or SSLRequest): a
+    /// server that accepts the connection but does not answer is given up on after this.
+    pub login: Duration,
     pub queue: Duration,
     pub startup: Duration,
     /// How long a drained session may stay busy before it is closed anyway.
@@ -294,6 +308,8 @@ mod raw {
         pub grace: HumanDuration,
         pub log_level: String,
         pub threads: Option<Spanned<usize>>,
+        pub unknown_cancel_rate: Spanned<u32>,
+        pub unknown_cancel_rate_per_client: Spanned<u32>,
     }
 
     impl Default for Global {
@@ -303,6 +319,8 @@ mod raw {
                 grace: HumanDuration(Duration::from_secs(30)),
                 log_level: "info".into(),
                 threads: None,
+                unknown_cancel_rate: Spanned::new(0..0, 100),
+                unknown_cancel_rate_per_client: Spanned::new(0..0, 10),
             }
         }
     }
@@ -402,6 +420,7 @@ mod raw {
         pub connect: HumanDuration,
         pub client: HumanDuration,
         pub server: HumanDuration,
+        pub login: HumanDuration,
         pub queue: HumanDuration,
         pub startup: HumanDuration,
         pub drain: HumanDuration,
@@ -414,6 +433,7 @@ mod raw {
                 connect: s(5),
                 client: s(30 * 60),
                 server: s(30 * 60),
+                login: s(5),
                 queue: s(30),
                 startup: s(10),
                 drain: s(300),
@@ -530,11 +550,23 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
         Some(t) => t.into_inner(),
         None => std::thread::available_parallelism().map_or(1, usize::from),
     };
+    for rate in [&g.unknown_cancel_rate, &g.unknown_cancel_rate_per_client] {
+        if *rate.get_ref() == 0 {
+            return Err(at.at(
+                rate,
+                "unknown-key cancel rates must be at least 1 per second",
+            ));
+        }
+    }
     let global = Global {
         maxconn: g.maxconn.into_inner(),
         grace: g.grace.0,
         log_level: g.log_level,
         threads,
+        unknown_cancels: CancelLimits {
+            per_second: g.unknown_cancel_rate.into_inner(),
+            per_client: g.unknown_cancel_rate_per_client.into_inner(),
+        },
     };
 
     if file.listen.is_empty() {
@@ -592,6 +624,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             ("connect", t.connect.0),
             ("client", t.client.0),
             ("server", t.server.0),
+            ("login", t.login.0),
             ("queue", t.queue.0),
             ("startup", t.startup.0),
             ("drain", t.drain.0),
@@ -688,6 +721,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 connect: t.connect.0,
                 client: t.client.0,
                 server: t.server.0,
+                login: t.login.0,
                 queue: t.queue.0,
                 startup: t.startup.0,
                 drain: t.drain.0,

@@ -10,13 +10,14 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::accept::{self, Shared};
+use crate::checker::ChecksThread;
 use crate::config::Config;
 use crate::events::Event;
 use crate::notify::notify;
@@ -39,12 +40,14 @@ pub struct Control<S> {
     pub workers: Arc<Pool>,
 }
 
-/// One served listen: its socket's accept loop and the state it hands to new clients.
+/// One served listen: its socket's accept loops.
 struct Served {
     bind: SocketAddr,
-    current: watch::Sender<Arc<ListenState>>,
     stop: CancellationToken,
 }
+
+/// How long queued alerts may take to go out once pglb has stopped serving.
+const ALERT_FLUSH: Duration = Duration::from_secs(10);
 
 /// Everything that lives across reloads.
 struct Daemon {
@@ -55,8 +58,10 @@ struct Daemon {
     served: HashMap<String, Served>,
     loops: JoinSet<()>,
     shared: Shared,
-    /// Stops the health checks of the current generation of listens.
+    /// Stops the health checks of the current configuration.
     checks: CancellationToken,
+    /// Where the checks run.
+    checks_thread: ChecksThread,
     workers: Arc<Pool>,
 }
 
@@ -67,12 +72,13 @@ pub async fn run<S: Future<Output = ()>>(
     control: Control<S>,
 ) -> anyhow::Result<()> {
     let events = events::channel();
-    let cancels = Arc::new(cancel::Registry::default());
-    let listens = reload::next_generation(&[], &config.listens, &events, &cancels).listens;
+    let cancels = Arc::new(cancel::Registry::new(config.global.unknown_cancels));
+    let listens = reload::apply(&[], &config.listens, &events, &cancels).listens;
     let mut listeners = Vec::new();
     for l in &listens {
-        let listener = net::bind_std(l.cfg.bind, l.cfg.backlog)
-            .with_context(|| format!("listen '{}': cannot bind {}", l.cfg.name, l.cfg.bind))?;
+        let cfg = l.cfg();
+        let listener = net::bind_std(cfg.bind, cfg.backlog)
+            .with_context(|| format!("listen '{}': cannot bind {}", l.name, cfg.bind))?;
         listeners.push(listener);
     }
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
@@ -94,20 +100,21 @@ pub async fn run<S: Future<Output = ()>>(
         });
         tokio::spawn(http::serve(listener, ctx, stop_http.clone()));
     }
-    if let Some(a) = &config.alerts {
+    let stop_alerts = CancellationToken::new();
+    let alerter = config.alerts.as_ref().map(|a| {
         tokio::spawn(alerts::run(
             a.clone(),
             events.subscribe(),
-            stop_http.clone(),
-        ));
-    }
+            stop_alerts.clone(),
+        ))
+    });
 
     anyhow::ensure!(!control.workers.is_empty(), "no worker to run sessions on");
     let tracker = TaskTracker::new();
     let close_sessions = CancellationToken::new();
     let mut daemon = Daemon {
         shared: Shared::new(
-            config.global.maxconn,
+            Arc::clone(&process.gate),
             tracker.clone(),
             close_sessions.clone(),
             Arc::clone(&control.workers),
@@ -119,13 +126,14 @@ pub async fn run<S: Future<Output = ()>>(
         served: HashMap::new(),
         loops: JoinSet::new(),
         checks: CancellationToken::new(),
+        checks_thread: ChecksThread::start().context("cannot start the health-check thread")?,
         workers: control.workers,
     };
     for (listener, l) in listeners.into_iter().zip(&listens) {
         daemon.serve(listener, l);
     }
     for l in &listens {
-        checker::spawn(l, &daemon.checks);
+        checker::spawn(l, &daemon.checks, daemon.checks_thread.handle());
     }
     notify(&format!(
         "READY=1\nSTATUS=serving {} listen(s)",
@@ -175,6 +183,15 @@ pub async fn run<S: Future<Output = ()>>(
     }
     daemon.checks.cancel();
     stop_http.cancel();
+    // Alerts still queued go out now (bounded); any that cannot are logged as lost.
+    stop_alerts.cancel();
+    if let Some(alerter) = alerter
+        && tokio::time::timeout(ALERT_FLUSH + CLOSE_WAIT, alerter)
+            .await
+            .is_err()
+    {
+        warn!("alerter did not finish: queued alerts lost");
+    }
     info!("pglb stopped");
     Ok(())
 }
@@ -183,34 +200,32 @@ impl Daemon {
     /// Starts accepting on `listener` for `listen`, on every worker.
     fn serve(&mut self, listener: std::net::TcpListener, listen: &Arc<ListenState>) {
         info!(
-            listen = %listen.cfg.name,
-            bind = %listen.cfg.bind,
-            balance = listen.cfg.balance.as_str(),
-            servers = listen.servers.len(),
+            listen = %listen.name,
+            bind = %listen.cfg().bind,
+            balance = listen.cfg().balance.as_str(),
+            servers = listen.servers().len(),
             threads = self.workers.len(),
             "listening"
         );
-        let (current, rx) = watch::channel(Arc::clone(listen));
         let stop = CancellationToken::new();
         for worker in 0..self.workers.len() {
             match listener.try_clone() {
                 Ok(own) => {
-                    let (current, shared) = (rx.clone(), self.shared.clone());
-                    let task = accept::accept_loop(own, worker, current, shared, stop.clone());
+                    let (listen, shared) = (Arc::clone(listen), self.shared.clone());
+                    let task = accept::accept_loop(own, worker, listen, shared, stop.clone());
                     self.loops.spawn_on(task, self.workers.handle(worker));
                 }
                 // Out of descriptors: fewer workers take this listen's clients.
                 Err(e) => {
-                    error!(listen = %listen.cfg.name, error = %e, "a worker cannot accept on this listen")
+                    error!(listen = %listen.name, error = %e, "a worker cannot accept on this listen")
                 }
             }
         }
         // `listener` closes here: each worker holds its own descriptor for the socket.
         self.served.insert(
-            listen.cfg.name.clone(),
+            listen.name.clone(),
             Served {
-                bind: listen.cfg.bind,
-                current,
+                bind: listen.cfg().bind,
                 stop,
             },
         );
@@ -237,74 +252,63 @@ impl Daemon {
 
     fn try_reload(&mut self, path: &std::path::Path) -> Result<String, String> {
         let config = Config::load(path).map_err(|e| e.to_string())?;
-        if config.global.maxconn != self.config.global.maxconn {
-            warn!("global maxconn changes take effect at the next restart");
-        }
         if config.global.threads != self.config.global.threads {
             warn!("global threads changes take effect at the next restart");
         }
         if config.stats.as_ref().map(|s| s.bind) != self.config.stats.as_ref().map(|s| s.bind) {
             warn!("[stats] changes take effect at the next restart");
         }
-        let old = self.process.listens();
-        let next = reload::next_generation(&old, &config.listens, &self.events, &self.cancels);
-
         // Bind every new or moved listen first: if one fails, nothing changes.
         let mut fresh = Vec::new();
-        for l in &next.listens {
-            let moved = self
-                .served
-                .get(&l.cfg.name)
-                .is_none_or(|s| s.bind != l.cfg.bind);
+        for l in &config.listens {
+            let moved = self.served.get(&l.name).is_none_or(|s| s.bind != l.bind);
             if moved {
-                let listener = net::bind_std(l.cfg.bind, l.cfg.backlog).map_err(|e| {
-                    format!("listen '{}': cannot bind {}: {e}", l.cfg.name, l.cfg.bind)
-                })?;
-                fresh.push((listener, Arc::clone(l)));
+                let listener = net::bind_std(l.bind, l.backlog)
+                    .map_err(|e| format!("listen '{}': cannot bind {}: {e}", l.name, l.bind))?;
+                fresh.push((l.name.clone(), listener));
             }
         }
 
-        let (mut added, mut removed) = (0, 0);
+        // Limits a reload lowers apply to the next client.
+        self.process.gate.set_limit(config.global.maxconn);
+        self.cancels.set_limits(config.global.unknown_cancels);
+        let old = self.process.listens();
+        let applied = reload::apply(&old, &config.listens, &self.events, &self.cancels);
+
         // Listens gone, or moved to another address: stop accepting there.
-        let keep: Vec<(String, SocketAddr)> = next
-            .listens
-            .iter()
-            .map(|l| (l.cfg.name.clone(), l.cfg.bind))
-            .collect();
+        let (mut added, mut removed) = (0, 0);
         self.served.retain(|name, s| {
-            let stays = keep.iter().any(|(n, b)| n == name && *b == s.bind);
+            let stays = config
+                .listens
+                .iter()
+                .any(|l| l.name == *name && l.bind == s.bind);
             if !stays {
                 s.stop.cancel();
                 removed += 1;
             }
             stays
         });
-        for l in &next.listens {
-            if let Some(s) = self.served.get(&l.cfg.name) {
-                s.current.send_replace(Arc::clone(l));
+        for (name, listener) in fresh {
+            if let Some(l) = applied.listens.iter().find(|l| l.name == name) {
+                self.serve(listener, &Arc::clone(l));
+                added += 1;
             }
-        }
-        for (listener, l) in fresh {
-            self.serve(listener, &l);
-            added += 1;
-        }
-        // Sessions on servers that are gone end at their next transaction boundary.
-        for s in &next.retired {
-            s.set_draining(true);
         }
         self.checks.cancel();
         self.checks = CancellationToken::new();
-        for l in &next.listens {
-            checker::spawn(l, &self.checks);
+        for l in &applied.listens {
+            checker::spawn(l, &self.checks, self.checks_thread.handle());
             pick::servers_changed(l);
         }
-        let servers: usize = next.listens.iter().map(|l| l.servers.len()).sum();
+        let servers: usize = applied.listens.iter().map(|l| l.servers().len()).sum();
+        let lingering: usize = applied.listens.iter().map(|l| l.lingering().len()).sum();
         let summary = format!(
-            "{} listen(s) ({added} bound, {removed} closed), {servers} server(s), {} retired",
-            next.listens.len(),
-            next.retired.len()
+            "{} listen(s) ({added} bound, {removed} closed), {servers} server(s), \
+             {lingering} removed server(s) draining, {} removed listen(s)",
+            applied.listens.len(),
+            applied.removed.len()
         );
-        self.process.set_listens(next.listens);
+        self.process.set_listens(applied.listens);
         self.config = config;
         Ok(summary)
     }

@@ -1,6 +1,6 @@
 //! Picking a server: choose one with room (see `balance`), or wait in the listen's FIFO
-//! queue until one frees a slot. A [`Slot`] is a session's claim on a server; dropping it
-//! frees the place and hands it to the first waiter.
+//! queue until one frees a place. A [`Slot`] is a session's place on a server; dropping
+//! it frees the place and hands it to the first waiter.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -9,23 +9,23 @@ use std::sync::atomic::Ordering::Relaxed;
 use tokio::sync::oneshot;
 
 use crate::balance::{self, BalanceState, Candidate};
+use crate::counters::{Counter, raise_max};
 use crate::refusal::Refusal;
-use crate::state::{Counter, ListenState, ServerState, raise_max};
+use crate::state::{ListenState, ServerState};
 
 /// Per-listen dispatch state, guarded by the listen's mutex. Held only for a few
-/// comparisons per pick: never across an await.
+/// comparisons per pick: never across an await. (The session counts live on the servers,
+/// changed only under this lock.)
 #[derive(Debug)]
 pub struct Dispatch {
-    /// Sessions each server holds (the leastconn measure and the maxconn check).
-    cur: Vec<usize>,
     balance: BalanceState,
-    /// Clients waiting for a slot, oldest first.
+    /// Clients waiting for a place, oldest first.
     queue: VecDeque<oneshot::Sender<Slot>>,
 }
 
 /// What a pick found.
 enum Found {
-    Server(usize),
+    Server(Arc<ServerState>),
     /// Usable servers exist but all are at maxconn.
     Full,
     /// No usable server at all.
@@ -35,14 +35,14 @@ enum Found {
 impl Dispatch {
     pub fn new(servers: usize) -> Self {
         Dispatch {
-            cur: vec![0; servers],
             balance: BalanceState::new(servers),
             queue: VecDeque::new(),
         }
     }
 
-    pub fn current(&self) -> &[usize] {
-        &self.cur
+    /// A reload replaced the server list: positions changed, the balancer starts over.
+    pub fn servers_replaced(&mut self, servers: usize) {
+        self.balance = BalanceState::new(servers);
     }
 
     /// Waiters still waiting (some may have timed out but not yet been pruned).
@@ -52,30 +52,32 @@ impl Dispatch {
 
     /// Active servers first; backups only when no active server is usable at all; last,
     /// on a replica listen, healthy primaries (when `fallback_to_primary`).
-    fn find(&mut self, listen: &ListenState, exclude: &[usize]) -> Found {
+    fn find(&mut self, listen: &ListenState, exclude: &[Arc<ServerState>]) -> Found {
+        let servers = listen.servers();
+        let fallback = listen.cfg().fallback_to_primary;
         let tiers: [&dyn Fn(&ServerState) -> bool; 3] = [
-            &|s| !s.cfg.backup && s.usable(),
-            &|s| s.cfg.backup && s.usable(),
-            &|s| listen.cfg.fallback_to_primary && s.weight() > 0 && s.fallback_ok.load(Relaxed),
+            &|s| !s.is_backup() && s.usable(),
+            &|s| s.is_backup() && s.usable(),
+            &|s| fallback && s.weight() > 0 && !s.is_removed() && s.fallback_ok.load(Relaxed),
         ];
+        let algo = listen.cfg().balance;
         for tier in tiers {
-            let usable = listen
-                .servers
+            let usable = servers
                 .iter()
                 .enumerate()
-                .filter(|(i, s)| tier(s) && !exclude.contains(i));
+                .filter(|(_, s)| tier(s) && !exclude.iter().any(|x| Arc::ptr_eq(x, s)));
             let mut any = false;
             let cands: Vec<Candidate> = usable
                 .inspect(|_| any = true)
-                .filter(|(i, s)| s.cfg.maxconn == 0 || self.cur[*i] < s.cfg.maxconn)
+                .filter(|(_, s)| s.has_room())
                 .map(|(idx, s)| Candidate {
                     idx,
-                    cur: self.cur[idx],
+                    cur: s.sessions(),
                     weight: s.weight(),
                 })
                 .collect();
-            if let Some(idx) = balance::pick(listen.cfg.balance, &cands, &mut self.balance) {
-                return Found::Server(idx);
+            if let Some(idx) = balance::pick(algo, &cands, &mut self.balance) {
+                return Found::Server(Arc::clone(&servers[idx]));
             }
             if any {
                 return Found::Full;
@@ -84,18 +86,18 @@ impl Dispatch {
         Found::Nothing
     }
 
-    fn take(&mut self, listen: &Arc<ListenState>, idx: usize) -> Slot {
-        self.cur[idx] += 1;
-        let server = &listen.servers[idx];
-        raise_max(&server.counters.smax, self.cur[idx]);
+    fn take(&mut self, listen: &Arc<ListenState>, server: Arc<ServerState>) -> Slot {
+        let now = server.add_session(1);
+        raise_max(&server.counters.smax, now);
         server.note_session();
         Slot {
             listen: Arc::clone(listen),
-            idx,
+            server,
+            counted: true,
         }
     }
 
-    /// Hands free slots to waiters, oldest first. When no server is usable any more,
+    /// Hands free places to waiters, oldest first. When no server is usable any more,
     /// waiters are released with nothing (they report "no server available").
     fn serve_queue(&mut self, listen: &Arc<ListenState>) {
         while let Some(waiter) = self.queue.pop_front() {
@@ -103,12 +105,13 @@ impl Dispatch {
                 continue;
             }
             match self.find(listen, &[]) {
-                Found::Server(idx) => {
-                    let slot = self.take(listen, idx);
-                    if let Err(slot) = waiter.send(slot) {
-                        // The waiter gave up meanwhile: undo without re-entering the lock.
-                        self.cur[slot.idx] -= 1;
-                        std::mem::forget(slot);
+                Found::Server(server) => {
+                    let slot = self.take(listen, server);
+                    if let Err(mut slot) = waiter.send(slot) {
+                        // The waiter gave up meanwhile: give the place back; the loop
+                        // goes on serving (the lock is held, so no re-entry).
+                        slot.server.add_session(-1);
+                        slot.counted = false;
                     }
                 }
                 Found::Full => {
@@ -129,31 +132,35 @@ impl Dispatch {
 #[derive(Debug)]
 pub struct Slot {
     listen: Arc<ListenState>,
-    idx: usize,
+    server: Arc<ServerState>,
+    /// False once the place was given back by other means (a waiter that left).
+    counted: bool,
 }
 
 impl Slot {
-    pub fn index(&self) -> usize {
-        self.idx
-    }
-
     pub fn server(&self) -> &Arc<ServerState> {
-        &self.listen.servers[self.idx]
+        &self.server
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if !self.counted {
+            return;
+        }
         let listen = Arc::clone(&self.listen);
         let mut d = listen.dispatch();
-        d.cur[self.idx] -= 1;
+        self.server.add_session(-1);
         d.serve_queue(&listen);
     }
 }
 
-/// Gets a slot on a server of `listen`, avoiding the servers in `exclude` (those that
-/// just failed to connect). Queues up to `queue_timeout` when all are full.
-pub async fn acquire(listen: &Arc<ListenState>, exclude: &[usize]) -> Result<Slot, Refusal> {
+/// Gets a place on a server of `listen`, avoiding the servers in `exclude` (those that
+/// already failed this client). Queues up to `queue_timeout` when all are full.
+pub async fn acquire(
+    listen: &Arc<ListenState>,
+    exclude: &[Arc<ServerState>],
+) -> Result<Slot, Refusal> {
     let waiter = {
         let mut d = listen.dispatch();
         // Newcomers queue behind earlier waiters rather than overtaking them.
@@ -163,11 +170,10 @@ pub async fn acquire(listen: &Arc<ListenState>, exclude: &[usize]) -> Result<Slo
             d.find(listen, exclude)
         };
         match found {
-            Found::Server(idx) => return Ok(d.take(listen, idx)),
+            Found::Server(server) => return Ok(d.take(listen, server)),
             Found::Nothing => {
-                listen.counters.no_server.inc();
                 return Err(Refusal::NoServer {
-                    listen: listen.cfg.name.clone(),
+                    listen: listen.name.clone(),
                 });
             }
             Found::Full => {
@@ -178,19 +184,16 @@ pub async fn acquire(listen: &Arc<ListenState>, exclude: &[usize]) -> Result<Slo
             }
         }
     };
-    let wait = listen.cfg.timeouts.queue;
+    let wait = listen.cfg().timeouts.queue;
     match tokio::time::timeout(wait, waiter).await {
         Ok(Ok(slot)) => Ok(slot),
-        Ok(Err(_)) => {
-            listen.counters.no_server.inc();
-            Err(Refusal::NoServer {
-                listen: listen.cfg.name.clone(),
-            })
-        }
+        Ok(Err(_)) => Err(Refusal::NoServer {
+            listen: listen.name.clone(),
+        }),
         Err(_) => {
             listen.counters.queue_timeouts.inc();
             Err(Refusal::QueueTimeout {
-                listen: listen.cfg.name.clone(),
+                listen: listen.name.clone(),
                 waited: wait,
             })
         }
@@ -207,11 +210,6 @@ pub fn queue_len(listen: &ListenState) -> usize {
     listen.dispatch().queued()
 }
 
-/// Sessions on one server now.
-pub fn sessions_on(listen: &ListenState, idx: usize) -> usize {
-    listen.dispatch().current().get(idx).copied().unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,62 +218,79 @@ mod tests {
     };
     use std::time::Duration;
 
+    pub(crate) fn server(name: &str, maxconn: usize, backup: bool) -> Server {
+        Server {
+            name: name.into(),
+            addr_text: "127.0.0.1:1".into(),
+            addr: "127.0.0.1:1".parse().expect("addr"),
+            weight: 100,
+            maxconn,
+            backup,
+            check: Check {
+                kind: CheckKind::None,
+                interval: Duration::from_secs(2),
+                fastinter: Duration::from_secs(2),
+                downinter: Duration::from_secs(2),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                fall: 3,
+                user: String::new(),
+                password: Secret::default(),
+                database: String::new(),
+                query: String::new(),
+                expect_role: Role::Any,
+                error_limit: 0,
+            },
+            on_marked_down: OnMarkedDown::None,
+            slowstart: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn listen_cfg(servers: Vec<Server>, queue: Duration) -> Listen {
+        let d = Duration::from_secs(1);
+        Listen {
+            name: "l".into(),
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            balance: Balance::Leastconn,
+            maxconn: 100,
+            backlog: 16,
+            retries: 3,
+            fallback_to_primary: false,
+            tls: None,
+            timeouts: Timeouts {
+                connect: d,
+                client: d,
+                server: d,
+                login: d,
+                queue,
+                startup: d,
+                drain: d,
+            },
+            servers,
+        }
+    }
+
     fn listen(maxconn: &[usize], backup: &[bool], queue: Duration) -> Arc<ListenState> {
         let servers = maxconn
             .iter()
             .zip(backup)
             .enumerate()
-            .map(|(i, (&maxconn, &backup))| Server {
-                name: format!("s{i}"),
-                addr_text: "127.0.0.1:1".into(),
-                addr: "127.0.0.1:1".parse().expect("addr"),
-                weight: 100,
-                maxconn,
-                backup,
-                check: Check {
-                    kind: CheckKind::None,
-                    interval: Duration::from_secs(2),
-                    fastinter: Duration::from_secs(2),
-                    downinter: Duration::from_secs(2),
-                    timeout: Duration::from_secs(1),
-                    rise: 2,
-                    fall: 3,
-                    user: String::new(),
-                    password: Secret::default(),
-                    database: String::new(),
-                    query: String::new(),
-                    expect_role: Role::Any,
-                    error_limit: 0,
-                },
-                on_marked_down: OnMarkedDown::None,
-                slowstart: Duration::ZERO,
-            })
+            .map(|(i, (&maxconn, &backup))| server(&format!("s{i}"), maxconn, backup))
             .collect();
-        let d = Duration::from_secs(1);
         Arc::new(ListenState::new(
             1,
-            Listen {
-                name: "l".into(),
-                bind: "127.0.0.1:0".parse().expect("addr"),
-                balance: Balance::Leastconn,
-                maxconn: 100,
-                backlog: 16,
-                retries: 3,
-                fallback_to_primary: false,
-                tls: None,
-                timeouts: Timeouts {
-                    connect: d,
-                    client: d,
-                    server: d,
-                    queue,
-                    startup: d,
-                    drain: d,
-                },
-                servers,
-            },
+            listen_cfg(servers, queue),
             crate::events::channel(),
             Default::default(),
         ))
+    }
+
+    fn sessions(l: &ListenState) -> Vec<usize> {
+        l.servers().iter().map(|s| s.sessions()).collect()
+    }
+
+    fn name(slot: &Slot) -> String {
+        slot.server().name.clone()
     }
 
     #[tokio::test(start_paused = true)]
@@ -283,27 +298,32 @@ mod tests {
         let l = listen(&[1], &[false], Duration::from_secs(5));
         let first = acquire(&l, &[]).await.expect("free slot");
         let l2 = Arc::clone(&l);
-        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| s.index()) });
+        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| name(&s)) });
         tokio::task::yield_now().await;
         assert_eq!(queue_len(&l), 1);
         drop(first);
-        assert_eq!(waiter.await.expect("join"), Ok(0));
+        assert_eq!(waiter.await.expect("join"), Ok("s0".to_owned()));
         // Now nobody releases: the next waiter times out with 53300.
         let held = acquire(&l, &[]).await.expect("free slot");
         let err = acquire(&l, &[]).await.expect_err("queue timeout");
         assert_eq!(err.sqlstate(), "53300");
         drop(held);
-        assert_eq!(l.load().0, vec![0]);
+        assert_eq!(sessions(&l), vec![0]);
     }
 
     #[tokio::test]
     async fn backup_only_when_no_active_usable() {
         let l = listen(&[0, 0], &[false, true], Duration::from_secs(1));
-        assert_eq!(acquire(&l, &[]).await.expect("slot").index(), 0);
-        // Active excluded (it failed to connect): the backup takes the client.
-        assert_eq!(acquire(&l, &[0]).await.expect("slot").index(), 1);
-        l.servers[0].set_up(false);
-        l.servers[1].set_up(false);
+        let active = Arc::clone(&l.servers()[0]);
+        assert_eq!(name(&acquire(&l, &[]).await.expect("slot")), "s0");
+        // Active excluded (it failed): the backup takes the client.
+        assert_eq!(
+            name(&acquire(&l, &[Arc::clone(&active)]).await.expect("slot")),
+            "s1"
+        );
+        for s in l.servers().iter() {
+            s.set_up(false);
+        }
         let err = acquire(&l, &[]).await.expect_err("nothing usable");
         assert_eq!(err.sqlstate(), "57P03");
     }
@@ -313,11 +333,84 @@ mod tests {
         let l = listen(&[1], &[false], Duration::from_secs(60));
         let _held = acquire(&l, &[]).await.expect("slot");
         let l2 = Arc::clone(&l);
-        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| s.index()) });
+        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| name(&s)) });
         tokio::task::yield_now().await;
-        l.servers[0].set_up(false);
+        l.servers()[0].set_up(false);
         servers_changed(&l);
         let err = waiter.await.expect("join").expect_err("no server");
         assert_eq!(err.sqlstate(), "57P03");
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_left_gives_its_place_back() {
+        let l = listen(&[1], &[false], Duration::from_secs(60));
+        let held = acquire(&l, &[]).await.expect("slot");
+        let l2 = Arc::clone(&l);
+        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| name(&s)) });
+        tokio::task::yield_now().await;
+        waiter.abort();
+        let _ = waiter.await;
+        drop(held);
+        assert_eq!(
+            sessions(&l),
+            vec![0],
+            "no place leaked to the waiter that left"
+        );
+        assert!(acquire(&l, &[]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn sessions_of_every_configuration_count_against_one_limit() {
+        // Server maxconn 2; a reload with the same settings and one that changes the
+        // weight: sessions from before still count, so a third is queued, not admitted.
+        let l = listen(&[2], &[false], Duration::from_millis(50));
+        let a = acquire(&l, &[]).await.expect("slot");
+        l.reconfigure(1, l.cfg().as_ref().clone());
+        let mut changed = l.cfg().as_ref().clone();
+        changed.servers[0].weight = 50;
+        l.reconfigure(1, changed);
+        let b = acquire(&l, &[]).await.expect("slot");
+        assert!(
+            Arc::ptr_eq(a.server(), b.server()),
+            "one server, one identity"
+        );
+        assert_eq!(sessions(&l), vec![2]);
+        assert_eq!(
+            acquire(&l, &[]).await.expect_err("full").sqlstate(),
+            "53300"
+        );
+        // A lowered maxconn applies to the next client.
+        let mut lowered = l.cfg().as_ref().clone();
+        lowered.servers[0].maxconn = 1;
+        l.reconfigure(1, lowered);
+        drop(a);
+        assert!(acquire(&l, &[]).await.is_err(), "1 session, maxconn now 1");
+        drop(b);
+        assert!(acquire(&l, &[]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_removed_server_lingers_until_its_last_session_ends() {
+        let l = listen(&[0, 0], &[false, false], Duration::from_millis(50));
+        let on_s1 = acquire(&l, &[Arc::clone(&l.servers()[0])])
+            .await
+            .expect("slot");
+        assert_eq!(name(&on_s1), "s1");
+        let drain = on_s1.server().session_signals().drain;
+        let mut only_s0 = l.cfg().as_ref().clone();
+        only_s0.servers.truncate(1);
+        l.reconfigure(1, only_s0);
+        assert!(drain.is_cancelled(), "its sessions drain");
+        let lingering = l.lingering();
+        assert_eq!(lingering.len(), 1);
+        assert_eq!(
+            lingering[0].status_of(&lingering[0].health()),
+            "DRAIN (removed)"
+        );
+        for _ in 0..3 {
+            assert_eq!(name(&acquire(&l, &[]).await.expect("slot")), "s0");
+        }
+        drop(on_s1);
+        assert!(l.lingering().is_empty(), "gone with its last session");
     }
 }

@@ -27,6 +27,14 @@ pub enum Refusal {
         attempts: u32,
         last_error: String,
     },
+    /// Every server tried refused the login with its own ErrorResponse (PgBouncer's
+    /// "no more connections allowed", an unknown database...): the last one is passed on
+    /// as the server sent it.
+    ServerRefused {
+        listen: String,
+        server: String,
+        response: Vec<u8>,
+    },
     /// The client did not send its startup packet in time.
     StartupTimeout { listen: String, timeout: Duration },
     /// The startup packet was malformed or unsupported.
@@ -39,13 +47,17 @@ pub enum Refusal {
 }
 
 impl Refusal {
-    pub fn sqlstate(&self) -> &'static str {
+    pub fn sqlstate(&self) -> &str {
+        if let Refusal::ServerRefused { response, .. } = self {
+            return field(response, b'C').unwrap_or("08006");
+        }
         match self {
             // cannot_connect_now: try again later, the server side is unavailable.
             Refusal::NoServer { .. } | Refusal::ConnectFailed { .. } => "57P03",
             // too_many_connections.
             Refusal::QueueTimeout { .. } | Refusal::TooManyClients { .. } => "53300",
             Refusal::StartupTimeout { .. } => "08P01",
+            Refusal::ServerRefused { .. } => "",
             Refusal::BadStartup { sqlstate, .. } => sqlstate,
             // admin_shutdown.
             Refusal::ShuttingDown => "57P01",
@@ -82,6 +94,12 @@ impl Refusal {
                 humantime::format_duration(*timeout)
             ),
             Refusal::BadStartup { message, .. } => format!("pglb: {message}"),
+            Refusal::ServerRefused {
+                server, response, ..
+            } => format!(
+                "{} (from server '{server}')",
+                field(response, b'M').unwrap_or("ErrorResponse")
+            ),
             Refusal::ShuttingDown => "pglb is shutting down".to_owned(),
         }
     }
@@ -94,6 +112,7 @@ impl Refusal {
             Refusal::TooManyClients { .. } => "maxconn",
             Refusal::ConnectFailed { .. } => "connect-failed",
             Refusal::StartupTimeout { .. } => "startup-timeout",
+            Refusal::ServerRefused { .. } => "server-refused",
             Refusal::BadStartup { .. } => "bad-startup",
             Refusal::ShuttingDown => "shutdown",
         }
@@ -101,8 +120,20 @@ impl Refusal {
 
     /// The ErrorResponse ('E') bytes for this refusal, severity FATAL.
     pub fn to_error_response(&self) -> BytesMut {
+        if let Refusal::ServerRefused { response, .. } = self {
+            return BytesMut::from(&response[..]);
+        }
         error_response("FATAL", self.sqlstate(), &self.message())
     }
+}
+
+/// A field of an ErrorResponse message (type, length, then code-prefixed strings).
+pub(crate) fn field(message: &[u8], code: u8) -> Option<&str> {
+    message
+        .get(5..)?
+        .split(|&b| b == 0)
+        .find(|f| f.first() == Some(&code))
+        .and_then(|f| std::str::from_utf8(&f[1..]).ok())
 }
 
 /// Encodes an ErrorResponse with severity, SQLSTATE and message.

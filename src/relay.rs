@@ -28,8 +28,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 use crate::backend::Scanner;
 use crate::cancel::Registry;
 use crate::client::Client;
+use crate::counters::{Counter, StripedCounter, lock};
 use crate::startup::CancelKey;
-use crate::state::{Counter, SESSION_SIGNALS, StripedCounter, lock};
+use crate::state::SESSION_SIGNALS;
 
 /// Largest chunk moved per read.
 const CHUNK: usize = 16 * 1024;

@@ -1,8 +1,7 @@
-//! Reload: the next generation of listens from a new configuration, keeping what did not
-//! change. A server whose settings are unchanged keeps its state object (health, counters,
-//! operator state) as is; a changed one starts fresh but keeps its operator state, and its
-//! health when its check did not change. Servers that disappear are drained: their
-//! sessions end at their next transaction boundary (or the drain deadline).
+//! Reload: a new configuration applied to the running listens in place. A listen named
+//! again keeps its state object (counters, limits, queue, servers by name: see
+//! `state::ListenState::reconfigure`); a new one starts; one no longer named drains its
+//! sessions and is forgotten once they end.
 
 use std::sync::Arc;
 
@@ -11,90 +10,56 @@ use tokio::sync::broadcast;
 use crate::cancel::Registry;
 use crate::config::Listen;
 use crate::events::Event;
-use crate::state::{Admin, ListenState, ServerState};
+use crate::state::ListenState;
 
-/// The next listens, and the old servers no longer served anywhere.
-pub struct Generation {
+/// The listens served after a reload, and those it removed.
+pub struct Applied {
     pub listens: Vec<Arc<ListenState>>,
-    pub retired: Vec<Arc<ServerState>>,
+    pub removed: Vec<Arc<ListenState>>,
 }
 
-/// Builds the listens of `configs`, reusing state from `old` where it still applies.
-pub fn next_generation(
+/// Applies `configs` to the listens served now (`old`; empty at start).
+pub fn apply(
     old: &[Arc<ListenState>],
     configs: &[Listen],
     events: &broadcast::Sender<Event>,
     cancels: &Arc<Registry>,
-) -> Generation {
-    let listens: Vec<Arc<ListenState>> = configs
+) -> Applied {
+    let listens = configs
         .iter()
         .enumerate()
         .map(|(i, cfg)| {
-            let before = old.iter().find(|l| l.cfg.name == cfg.name);
-            let servers = cfg
-                .servers
-                .iter()
-                .enumerate()
-                .map(|(j, s)| {
-                    let sid = j as u32 + 1;
-                    let prev = before.and_then(|l| l.server(&s.name));
-                    match prev {
-                        Some(p) if p.cfg == *s && p.sid == sid => Arc::clone(p),
-                        Some(p) => Arc::new(carry_over(p, ServerState::new(sid, s.clone()))),
-                        None => Arc::new(ServerState::new(sid, s.clone())),
-                    }
-                })
-                .collect();
-            let mut next = ListenState::with_servers(
-                i as u32 + 1,
-                cfg.clone(),
-                servers,
-                events.clone(),
-                Arc::clone(cancels),
-            );
-            if let Some(before) = before {
-                // Same listen: its statistics continue.
-                next.counters = Arc::clone(&before.counters);
+            let iid = i as u32 + 1;
+            match old.iter().find(|l| l.name == cfg.name) {
+                Some(l) => {
+                    l.reconfigure(iid, cfg.clone());
+                    Arc::clone(l)
+                }
+                None => Arc::new(ListenState::new(
+                    iid,
+                    cfg.clone(),
+                    events.clone(),
+                    Arc::clone(cancels),
+                )),
             }
-            Arc::new(next)
         })
+        .collect::<Vec<_>>();
+    let removed: Vec<Arc<ListenState>> = old
+        .iter()
+        .filter(|l| !configs.iter().any(|c| c.name == l.name))
+        .cloned()
         .collect();
-    let still_served = |s: &ServerState| {
-        listens
-            .iter()
-            .flat_map(|l| l.servers.iter())
-            .any(|n| n.cfg.addr == s.cfg.addr)
-    };
-    let mut retired: Vec<Arc<ServerState>> = Vec::new();
-    for s in old.iter().flat_map(|l| l.servers.iter()) {
-        if !still_served(s) && !retired.iter().any(|r| Arc::ptr_eq(r, s)) {
-            retired.push(Arc::clone(s));
-        }
+    for l in &removed {
+        l.retire();
     }
-    Generation { listens, retired }
-}
-
-/// Keeps an operator's decisions (and the health verdict, if checked the same way) across
-/// a change of a server's settings.
-fn carry_over(prev: &ServerState, next: ServerState) -> ServerState {
-    if prev.admin() != Admin::Ready {
-        next.set_admin(prev.admin());
-    }
-    if prev.base_weight() != prev.cfg.weight {
-        next.set_base_weight(prev.base_weight());
-    }
-    if prev.cfg.check == next.cfg.check {
-        let h = prev.health().clone();
-        next.set_up(h.up);
-        *next.health() = h;
-    }
-    next
+    Applied { listens, removed }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::Config;
+    use crate::state::Admin;
     use std::path::Path;
 
     fn listens(text: &str) -> Vec<Listen> {
@@ -107,46 +72,51 @@ mod tests {
         [[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:11\"\n[[listen.server]]\nname = \"b\"\naddr = \"127.0.0.1:12\"\n";
 
     #[test]
-    fn unchanged_servers_keep_their_state_removed_ones_retire() {
+    fn servers_keep_their_state_by_name_removed_ones_linger() {
         let events = crate::events::channel();
         let cancels = Arc::new(Registry::default());
-        let first = next_generation(&[], &listens(A), &events, &cancels);
-        let a = Arc::clone(&first.listens[0].servers[0]);
-        let b = Arc::clone(&first.listens[0].servers[1]);
+        let first = apply(&[], &listens(A), &events, &cancels);
+        let l = Arc::clone(&first.listens[0]);
+        let a = Arc::clone(&l.servers()[0]);
+        let b = Arc::clone(&l.servers()[1]);
         b.set_admin(Admin::Drain);
 
-        // b gets a new weight (changed), a is unchanged, c is new; then b is removed.
+        // b gets a new weight, a is unchanged, c is new.
         let text = A.replace(
             "addr = \"127.0.0.1:12\"",
             "addr = \"127.0.0.1:12\"\nweight = 50",
         ) + "[[listen.server]]\nname = \"c\"\naddr = \"127.0.0.1:13\"\n";
-        let second = next_generation(&first.listens, &listens(&text), &events, &cancels);
-        let servers = &second.listens[0].servers;
+        let second = apply(&first.listens, &listens(&text), &events, &cancels);
         assert!(
-            Arc::ptr_eq(&servers[0], &a),
-            "unchanged server keeps its state"
+            Arc::ptr_eq(&second.listens[0], &l),
+            "the listen keeps its identity"
         );
-        assert!(!Arc::ptr_eq(&servers[1], &b));
-        assert_eq!(
-            servers[1].admin(),
-            Admin::Drain,
-            "operator state survives a change"
+        let servers = l.servers();
+        assert!(Arc::ptr_eq(&servers[0], &a));
+        assert!(
+            Arc::ptr_eq(&servers[1], &b),
+            "a changed server keeps its identity"
         );
-        assert_eq!(servers[1].weight(), 50);
-        assert!(second.retired.is_empty());
+        assert_eq!(b.admin(), Admin::Drain, "operator state survives a change");
+        assert_eq!(b.weight(), 50);
+        assert_eq!(servers.len(), 3);
 
-        let third = next_generation(
-            &second.listens,
-            &listens(
-                A.split("[[listen.server]]\nname = \"b\"")
-                    .next()
-                    .unwrap_or(A),
-            ),
-            &events,
-            &cancels,
-        );
-        assert_eq!(third.listens[0].servers.len(), 1);
-        let retired: Vec<&str> = third.retired.iter().map(|s| s.cfg.name.as_str()).collect();
-        assert_eq!(retired, ["b", "c"]);
+        // b removed: it no longer serves, and lingers only while it has sessions.
+        let only_a = A
+            .split("[[listen.server]]\nname = \"b\"")
+            .next()
+            .unwrap_or(A);
+        let third = apply(&second.listens, &listens(only_a), &events, &cancels);
+        assert!(third.removed.is_empty());
+        assert_eq!(l.servers().len(), 1);
+        assert!(b.is_removed() && !b.usable());
+        assert!(l.lingering().is_empty(), "no session: not shown");
+
+        // A listen no longer configured drains.
+        let other = A.replace("name = \"pg\"", "name = \"pg2\"");
+        let fourth = apply(&third.listens, &listens(&other), &events, &cancels);
+        assert_eq!(fourth.removed.len(), 1);
+        assert!(a.is_removed());
+        assert!(!Arc::ptr_eq(&fourth.listens[0], &l));
     }
 }

@@ -1,33 +1,34 @@
-//! One client session, start to finish: startup → pick a server → connect → relay → log.
+//! One client session, start to finish: startup → pick a server and log in (`login`) →
+//! relay → log.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::client::Client;
-use crate::pick::{self, Slot};
+use crate::counters::{Counter, Pass, raise_max};
+use crate::login::{self, Failed, Opened};
 use crate::refusal::Refusal;
 use crate::relay::{self, Idle, Meters};
-use crate::startup::{self, Hello, StartupError, StartupMessage};
-use crate::state::{self, Counter, ListenState, raise_max};
+use crate::startup::{self, AfterSsl, CancelKey, Hello, StartupError, StartupMessage};
+use crate::state::{self, ListenState};
 use crate::workers::Load;
-use crate::{cancel, checker, net, refusal, tls};
+use crate::{cancel, refusal, tls};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
 pub enum Admission {
-    /// Permits held for the whole session.
-    Admitted(Vec<OwnedSemaphorePermit>),
+    /// Passes held for the whole session.
+    Admitted([Pass; 2]),
     /// Over a maxconn: the client gets this refusal once its startup packet is read. The
     /// permit bounds how many refusals are answered at once.
-    Refused(Refusal, OwnedSemaphorePermit),
+    Refused(Refusal, tokio::sync::OwnedSemaphorePermit),
 }
 
 /// Counts the session in the listen's current sessions while alive.
@@ -61,7 +62,7 @@ pub enum Incoming {
 struct Established {
     client: Client,
     opened: Opened,
-    _permits: Vec<OwnedSemaphorePermit>,
+    _passes: [Pass; 2],
     _current: Current,
 }
 
@@ -96,7 +97,7 @@ pub fn serve(
     }
 }
 
-/// Steps 1 and 2: startup, then pick a server and connect. None when the session ended
+/// Steps 1 and 2: startup, then pick a server and log in. None when the session ended
 /// there (a cancel request, a refusal, a client gone).
 async fn establish(
     tcp: Incoming,
@@ -116,21 +117,13 @@ async fn establish(
         },
     };
     // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
-    let (mut client, hello) = Box::pin(negotiate(tcp, peer, &listen)).await?;
+    let (mut client, mut hello) = Box::pin(negotiate(tcp, peer, &listen)).await?;
     if let Hello::Cancel(key) = &hello {
-        let routed = Box::pin(cancel::route(&listen, &listen.cancels, key)).await;
-        match routed {
-            cancel::Routed::Owner(addr) => {
-                info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, server = %addr, "cancel request routed to the session's server")
-            }
-            cancel::Routed::Broadcast(n) => {
-                info!(client = %peer, listen = %listen.cfg.name, pid = key.pid, servers = n, "cancel request for an unknown key sent to every server up")
-            }
-        }
+        Box::pin(cancel(client, peer, &listen, key)).await;
         return None;
     }
-    let permits = match admission {
-        Admission::Admitted(permits) => permits,
+    let passes = match admission {
+        Admission::Admitted(passes) => passes,
         Admission::Refused(refusal, _answering) => {
             listen.counters.denied.inc();
             refuse(client, peer, &listen, hello, refusal, accepted).await;
@@ -139,20 +132,43 @@ async fn establish(
     };
     let current = Current::enter(&listen);
 
-    // 2. Pick a server and connect, moving on to another server when a connect fails or
-    //    the server refuses the startup before authentication.
-    match Box::pin(open(&mut client, &listen, hello)).await {
+    // 2. Pick a server and log in, moving on to an untried server when one fails or
+    //    refuses before the client has seen anything from it.
+    match Box::pin(login::open(&mut client, &listen, &mut hello)).await {
         Ok(opened) => Some(Established {
             client,
             opened,
-            _permits: permits,
+            _passes: passes,
             _current: current,
         }),
-        Err((hello, refusal)) => {
+        Err(Failed::Refused(refusal)) => {
             refuse(client, peer, &listen, hello, refusal, accepted).await;
             None
         }
+        Err(Failed::Cancel(key)) => {
+            drop(current);
+            Box::pin(cancel(client, peer, &listen, &key)).await;
+            None
+        }
+        Err(Failed::Done) => None,
     }
+}
+
+/// Routes a CancelRequest, then ends its connection as PostgreSQL does: once the cancel
+/// was passed on, with a TLS close_notify when TLS was used.
+async fn cancel(mut client: Client, peer: SocketAddr, listen: &Arc<ListenState>, key: &CancelKey) {
+    match cancel::route(listen, &listen.cancels, key, peer.ip()).await {
+        cancel::Routed::Owner(addr) => {
+            info!(client = %peer, listen = %listen.name, pid = key.pid, server = %addr, "cancel request routed to the session's server")
+        }
+        cancel::Routed::Broadcast(n) => {
+            info!(client = %peer, listen = %listen.name, pid = key.pid, servers = n, "cancel request for an unknown key sent to every server up")
+        }
+        cancel::Routed::Limited => {
+            warn!(client = %peer, listen = %listen.name, pid = key.pid, "cancel request for an unknown key dropped: over the rate limit")
+        }
+    }
+    let _ = timeout(Duration::from_secs(1), client.shutdown()).await;
 }
 
 /// Steps 3 and 4: relay, following the protocol of plaintext sessions, then log.
@@ -163,7 +179,7 @@ async fn relay_and_log(
     stop: &CancellationToken,
     accepted: Instant,
 ) {
-    let t = listen.cfg.timeouts;
+    let t = listen.cfg().timeouts;
     let opened = &mut session.opened;
     let srv = Arc::clone(opened.slot.server());
     let client = &mut session.client;
@@ -186,7 +202,7 @@ async fn relay_and_log(
     let tracker = opened
         .startup
         .as_ref()
-        .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg.addr))));
+        .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg().addr))));
     let ends = srv.session_signals();
     let signals = relay::Signals {
         shutdown: stop,
@@ -212,7 +228,7 @@ async fn relay_and_log(
         // At a transaction boundary: say why, so pools reconnect elsewhere.
         let message = format!(
             "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
-            srv.cfg.name, listen.cfg.name
+            srv.name, listen.name
         );
         let _ = timeout(Duration::from_secs(1), async {
             let _ = client
@@ -228,8 +244,8 @@ async fn relay_and_log(
     let total = accepted.elapsed();
     info!(
         client = %peer,
-        listen = %listen.cfg.name,
-        server = %srv.cfg.name,
+        listen = %listen.name,
+        server = %srv.name,
         wait_ms = opened.wait.as_millis() as u64,
         connect_ms = opened.connect.as_millis() as u64,
         total_ms = total.as_millis() as u64,
@@ -254,9 +270,9 @@ async fn negotiate(
     peer: SocketAddr,
     listen: &ListenState,
 ) -> Option<(Client, Hello)> {
-    let t = listen.cfg.timeouts;
-    let deadline = Instant::now() + t.startup;
-    let acceptor = listen.cfg.tls.as_ref().map(|tls| &tls.acceptor);
+    let deadline = Instant::now() + listen.cfg().timeouts.startup;
+    let cfg = listen.cfg();
+    let acceptor = cfg.tls.as_ref().map(|tls| &tls.acceptor);
     let mut first = [0u8; 1];
     let direct = match acceptor {
         Some(_) => {
@@ -269,7 +285,7 @@ async fn negotiate(
             match tokio::time::timeout_at(deadline, tls::accept(acceptor, tcp, true)).await {
                 Ok(Ok(stream)) => Client::Tls(Box::new(stream)),
                 outcome => {
-                    debug!(client = %peer, listen = %listen.cfg.name, ?outcome, "direct TLS handshake failed");
+                    debug!(client = %peer, listen = %listen.name, ?outcome, "direct TLS handshake failed");
                     return None;
                 }
             }
@@ -285,7 +301,7 @@ async fn negotiate(
         client = match tokio::time::timeout_at(deadline, tls::accept(acceptor, tcp, false)).await {
             Ok(Ok(stream)) => Client::Tls(Box::new(stream)),
             outcome => {
-                debug!(client = %peer, listen = %listen.cfg.name, ?outcome, "TLS handshake failed");
+                debug!(client = %peer, listen = %listen.name, ?outcome, "TLS handshake failed");
                 return None;
             }
         };
@@ -309,17 +325,17 @@ async fn read_hello(
     listen: &ListenState,
     deadline: Instant,
 ) -> Option<Hello> {
-    let t = listen.cfg.timeouts;
+    let t = listen.cfg().timeouts;
     match tokio::time::timeout_at(deadline, startup::read_hello(client)).await {
         Ok(Ok(hello)) => Some(hello),
         Ok(Err(StartupError::Closed | StartupError::Io(_))) => {
             // A port probe or a client that gave up: nothing worth a log line.
-            debug!(client = %peer, listen = %listen.cfg.name, "client left during startup");
+            debug!(client = %peer, listen = %listen.name, "client left during startup");
             None
         }
         Ok(Err(e)) => {
             listen.counters.ereq.inc();
-            warn!(client = %peer, listen = %listen.cfg.name, error = %e, "bad startup packet");
+            warn!(client = %peer, listen = %listen.name, error = %e, "bad startup packet");
             let refusal = Refusal::BadStartup {
                 sqlstate: e.sqlstate(),
                 message: e.to_string(),
@@ -328,9 +344,9 @@ async fn read_hello(
             None
         }
         Err(_) => {
-            debug!(client = %peer, listen = %listen.cfg.name, "startup timeout");
+            debug!(client = %peer, listen = %listen.name, "startup timeout");
             let refusal = Refusal::StartupTimeout {
-                listen: listen.cfg.name.clone(),
+                listen: listen.name.clone(),
                 timeout: t.startup,
             };
             send_refusal(client, &refusal).await;
@@ -339,282 +355,48 @@ async fn read_hello(
     }
 }
 
-/// A session connected to its server, opening exchange done.
-struct Opened {
-    slot: Slot,
-    server: TcpStream,
-    /// The StartupMessage, unless the session went TLS end to end.
-    startup: Option<StartupMessage>,
-    wait: Duration,
-    connect: Duration,
-    to_server: u64,
-    to_client: u64,
-}
-
-/// Connects to a server and replays the client's opening on it.
-///
-/// For an SSLRequest the server's one-byte answer goes back to the client; when the server
-/// declines (`N`), the client's plaintext StartupMessage is read so pglb still follows the
-/// session. For a plaintext StartupMessage the server's first answer is read before it is
-/// passed on: an ErrorResponse before any authentication request (PgBouncer's "no more
-/// connections allowed", or PostgreSQL unreachable behind it) makes pglb replay the
-/// startup on another server, and the client never sees that error.
-async fn open(
-    client: &mut Client,
-    listen: &Arc<ListenState>,
-    mut hello: Hello,
-) -> Result<Opened, (Hello, Refusal)> {
-    let t = listen.cfg.timeouts;
-    let mut tried: Vec<usize> = Vec::new();
-    let (mut wait, mut connect) = (Duration::ZERO, Duration::ZERO);
-    let (mut to_server, mut to_client) = (0u64, 0u64);
-    let mut replays = 0;
-    loop {
-        let (slot, mut server, w, c) = match connect_with_retries(listen, &mut tried).await {
-            Ok(connected) => connected,
-            Err(refusal) => return Err((hello, refusal)),
-        };
-        wait += w;
-        connect += c;
-        let srv = Arc::clone(slot.server());
-        let io_failed = |e: std::io::Error, who: &str| Refusal::ConnectFailed {
-            listen: listen.cfg.name.clone(),
-            attempts: 1,
-            last_error: format!("{who}: {e}"),
-        };
-
-        // TLS request: pass it on and let the server answer.
-        if let Hello::Ssl(raw) = &hello {
-            let answer = async {
-                server.write_all(raw).await?;
-                let mut answer = [0u8; 1];
-                server.read_exact(&mut answer).await?;
-                Ok::<_, std::io::Error>(answer[0])
-            };
-            let answer = match timeout(t.server, answer).await {
-                Ok(Ok(a)) => a,
-                Ok(Err(e)) => return Err((hello, io_failed(e, &srv.cfg.name))),
-                Err(_) => {
-                    return Err((
-                        hello,
-                        io_failed(std::io::ErrorKind::TimedOut.into(), &srv.cfg.name),
-                    ));
-                }
-            };
-            to_server += raw.len() as u64;
-            if client.write_all(&[answer]).await.is_err() {
-                return Err((hello, Refusal::ShuttingDown));
-            }
-            to_client += 1;
-            if answer != b'N' {
-                // 'S': TLS end to end from here on (anything else is the server's to explain).
-                return Ok(Opened {
-                    slot,
-                    server,
-                    startup: None,
-                    wait,
-                    connect,
-                    to_server,
-                    to_client,
-                });
-            }
-            match timeout(t.startup, startup::read_startup_after_ssl_refusal(client)).await {
-                Ok(Ok(m)) => hello = Hello::Startup(m),
-                _ => {
-                    return Err((
-                        Hello::Ssl(raw.clone()),
-                        Refusal::StartupTimeout {
-                            listen: listen.cfg.name.clone(),
-                            timeout: t.startup,
-                        },
-                    ));
-                }
-            }
-        }
-        let Hello::Startup(m) = &hello else {
-            unreachable!("cancel requests are routed before a server is picked");
-        };
-
-        // Plaintext startup: replay it and look at the first answer.
-        let first = async {
-            server.write_all(&m.raw).await?;
-            read_message(&mut server).await
-        };
-        // The client has seen nothing from this server yet, so a refusal or a dropped
-        // connection (a PgBouncer going away) is replayed elsewhere, invisibly.
-        let last_try = replays >= listen.cfg.retries;
-        let refused = match timeout(t.server, first).await {
-            // Out of replays, the server's own error (e.g. "no such database") is the
-            // most useful answer: pass it on.
-            Ok(Ok(first)) if first.first() == Some(&b'E') && !last_try => Err(error_text(&first)),
-            Ok(Ok(first)) => Ok(first),
-            Ok(Err(e)) => Err(format!("connection lost before answering: {e}")),
-            Err(_) => Err(format!(
-                "no answer within {}",
-                humantime::format_duration(t.server)
-            )),
-        };
-        let first = match refused {
-            Ok(first) => first,
-            Err(reason) if !last_try => {
-                replays += 1;
-                srv.counters.wredis.inc();
-                warn!(
-                    listen = %listen.cfg.name,
-                    server = %srv.cfg.name,
-                    error = %reason,
-                    "server refused the startup; replaying it on another server"
-                );
-                tried.push(slot.index());
-                continue;
-            }
-            Err(reason) => {
-                return Err((
-                    hello,
-                    Refusal::ConnectFailed {
-                        listen: listen.cfg.name.clone(),
-                        attempts: replays + 1,
-                        last_error: format!("{}: {reason}", srv.cfg.name),
-                    },
-                ));
-            }
-        };
-        to_server += m.raw.len() as u64;
-        if client.write_all(&first).await.is_err() {
-            return Err((hello, Refusal::ShuttingDown));
-        }
-        to_client += first.len() as u64;
-        let Hello::Startup(m) = hello else {
-            unreachable!("checked above");
-        };
-        return Ok(Opened {
-            slot,
-            server,
-            startup: Some(m),
-            wait,
-            connect,
-            to_server,
-            to_client,
-        });
-    }
-}
-
-/// Largest first answer accepted from a server during startup.
-const MAX_FIRST_MESSAGE: usize = 64 * 1024;
-
-/// Reads one whole backend message (type, length, body), length-checked.
-async fn read_message(server: &mut TcpStream) -> std::io::Result<Vec<u8>> {
-    let mut header = [0u8; 5];
-    server.read_exact(&mut header).await?;
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if !(4..=MAX_FIRST_MESSAGE).contains(&len) {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("invalid message length {len} from server"),
-        ));
-    }
-    let mut message = vec![0u8; 1 + len];
-    message[..5].copy_from_slice(&header);
-    server.read_exact(&mut message[5..]).await?;
-    Ok(message)
-}
-
-/// The message field of an ErrorResponse, for logs.
-fn error_text(message: &[u8]) -> String {
-    message
-        .get(5..)
-        .unwrap_or_default()
-        .split(|&b| b == 0)
-        .find(|f| f.first() == Some(&b'M'))
-        .map(|f| String::from_utf8_lossy(&f[1..]).into_owned())
-        .unwrap_or_else(|| "ErrorResponse".into())
-}
-
-/// Picks a server and connects; on failure tries another (up to `retries` more times),
-/// never one in `tried`, which grows with every server that failed.
-/// Returns the slot, the connection, the time spent waiting for a slot and connecting.
-async fn connect_with_retries(
-    listen: &Arc<ListenState>,
-    tried: &mut Vec<usize>,
-) -> Result<(Slot, TcpStream, Duration, Duration), Refusal> {
-    let mut last_error = String::new();
-    let (mut wait, mut connect) = (Duration::ZERO, Duration::ZERO);
-    let mut attempts = 0;
-    for attempt in 0..=listen.cfg.retries {
-        let t0 = Instant::now();
-        let slot = match pick::acquire(listen, tried).await {
-            Ok(slot) => slot,
-            Err(_) if attempts > 0 => break,
-            Err(refusal) => return Err(refusal),
-        };
-        wait += t0.elapsed();
-        let server = Arc::clone(slot.server());
-        let t1 = Instant::now();
-        attempts += 1;
-        match net::connect(server.cfg.addr, listen.cfg.timeouts.connect).await {
-            Ok(stream) => {
-                checker::connect_succeeded(&server);
-                return Ok((slot, stream, wait, connect + t1.elapsed()));
-            }
-            Err(e) => {
-                connect += t1.elapsed();
-                server.counters.econ.inc();
-                checker::connect_failed(listen, slot.index(), &e);
-                warn!(
-                    listen = %listen.cfg.name,
-                    server = %server.cfg.name,
-                    addr = %server.cfg.addr,
-                    error = %e,
-                    attempt = attempt + 1,
-                    "connect to server failed"
-                );
-                if attempt < listen.cfg.retries {
-                    server.counters.wretr.inc();
-                    server.counters.wredis.inc();
-                }
-                last_error = format!("{} ({}): {e}", server.cfg.name, server.cfg.addr);
-                tried.push(slot.index());
-            }
-        }
-    }
-    Err(Refusal::ConnectFailed {
-        listen: listen.cfg.name.clone(),
-        attempts,
-        last_error,
-    })
-}
-
 /// Turns a client away with an ErrorResponse. An SSLRequest is answered `N` first so the
-/// client sends a plaintext StartupMessage and can read the error.
+/// client sends a plaintext StartupMessage and can read the error (or a CancelRequest,
+/// which is routed).
 async fn refuse(
     mut client: Client,
     peer: SocketAddr,
-    listen: &ListenState,
+    listen: &Arc<ListenState>,
     hello: Hello,
     refusal: Refusal,
     accepted: Instant,
 ) {
+    match &refusal {
+        Refusal::NoServer { .. } => listen.counters.no_server.inc(),
+        Refusal::ServerRefused { .. } => listen.counters.server_refused.inc(),
+        _ => {}
+    }
     let startup: Option<StartupMessage> = match hello {
         Hello::Startup(m) => Some(m),
         Hello::Ssl(_) => {
             let read = async {
                 client.write_all(b"N").await.ok()?;
-                startup::read_startup_after_ssl_refusal(&mut client)
-                    .await
-                    .ok()
+                startup::read_after_ssl_refused(&mut client).await.ok()
             };
             let left = listen
-                .cfg
+                .cfg()
                 .timeouts
                 .startup
                 .saturating_sub(accepted.elapsed());
-            timeout(left, read).await.ok().flatten()
+            match timeout(left, read).await.ok().flatten() {
+                Some(AfterSsl::Startup(m)) => Some(m),
+                Some(AfterSsl::Cancel(key)) => {
+                    cancel(client, peer, listen, &key).await;
+                    return;
+                }
+                None => None,
+            }
         }
         Hello::Cancel(_) => None,
     };
     info!(
         client = %peer,
-        listen = %listen.cfg.name,
+        listen = %listen.name,
         refused = refusal.kind(),
         reason = %refusal.message(),
         total_ms = accepted.elapsed().as_millis() as u64,
@@ -627,7 +409,22 @@ async fn refuse(
     }
 }
 
-async fn send_refusal(client: &mut Client, refusal: &Refusal) {
+/// Answers a malformed packet with the error it deserves.
+pub(crate) async fn bad_startup(client: &mut Client, listen: &ListenState, e: StartupError) {
+    if matches!(e, StartupError::Closed | StartupError::Io(_)) {
+        debug!(listen = %listen.name, "client left during startup");
+        return;
+    }
+    listen.counters.ereq.inc();
+    warn!(listen = %listen.name, error = %e, "bad startup packet");
+    let refusal = Refusal::BadStartup {
+        sqlstate: e.sqlstate(),
+        message: e.to_string(),
+    };
+    send_refusal(client, &refusal).await;
+}
+
+pub(crate) async fn send_refusal(client: &mut Client, refusal: &Refusal) {
     let bytes = refusal.to_error_response();
     // Best effort: the client may already be gone.
     let _ = timeout(Duration::from_secs(1), async {

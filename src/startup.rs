@@ -269,16 +269,31 @@ pub async fn read_hello<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// After answering an SSLRequest with `N`, the client's next packet must be a
-/// StartupMessage (or it gives up and closes).
-pub async fn read_startup_after_ssl_refusal<R: AsyncRead + Unpin>(
-    r: &mut R,
-) -> Result<StartupMessage, StartupError> {
-    match decode(read_packet(r).await?)? {
-        Packet::Startup(m) => Ok(m),
-        _ => Err(StartupError::Malformed(
-            "expected a StartupMessage after SSL was refused",
-        )),
+/// What a client may send once its SSLRequest was answered `N` (by pglb or by the
+/// server), as PostgreSQL accepts it: a StartupMessage or a CancelRequest, after at most
+/// one GSSENCRequest (answered `N` here).
+#[derive(Debug)]
+pub enum AfterSsl {
+    Startup(StartupMessage),
+    Cancel(CancelKey),
+}
+
+/// Reads the client's next packet after its SSLRequest was answered `N`.
+pub async fn read_after_ssl_refused<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<AfterSsl, StartupError> {
+    let mut gss_refused = false;
+    loop {
+        match decode(read_packet(s).await?)? {
+            Packet::Startup(m) => return Ok(AfterSsl::Startup(m)),
+            Packet::Cancel(key) => return Ok(AfterSsl::Cancel(key)),
+            Packet::GssEnc if !gss_refused => {
+                gss_refused = true;
+                s.write_all(b"N").await?;
+            }
+            Packet::GssEnc => return Err(StartupError::Malformed("GSSENCRequest sent twice")),
+            Packet::Ssl => return Err(StartupError::Malformed("SSLRequest sent twice")),
+        }
     }
 }
 

@@ -1,129 +1,33 @@
-//! The one model of listen and server state. The proxy path, the health checker and the
-//! stats renderers all read and update these structures; nothing keeps a copy.
+//! The one model of listen and server state, for the life of the process. A listen and
+//! each of its servers keep their identity (by name) across reloads: a reload
+//! reconfigures them in place, so every session, whatever configuration it started
+//! under, counts against the same limits, the same leastconn count, and is reached by
+//! the same drain, maint and shutdown-sessions. The proxy path, the health checker, the
+//! admin actions and the stats all read and update these structures; nothing keeps a copy.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
+};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Instant;
 
-use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::config;
+pub use crate::counters::lock;
+use crate::counters::{Counter, Gate, Rate, StripedCounter, unix_now};
 use crate::events::Event;
 use crate::health::Health;
 use crate::pick::Dispatch;
 use crate::workers::Pool;
 
-/// Locks a mutex whose data stays usable even if a holder panicked (counters and
-/// health verdicts are always in a consistent state between statements).
-pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+fn read<T: Clone>(l: &RwLock<T>) -> T {
+    l.read().unwrap_or_else(|p| p.into_inner()).clone()
 }
 
-/// Monotonic counter helpers; Relaxed is enough for statistics.
-pub trait Counter {
-    fn inc(&self);
-    fn add(&self, n: u64);
-    fn get(&self) -> u64;
-}
-
-impl Counter for AtomicU64 {
-    fn inc(&self) {
-        self.fetch_add(1, Relaxed);
-    }
-    fn add(&self, n: u64) {
-        self.fetch_add(n, Relaxed);
-    }
-    fn get(&self) -> u64 {
-        self.load(Relaxed)
-    }
-}
-
-/// A counter every worker bumps on every relayed chunk (bytes in and out). Each worker
-/// adds to a cache line of its own, so two cores relaying for the same server or listen
-/// never pass one line back and forth; a read adds the lines up. Workers beyond
-/// `STRIPES` share lines, which is still correct, only less spread.
-#[derive(Debug, Default)]
-pub struct StripedCounter([Stripe; STRIPES]);
-
-const STRIPES: usize = 8;
-
-/// One counter alone on its cache line (128 bytes: x86 fetches lines in pairs).
-#[derive(Debug, Default)]
-#[repr(align(128))]
-struct Stripe(AtomicU64);
-
-impl Counter for StripedCounter {
-    fn inc(&self) {
-        self.add(1);
-    }
-    fn add(&self, n: u64) {
-        self.0[crate::workers::current() % STRIPES]
-            .0
-            .fetch_add(n, Relaxed);
-    }
-    fn get(&self) -> u64 {
-        self.0
-            .iter()
-            .fold(0u64, |sum, s| sum.wrapping_add(s.0.load(Relaxed)))
-    }
-}
-
-/// Raises a high-water mark.
-pub fn raise_max(max: &AtomicUsize, value: usize) {
-    max.fetch_max(value, Relaxed);
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// Sessions per second, as HAProxy shows it: the count of the current second (or of the
-/// last one, right after it ends), and the highest seen.
-#[derive(Debug, Default)]
-pub struct Rate {
-    /// Unix second in the high 32 bits, count in that second in the low 32.
-    packed: AtomicU64,
-    max: AtomicU64,
-}
-
-impl Rate {
-    pub fn tick(&self) {
-        let now = unix_now() & 0xffff_ffff;
-        let mut cur = self.packed.load(Relaxed);
-        loop {
-            let next = if cur >> 32 == now {
-                cur + 1
-            } else {
-                now << 32 | 1
-            };
-            match self
-                .packed
-                .compare_exchange_weak(cur, next, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    self.max.fetch_max(next & 0xffff_ffff, Relaxed);
-                    return;
-                }
-                Err(actual) => cur = actual,
-            }
-        }
-    }
-
-    /// (rate, rate_max).
-    pub fn read(&self) -> (u64, u64) {
-        let now = unix_now() & 0xffff_ffff;
-        let p = self.packed.load(Relaxed);
-        let rate = if p >> 32 == now || p >> 32 == now.wrapping_sub(1) {
-            p & 0xffff_ffff
-        } else {
-            0
-        };
-        (rate, self.max.load(Relaxed))
-    }
+fn write<T>(l: &RwLock<T>, value: T) {
+    *l.write().unwrap_or_else(|p| p.into_inner()) = value;
 }
 
 /// What an operator set for a server (stats page, API): persisted in the state file.
@@ -187,12 +91,16 @@ pub struct ServerCounters {
     pub rate: Rate,
 }
 
-/// One server of a listen.
+/// One server of a listen, from the first configuration that named it until it is
+/// removed and its last session has ended.
 #[derive(Debug)]
 pub struct ServerState {
-    /// 1-based position in its listen (HAProxy's sid).
-    pub sid: u32,
-    pub cfg: config::Server,
+    /// Its identity within the listen.
+    pub name: String,
+    /// 1-based position in its listen (HAProxy's sid); a reload may renumber it.
+    sid: AtomicU32,
+    /// Settings of the current configuration (replaced as a whole by a reload).
+    cfg: RwLock<Arc<config::Server>>,
     /// Mirror of `health.up` for the pick fast path. Written only with `health` locked.
     up: AtomicBool,
     /// Current effective weight; starts at the configured one (slowstart lowers it).
@@ -200,7 +108,15 @@ pub struct ServerState {
     /// The weight the server returns to: configured, or set by an operator.
     base_weight: AtomicU32,
     /// Operator state (`Admin` as u8).
-    admin: std::sync::atomic::AtomicU8,
+    admin: AtomicU8,
+    /// Sessions holding a place on it now: leastconn's measure and maxconn's count.
+    /// Changed only with the listen's dispatch lock held; read by anyone.
+    cur: AtomicUsize,
+    /// `cfg.maxconn` and `cfg.backup`, read on every pick.
+    maxconn: AtomicUsize,
+    backup: AtomicBool,
+    /// Removed by a reload: takes no new session, lingers while its sessions drain.
+    removed: AtomicBool,
     pub counters: ServerCounters,
     /// The health verdict and last check; the checker writes, everyone reads.
     pub health: Mutex<Health>,
@@ -231,7 +147,7 @@ pub fn end_sessions(token: &CancellationToken) {
 /// not watch channels: a session waits on them with nameable futures, no boxing.)
 #[derive(Debug, Default, Clone)]
 pub struct SessionSignals {
-    /// Cancelled to close the sessions now.
+    /// Cancelled to close the sessions now (also those still logging in).
     pub kill: CancellationToken,
     /// Cancelled to drain: sessions close at their next transaction boundary.
     pub drain: CancellationToken,
@@ -241,13 +157,18 @@ impl ServerState {
     pub fn new(sid: u32, cfg: config::Server) -> Self {
         let health = Health::new(&cfg.check);
         ServerState {
-            sid,
+            name: cfg.name.clone(),
+            sid: AtomicU32::new(sid),
             weight: AtomicU32::new(cfg.weight),
             base_weight: AtomicU32::new(cfg.weight),
-            admin: std::sync::atomic::AtomicU8::new(0),
+            admin: AtomicU8::new(0),
             up: AtomicBool::new(health.up),
             health: Mutex::new(health),
-            cfg,
+            cur: AtomicUsize::new(0),
+            maxconn: AtomicUsize::new(cfg.maxconn),
+            backup: AtomicBool::new(cfg.backup),
+            removed: AtomicBool::new(false),
+            cfg: RwLock::new(Arc::new(cfg)),
             counters: ServerCounters::default(),
             consecutive_errors: AtomicU32::new(0),
             fallback_ok: AtomicBool::new(false),
@@ -256,13 +177,91 @@ impl ServerState {
         }
     }
 
+    /// The settings of the current configuration.
+    pub fn cfg(&self) -> Arc<config::Server> {
+        read(&self.cfg)
+    }
+
+    pub fn sid(&self) -> u32 {
+        self.sid.load(Relaxed)
+    }
+
+    /// Takes the settings of a new configuration, keeping what the operator decided. A
+    /// new address or check starts the health verdict afresh; sessions connected to an
+    /// old address end at their next transaction boundary.
+    fn reconfigure(&self, sid: u32, next: config::Server) {
+        self.sid.store(sid, Relaxed);
+        let old = self.cfg();
+        if *old == next {
+            return;
+        }
+        if self.base_weight() == old.weight {
+            // Not overridden by an operator: the configured weight applies.
+            self.set_base_weight(next.weight);
+        }
+        self.maxconn.store(next.maxconn, Relaxed);
+        self.backup.store(next.backup, Relaxed);
+        let moved = old.addr != next.addr;
+        if moved || old.check != next.check {
+            let mut h = self.health();
+            let before = h.clone();
+            *h = Health::new(&next.check);
+            h.failures = before.failures;
+            h.downs = before.downs;
+            h.downtime = before.downtime;
+            self.set_up(h.up);
+            self.consecutive_errors.store(0, Relaxed);
+            self.fallback_ok.store(false, Relaxed);
+        }
+        if moved {
+            self.drain_running();
+        }
+        write(&self.cfg, Arc::new(next));
+    }
+
     pub fn health(&self) -> MutexGuard<'_, Health> {
         lock(&self.health)
     }
 
     /// May the balancer send it new clients?
     pub fn usable(&self) -> bool {
-        self.up.load(Relaxed) && self.weight() > 0 && self.admin() == Admin::Ready
+        self.up.load(Relaxed)
+            && self.weight() > 0
+            && self.admin() == Admin::Ready
+            && !self.is_removed()
+    }
+
+    /// Room for one more session under its maxconn (0: unlimited)?
+    pub fn has_room(&self) -> bool {
+        let max = self.maxconn.load(Relaxed);
+        max == 0 || self.sessions() < max
+    }
+
+    pub fn maxconn(&self) -> usize {
+        self.maxconn.load(Relaxed)
+    }
+
+    pub fn is_backup(&self) -> bool {
+        self.backup.load(Relaxed)
+    }
+
+    /// Sessions holding a place on this server now.
+    pub fn sessions(&self) -> usize {
+        self.cur.load(Relaxed)
+    }
+
+    /// Counts a session in or out; only under the listen's dispatch lock.
+    pub(crate) fn add_session(&self, delta: isize) -> usize {
+        if delta >= 0 {
+            self.cur.fetch_add(delta as usize, Relaxed) + delta as usize
+        } else {
+            let d = delta.unsigned_abs();
+            self.cur.fetch_sub(d, Relaxed).saturating_sub(d)
+        }
+    }
+
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Relaxed)
     }
 
     pub fn admin(&self) -> Admin {
@@ -271,7 +270,7 @@ impl ServerState {
 
     pub(crate) fn set_admin(&self, admin: Admin) {
         self.admin.store(admin.to_u8(), Relaxed);
-        self.set_draining(admin == Admin::Drain);
+        self.set_draining(admin == Admin::Drain || self.is_removed());
     }
 
     /// The signals for a session starting on this server now.
@@ -279,8 +278,9 @@ impl ServerState {
         lock(&self.sessions).clone()
     }
 
-    /// Closes the sessions running on this server (on-marked-down shutdown-sessions);
-    /// sessions that start afterwards are not affected.
+    /// Closes the sessions running on this server (on-marked-down shutdown-sessions),
+    /// including those still waiting for its first answer; sessions that start
+    /// afterwards are not affected.
     pub(crate) fn kill_sessions(&self) {
         let mut s = lock(&self.sessions);
         end_sessions(&s.kill);
@@ -298,6 +298,27 @@ impl ServerState {
         }
     }
 
+    /// Drains the sessions running now, sparing those that start afterwards.
+    fn drain_running(&self) {
+        let mut s = lock(&self.sessions);
+        if !s.drain.is_cancelled() {
+            end_sessions(&s.drain);
+            s.drain = CancellationToken::new();
+        }
+    }
+
+    /// Taken out of the configuration: no new sessions, running ones drain.
+    fn retire(&self) {
+        self.removed.store(true, Relaxed);
+        self.set_draining(true);
+    }
+
+    /// Named again by a reload while it lingered.
+    fn revive(&self) {
+        self.removed.store(false, Relaxed);
+        self.set_draining(self.admin() == Admin::Drain);
+    }
+
     /// The weight outside slowstart: configured or set by an operator.
     pub fn base_weight(&self) -> u32 {
         self.base_weight.load(Relaxed)
@@ -308,8 +329,12 @@ impl ServerState {
         self.weight.store(weight, Relaxed);
     }
 
-    /// Status as the stats show it: MAINT and DRAIN (operator) before the health text.
+    /// Status as the stats show it: a removed server, MAINT and DRAIN (operator) before
+    /// the health text.
     pub fn status_of(&self, h: &Health) -> String {
+        if self.is_removed() {
+            return "DRAIN (removed)".into();
+        }
         match self.admin() {
             Admin::Maint => "MAINT".into(),
             Admin::Drain if h.up => "DRAIN".into(),
@@ -356,26 +381,33 @@ pub struct ListenCounters {
     pub ereq: AtomicU64,
     /// Clients refused because no server could take them.
     pub no_server: AtomicU64,
+    /// Clients refused with a server's own error (every server refused the login).
+    pub server_refused: AtomicU64,
     /// Clients whose queue wait ran out.
     pub queue_timeouts: AtomicU64,
+    /// CancelRequests with unknown keys dropped by the rate limit.
+    pub cancels_limited: AtomicU64,
     /// Highest queue length seen (qmax).
     pub qmax: AtomicUsize,
     /// New client sessions per second.
     pub rate: Rate,
 }
 
-/// A listen: its configuration, its servers, and the dispatcher that hands out slots.
+/// A listen: its configuration, its servers, and the dispatcher that hands out places.
 #[derive(Debug)]
 pub struct ListenState {
+    pub name: String,
     /// 1-based position in the config (HAProxy's iid).
-    pub iid: u32,
-    pub cfg: config::Listen,
-    pub servers: Vec<Arc<ServerState>>,
-    /// Shared with the listen's earlier generations: a reload does not reset its stats.
-    pub counters: Arc<ListenCounters>,
-    /// Per-listen maxconn; a permit is held for the whole client session.
-    pub maxconn: Arc<Semaphore>,
-    /// Session counts per server, the balancer's memory and the queue.
+    iid: AtomicU32,
+    cfg: RwLock<Arc<config::Listen>>,
+    /// The servers of the current configuration, in its order.
+    servers: RwLock<Arc<Vec<Arc<ServerState>>>>,
+    /// Servers a reload removed whose sessions have not all ended yet.
+    lingering: Mutex<Vec<Arc<ServerState>>>,
+    pub counters: ListenCounters,
+    /// The listen's maxconn; a pass is held for the whole client session.
+    pub gate: Arc<Gate>,
+    /// The balancer's memory and the queue.
     dispatch: Mutex<Dispatch>,
     pub started: Instant,
     /// Where server state changes are published (logs, stats, alerts).
@@ -397,27 +429,89 @@ impl ListenState {
             .enumerate()
             .map(|(i, s)| Arc::new(ServerState::new(i as u32 + 1, s.clone())))
             .collect();
-        ListenState::with_servers(iid, cfg, servers, events, cancels)
-    }
-
-    /// A listen over existing server states (a reload keeps the unchanged ones).
-    pub fn with_servers(
-        iid: u32,
-        cfg: config::Listen,
-        servers: Vec<Arc<ServerState>>,
-        events: broadcast::Sender<Event>,
-        cancels: Arc<crate::cancel::Registry>,
-    ) -> Self {
         ListenState {
-            iid,
-            maxconn: Arc::new(Semaphore::new(cfg.maxconn)),
+            name: cfg.name.clone(),
+            iid: AtomicU32::new(iid),
+            gate: Gate::new(cfg.maxconn),
             dispatch: Mutex::new(Dispatch::new(servers.len())),
-            servers,
-            cfg,
-            counters: Arc::default(),
+            servers: RwLock::new(Arc::new(servers)),
+            lingering: Mutex::default(),
+            cfg: RwLock::new(Arc::new(cfg)),
+            counters: ListenCounters::default(),
             started: Instant::now(),
             events,
             cancels,
+        }
+    }
+
+    /// The settings of the current configuration.
+    pub fn cfg(&self) -> Arc<config::Listen> {
+        read(&self.cfg)
+    }
+
+    pub fn iid(&self) -> u32 {
+        self.iid.load(Relaxed)
+    }
+
+    /// The servers of the current configuration.
+    pub fn servers(&self) -> Arc<Vec<Arc<ServerState>>> {
+        read(&self.servers)
+    }
+
+    /// Servers removed by a reload that still have sessions.
+    pub fn lingering(&self) -> Vec<Arc<ServerState>> {
+        let mut l = lock(&self.lingering);
+        l.retain(|s| s.sessions() > 0);
+        l.clone()
+    }
+
+    /// Takes a new configuration in place: servers keep their state by name, new ones
+    /// start, removed ones drain and linger until their last session ends. A lowered
+    /// maxconn applies to the next client.
+    pub fn reconfigure(&self, iid: u32, cfg: config::Listen) {
+        self.iid.store(iid, Relaxed);
+        self.gate.set_limit(cfg.maxconn);
+        // Under the dispatch lock: no pick sees half the change.
+        let mut dispatch = self.dispatch();
+        let current = self.servers();
+        let mut lingering = lock(&self.lingering);
+        let next: Vec<Arc<ServerState>> = cfg
+            .servers
+            .iter()
+            .enumerate()
+            .map(|(j, s)| {
+                let sid = j as u32 + 1;
+                let kept = current.iter().find(|x| x.name == s.name).cloned();
+                let revived = || {
+                    let at = lingering.iter().position(|x| x.name == s.name)?;
+                    let server = lingering.remove(at);
+                    server.revive();
+                    Some(server)
+                };
+                match kept.or_else(revived) {
+                    Some(server) => {
+                        server.reconfigure(sid, s.clone());
+                        server
+                    }
+                    None => Arc::new(ServerState::new(sid, s.clone())),
+                }
+            })
+            .collect();
+        for old in current.iter() {
+            if !next.iter().any(|n| Arc::ptr_eq(n, old)) {
+                old.retire();
+                lingering.push(Arc::clone(old));
+            }
+        }
+        dispatch.servers_replaced(next.len());
+        write(&self.servers, Arc::new(next));
+        write(&self.cfg, Arc::new(cfg));
+    }
+
+    /// The listen is gone from the configuration: every session drains.
+    pub fn retire(&self) {
+        for s in self.servers().iter() {
+            s.retire();
         }
     }
 
@@ -425,38 +519,31 @@ impl ListenState {
         lock(&self.dispatch)
     }
 
-    /// Sessions each server holds now, and the queue length.
-    pub fn load(&self) -> (Vec<usize>, usize) {
-        let d = self.dispatch();
-        (d.current().to_vec(), d.queued())
-    }
-
-    pub fn server(&self, name: &str) -> Option<&Arc<ServerState>> {
-        self.servers.iter().find(|s| s.cfg.name == name)
+    /// A server of the current configuration, by name.
+    pub fn server(&self, name: &str) -> Option<Arc<ServerState>> {
+        self.servers().iter().find(|s| s.name == name).cloned()
     }
 
     /// Servers that are up, split (active, backup).
     pub fn up_counts(&self) -> (usize, usize) {
-        let active = self
-            .servers
-            .iter()
-            .filter(|s| !s.cfg.backup && s.is_up())
-            .count();
-        let backup = self
-            .servers
-            .iter()
-            .filter(|s| s.cfg.backup && s.is_up())
-            .count();
-        (active, backup)
+        let servers = self.servers();
+        let up = |backup: bool| {
+            servers
+                .iter()
+                .filter(|s| s.is_backup() == backup && s.is_up())
+                .count()
+        };
+        (up(false), up(true))
     }
 }
 
-/// The whole process as the stats and admin see it: the listens now served (replaced as a
-/// whole on reload) and process-wide facts.
+/// The whole process as the stats and admin see it: the listens served now and
+/// process-wide facts.
 #[derive(Debug)]
 pub struct Process {
-    listens: std::sync::RwLock<Arc<Vec<Arc<ListenState>>>>,
-    pub maxconn: usize,
+    listens: RwLock<Arc<Vec<Arc<ListenState>>>>,
+    /// Global maxconn: a pass is held for the whole client session.
+    pub gate: Arc<Gate>,
     pub started: Instant,
     /// The error of the last failed reload; cleared by a successful one.
     pub reload_error: Mutex<Option<String>>,
@@ -469,8 +556,8 @@ pub struct Process {
 impl Process {
     pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize, workers: Arc<Pool>) -> Self {
         Process {
-            listens: std::sync::RwLock::new(Arc::new(listens)),
-            maxconn,
+            listens: RwLock::new(Arc::new(listens)),
+            gate: Gate::new(maxconn),
             workers,
             started: Instant::now(),
             reload_error: Mutex::new(None),
@@ -479,50 +566,20 @@ impl Process {
     }
 
     pub fn listens(&self) -> Arc<Vec<Arc<ListenState>>> {
-        Arc::clone(&self.listens.read().unwrap_or_else(|p| p.into_inner()))
+        read(&self.listens)
     }
 
     pub fn set_listens(&self, listens: Vec<Arc<ListenState>>) {
-        *self.listens.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(listens);
+        write(&self.listens, Arc::new(listens));
     }
 
     pub fn snapshot(&self) -> crate::stats::Snapshot {
         crate::stats::snapshot(
             &self.listens(),
-            self.maxconn,
+            self.gate.limit(),
             self.started,
             lock(&self.reload_error).clone(),
             self.workers.sessions(),
         )
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::workers::Workers;
-
-    #[test]
-    fn a_striped_counter_adds_up_what_every_worker_counted() {
-        let workers = Workers::start(3).expect("workers start");
-        let pool = workers.pool();
-        let counter = Arc::new(StripedCounter::default());
-        counter.add(5); // off the workers: stripe 0, shared with worker 0
-        for n in 0..pool.len() {
-            let c = Arc::clone(&counter);
-            let task = pool.handle(n).spawn(async move {
-                for _ in 0..1000 {
-                    c.add(3);
-                }
-                c.inc();
-            });
-            crate::workers::tests::wait(task).expect("task ran");
-        }
-        assert_eq!(counter.get(), 5 + 3 * 3001);
-        let used = counter.0.iter().filter(|s| s.0.load(Relaxed) > 0).count();
-        assert_eq!(
-            used, 3,
-            "one stripe per worker; other threads share worker 0's"
-        );
     }
 }

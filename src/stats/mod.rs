@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use crate::counters::Counter;
 use crate::pick;
-use crate::state::{Admin, Counter, ListenState};
+use crate::state::{Admin, ListenState, ServerState};
 
 /// The whole process at one instant.
 #[derive(Debug, Clone)]
@@ -46,7 +47,11 @@ pub struct ListenSnap {
     /// Bad startup packets.
     pub ereq: u64,
     pub no_server: u64,
+    /// Refused with a server's own error (every server tried refused the login).
+    pub server_refused: u64,
     pub queue_timeouts: u64,
+    /// CancelRequests with unknown keys dropped by the rate limit.
+    pub cancels_limited: u64,
     pub rate: u64,
     pub rate_max: u64,
     pub qcur: usize,
@@ -64,6 +69,8 @@ pub struct ServerSnap {
     pub up: bool,
     pub admin: Admin,
     pub backup: bool,
+    /// Removed by a reload; shown while its sessions drain.
+    pub removed: bool,
     pub checked: bool,
     pub weight: u32,
     pub scur: usize,
@@ -158,79 +165,86 @@ pub fn snapshot(
 }
 
 fn listen_snap(l: &ListenState, now: Instant, unix_now: u64) -> ListenSnap {
-    let (per_server, qcur) = l.load();
     let c = &l.counters;
+    let cfg = l.cfg();
     let (rate, rate_max) = c.rate.read();
+    let qcur = pick::queue_len(l);
     let servers = l
-        .servers
+        .servers()
         .iter()
-        .zip(per_server)
-        .map(|(s, scur)| {
-            let h = s.health();
-            let sc = &s.counters;
-            let (rate, rate_max) = sc.rate.read();
-            let last_session = sc.last_session.load(Relaxed);
-            ServerSnap {
-                name: s.cfg.name.clone(),
-                sid: s.sid,
-                addr: s.cfg.addr.to_string(),
-                status: s.status_of(&h),
-                up: h.up,
-                admin: s.admin(),
-                backup: s.cfg.backup,
-                checked: h.checked,
-                weight: s.weight(),
-                scur,
-                smax: sc.smax.load(Relaxed),
-                slim: s.cfg.maxconn,
-                stot: sc.stot.get(),
-                bin: sc.bin.get(),
-                bout: sc.bout.get(),
-                econ: sc.econ.get(),
-                wretr: sc.wretr.get(),
-                wredis: sc.wredis.get(),
-                rate,
-                rate_max,
-                chkfail: h.failures,
-                chkdown: h.downs,
-                lastchg: now.saturating_duration_since(h.changed).as_secs(),
-                downtime: h.downtime(now).as_secs(),
-                lastsess: (last_session > 0).then(|| unix_now.saturating_sub(last_session)),
-                check: h.last.as_ref().map(|(r, at)| LastCheck {
-                    status: r.status.code(),
-                    description: r.status.description(),
-                    code: r.code.clone(),
-                    detail: r.detail.clone(),
-                    duration_ms: r.duration.as_millis() as u64,
-                    age: at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
-                }),
-                check_kind: check_kind_name(s.cfg.check.kind),
-                rise: h.rise,
-                fall: h.fall,
-                health: h.counter,
-            }
-        })
+        .chain(l.lingering().iter())
+        .map(|s| server_snap(s, now, unix_now))
         .collect();
     ListenSnap {
-        name: l.cfg.name.clone(),
-        iid: l.iid,
-        bind: l.cfg.bind.to_string(),
-        balance: l.cfg.balance.as_str(),
+        name: l.name.clone(),
+        iid: l.iid(),
+        bind: cfg.bind.to_string(),
+        balance: cfg.balance.as_str(),
         scur: c.cur.load(Relaxed),
         smax: c.smax.load(Relaxed),
-        slim: l.cfg.maxconn,
+        slim: l.gate.limit(),
         stot: c.stot.get(),
         bin: c.bin.get(),
         bout: c.bout.get(),
         denied: c.denied.get(),
         ereq: c.ereq.get(),
         no_server: c.no_server.get(),
+        server_refused: c.server_refused.get(),
         queue_timeouts: c.queue_timeouts.get(),
+        cancels_limited: c.cancels_limited.get(),
         rate,
         rate_max,
         qcur,
-        qmax: c.qmax.load(Relaxed).max(pick::queue_len(l)),
+        qmax: c.qmax.load(Relaxed).max(qcur),
         servers,
+    }
+}
+
+fn server_snap(s: &ServerState, now: Instant, unix_now: u64) -> ServerSnap {
+    let cfg = s.cfg();
+    let h = s.health();
+    let sc = &s.counters;
+    let (rate, rate_max) = sc.rate.read();
+    let last_session = sc.last_session.load(Relaxed);
+    ServerSnap {
+        name: s.name.clone(),
+        sid: s.sid(),
+        addr: cfg.addr.to_string(),
+        status: s.status_of(&h),
+        up: h.up && !s.is_removed(),
+        admin: s.admin(),
+        backup: s.is_backup(),
+        removed: s.is_removed(),
+        checked: h.checked,
+        weight: s.weight(),
+        scur: s.sessions(),
+        smax: sc.smax.load(Relaxed),
+        slim: s.maxconn(),
+        stot: sc.stot.get(),
+        bin: sc.bin.get(),
+        bout: sc.bout.get(),
+        econ: sc.econ.get(),
+        wretr: sc.wretr.get(),
+        wredis: sc.wredis.get(),
+        rate,
+        rate_max,
+        chkfail: h.failures,
+        chkdown: h.downs,
+        lastchg: now.saturating_duration_since(h.changed).as_secs(),
+        downtime: h.downtime(now).as_secs(),
+        lastsess: (last_session > 0).then(|| unix_now.saturating_sub(last_session)),
+        check: h.last.as_ref().map(|(r, at)| LastCheck {
+            status: r.status.code(),
+            description: r.status.description(),
+            code: r.code.clone(),
+            detail: r.detail.clone(),
+            duration_ms: r.duration.as_millis() as u64,
+            age: at.elapsed().map(|d| d.as_secs()).unwrap_or(0),
+        }),
+        check_kind: check_kind_name(cfg.check.kind),
+        rise: h.rise,
+        fall: h.fall,
+        health: h.counter,
     }
 }
 
