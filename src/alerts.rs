@@ -4,6 +4,10 @@
 //! proxy (a lagging alerter loses the oldest events and says so). Changes of one server
 //! within `coalesce` become one message (flapping shows as a chain of states); delivery
 //! is retried with backoff and a final failure is logged.
+//!
+//! At shutdown nothing queued is dropped silently: the changes still coalescing (and any
+//! still in the channel) are sent at once, within [`SHUTDOWN_FLUSH`]; each message that
+//! cannot go out in that time is logged as lost, with its text.
 
 use std::time::Duration;
 
@@ -22,6 +26,8 @@ use crate::events::Event;
 
 const ATTEMPTS: u32 = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the final flush at shutdown may take.
+pub const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// Runs until `stop`; flushes what is pending first.
 pub async fn run(
@@ -46,7 +52,7 @@ pub async fn run(
             },
             _ = sleep_until(flush_at), if deadline.is_some() => {
                 for text in messages(&pending, &host) {
-                    deliver(&client, &cfg.webhook_url, &text).await;
+                    deliver(&client, &cfg.webhook_url, &text, None).await;
                 }
                 pending.clear();
                 deadline = None;
@@ -54,9 +60,18 @@ pub async fn run(
             _ = stop.cancelled() => break,
         }
     }
-    for text in messages(&pending, &host) {
-        deliver(&client, &cfg.webhook_url, &text).await;
+    // Shutdown: what is still in the channel joins what was coalescing.
+    while let Ok(e) = events.try_recv() {
+        pending.push(e);
     }
+    let give_up = Instant::now() + SHUTDOWN_FLUSH;
+    let texts = messages(&pending, &host);
+    let mut sends = tokio::task::JoinSet::new();
+    for text in texts {
+        let (client, url) = (client.clone(), cfg.webhook_url.clone());
+        sends.spawn(async move { deliver(&client, &url, &text, Some(give_up)).await });
+    }
+    while sends.join_next().await.is_some() {}
 }
 
 /// One message per server (or listen) with its chain of states in order.
@@ -102,8 +117,28 @@ fn client() -> WebhookClient {
     Client::builder(TokioExecutor::new()).build(connector)
 }
 
+/// Posts one message, retrying with exponential backoff; with `give_up`, not past it.
+async fn deliver(client: &WebhookClient, url: &str, text: &str, give_up: Option<Instant>) {
+    let bounded = async {
+        match give_up {
+            Some(at) => tokio::time::timeout_at(at, post(client, url, text))
+                .await
+                .unwrap_or_else(|_| Err("shutdown flush time over".into())),
+            None => post(client, url, text).await,
+        }
+    };
+    if let Err(e) = bounded.await {
+        let when = if give_up.is_some() {
+            " at shutdown"
+        } else {
+            ""
+        };
+        warn!(error = %e, "alert lost{when}: could not be delivered: {text}");
+    }
+}
+
 /// Posts one message, retrying with exponential backoff.
-async fn deliver(client: &WebhookClient, url: &str, text: &str) {
+async fn post(client: &WebhookClient, url: &str, text: &str) -> Result<(), String> {
     let body = serde_json::json!({ "text": text }).to_string();
     let mut backoff = Duration::from_millis(500);
     let mut last_error = String::new();
@@ -113,15 +148,12 @@ async fn deliver(client: &WebhookClient, url: &str, text: &str) {
             .body(Full::new(Bytes::from(body.clone())));
         let req = match req {
             Ok(r) => r,
-            Err(e) => {
-                warn!(url, error = %e, "alert not sent: invalid webhook URL");
-                return;
-            }
+            Err(e) => return Err(format!("invalid webhook URL {url}: {e}")),
         };
         match tokio::time::timeout(REQUEST_TIMEOUT, client.request(req)).await {
             Ok(Ok(resp)) if resp.status().is_success() => {
                 debug!(attempt, "alert delivered");
-                return;
+                return Ok(());
             }
             Ok(Ok(resp)) => last_error = format!("HTTP {}", resp.status()),
             Ok(Err(e)) => last_error = e.to_string(),
@@ -132,7 +164,7 @@ async fn deliver(client: &WebhookClient, url: &str, text: &str) {
             backoff *= 2;
         }
     }
-    warn!(error = %last_error, attempts = ATTEMPTS, "alert could not be delivered: {text}");
+    Err(format!("{last_error} after {ATTEMPTS} attempts"))
 }
 
 fn hostname() -> String {

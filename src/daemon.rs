@@ -46,9 +46,6 @@ struct Served {
     stop: CancellationToken,
 }
 
-/// How long queued alerts may take to go out once pglb has stopped serving.
-const ALERT_FLUSH: Duration = Duration::from_secs(10);
-
 /// Everything that lives across reloads.
 struct Daemon {
     config: Config,
@@ -94,10 +91,7 @@ pub async fn run<S: Future<Output = ()>>(
         let listener = net::bind(stats.bind, 128)
             .with_context(|| format!("stats: cannot bind {}", stats.bind))?;
         info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
-        let ctx = Arc::new(http::Context {
-            cfg: stats.clone(),
-            process: Arc::clone(&process),
-        });
+        let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(&process)));
         tokio::spawn(http::serve(listener, ctx, stop_http.clone()));
     }
     let stop_alerts = CancellationToken::new();
@@ -186,7 +180,7 @@ pub async fn run<S: Future<Output = ()>>(
     // Alerts still queued go out now (bounded); any that cannot are logged as lost.
     stop_alerts.cancel();
     if let Some(alerter) = alerter
-        && tokio::time::timeout(ALERT_FLUSH + CLOSE_WAIT, alerter)
+        && tokio::time::timeout(alerts::SHUTDOWN_FLUSH + CLOSE_WAIT, alerter)
             .await
             .is_err()
     {

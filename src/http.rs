@@ -5,10 +5,23 @@
 //! | `GET {uri}` | HTML dashboard |
 //! | `GET {uri};csv`, `GET {uri}?csv` | HAProxy CSV |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /health` | 200, or 503 with the reason (for keepalived) |
+//! | `GET /health` (or `HEAD`) | 200, or 503 with the reason (for keepalived) |
 //! | `POST {uri}` form `b`, `s`, `action`[, `weight`] | admin action, 303 back (Basic auth) |
 //! | `GET /api/servers` | JSON state of every server |
 //! | `POST /api/servers/{listen}/{server}` JSON `{"action": …, "weight": …}` | admin action (Basic auth) |
+
+//!
+//! Traffic on this port cannot starve anything else: health checks run on their own
+//! thread, at most [`MAX_CONNECTIONS`] connections get full service (beyond that a
+//! connection may ask `/health` once, then it is closed), a connection serves at most
+//! [`MAX_REQUESTS`] requests, and the pages that render the whole state are paced
+//! ([`RENDERS_PER_SECOND`]), so a flood waits instead of burning the main thread.
+//! `/health` is never paced.
+//!
+//! Admin actions are taken only from the dashboard's own origin (a browser with cached
+//! credentials visiting another site must not be able to drain servers): a request whose
+//! `Origin`, `Referer` or `Sec-Fetch-Site` shows another site is refused (403), and the
+//! JSON API takes only `application/json` (which a cross-site form cannot send).
 
 // Handlers return early with a ready response as their error; its size does not matter
 // at one per request.
@@ -17,19 +30,23 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
+use hyper::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, LOCATION, ORIGIN, REFERER,
+    WWW_AUTHENTICATE,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -40,11 +57,30 @@ use crate::stats::{self, html};
 
 /// Largest request body accepted (admin forms and JSON are tiny).
 const MAX_BODY: usize = 16 * 1024;
+/// Connections served in full at once; more are answered `/health` only.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Requests one keep-alive connection may make before it is closed.
+pub const MAX_REQUESTS: usize = 100;
+/// Renders of the whole state (dashboard, CSV, metrics, JSON) per second beyond a burst.
+pub const RENDERS_PER_SECOND: u32 = 50;
 
 /// What every request handler shares.
 pub struct Context {
     pub cfg: config::Stats,
     pub process: Arc<Process>,
+    connections: Arc<Semaphore>,
+    renders: Pacer,
+}
+
+impl Context {
+    pub fn new(cfg: config::Stats, process: Arc<Process>) -> Self {
+        Context {
+            cfg,
+            process,
+            connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            renders: Pacer::new(RENDERS_PER_SECOND),
+        }
+    }
 }
 
 /// Serves until `stop` is cancelled.
@@ -62,20 +98,84 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, stop: CancellationT
             _ = stop.cancelled() => return,
         };
         let ctx = Arc::clone(&ctx);
+        let full = Arc::clone(&ctx.connections).try_acquire_owned().ok();
         tokio::spawn(async move {
+            let served = AtomicUsize::new(0);
+            let lite = full.is_none();
             let service = service_fn(move |req| {
                 let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(handle(&ctx, req, peer).await) }
+                let n = served.fetch_add(1, Relaxed) + 1;
+                async move {
+                    let mut r = if lite {
+                        over_capacity(&ctx, &req)
+                    } else {
+                        handle(&ctx, req, peer).await
+                    };
+                    if lite || n >= MAX_REQUESTS {
+                        r.headers_mut().insert(CONNECTION, hv("close"));
+                    }
+                    Ok::<_, Infallible>(r)
+                }
             });
+            let idle_limit = if lite { 2 } else { 10 };
             let conn = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
+                .header_read_timeout(Duration::from_secs(idle_limit))
                 .serve_connection(TokioIo::new(stream), service);
             // Idle keep-alive connections of browsers are bounded too.
             if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(300), conn).await {
                 debug!(client = %peer, error = %e, "stats connection ended with an error");
             }
+            drop(full);
         });
+    }
+}
+
+/// A connection beyond [`MAX_CONNECTIONS`]: `/health` is answered (keepalived must get
+/// its answer however busy the port is), anything else is told to come back.
+fn over_capacity(ctx: &Context, req: &Request<Incoming>) -> Resp {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/health") => health(ctx),
+        _ => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stats server busy: too many connections",
+        ),
+    }
+}
+
+/// Paces renders of the whole state: a burst of twice the rate, then one every
+/// 1/rate seconds, oldest waiter first. Waiting costs nothing while the flood lasts.
+struct Pacer {
+    turn: Semaphore,
+    bucket: std::sync::Mutex<(f64, Instant)>,
+    rate: u32,
+}
+
+impl Pacer {
+    fn new(rate: u32) -> Self {
+        Pacer {
+            turn: Semaphore::new(1),
+            bucket: std::sync::Mutex::new((f64::from(rate) * 2.0, Instant::now())),
+            rate,
+        }
+    }
+
+    async fn wait(&self) {
+        let Ok(_turn) = self.turn.acquire().await else {
+            return;
+        };
+        let rate = f64::from(self.rate);
+        let wait = {
+            let mut b = crate::counters::lock(&self.bucket);
+            let now = Instant::now();
+            b.0 = (b.0 + now.saturating_duration_since(b.1).as_secs_f64() * rate).min(rate * 2.0);
+            b.1 = now;
+            b.0 -= 1.0;
+            (b.0 < 0.0).then(|| Duration::from_secs_f64(-b.0 / rate))
+        };
+        if let Some(w) = wait {
+            tokio::time::sleep(w).await;
+        }
     }
 }
 
@@ -110,7 +210,11 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
     let uri = ctx.cfg.uri.as_str();
     let on_page = path == uri || path.starts_with(&format!("{uri};"));
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/health") => health(ctx),
+        (&Method::GET | &Method::HEAD, "/health") => return health(ctx),
+        (&Method::GET, _) => ctx.renders.wait().await,
+        _ => {}
+    }
+    match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             stats::prometheus::CONTENT_TYPE,
@@ -118,8 +222,14 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
         ),
         (&Method::GET, "/api/servers") => json(StatusCode::OK, servers_json(ctx)),
         (&Method::POST, p) if p.starts_with("/api/servers/") => {
-            if let Err(r) = authorize(ctx, &req) {
+            if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
+            }
+            if !is_json(&req) {
+                return json(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    serde_json::json!({"error": "send the action as Content-Type: application/json"}),
+                );
             }
             api_action(ctx, req, peer).await
         }
@@ -157,7 +267,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             }
         }
         (&Method::POST, p) if p == uri => {
-            if let Err(r) = authorize(ctx, &req) {
+            if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
             }
             form_action(ctx, req, peer).await
@@ -170,7 +280,8 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
     }
 }
 
-/// 200 while serving with at least one UP server per listen; 503 with the reason otherwise.
+/// 200 while serving with at least one UP server per listen; 503 with the reason
+/// otherwise. Reads a few atomics per server (no snapshot): it must stay cheap.
 fn health(ctx: &Context) -> Resp {
     if !ctx.process.serving.load(Relaxed) {
         return plain(
@@ -178,20 +289,66 @@ fn health(ctx: &Context) -> Resp {
             "DOWN: pglb is shutting down",
         );
     }
-    let snap = ctx.process.snapshot();
-    if let Some(l) = snap.listens.iter().find(|l| !l.backend_up()) {
+    let listens = ctx.process.listens();
+    let serves = |l: &crate::state::ListenState| {
+        l.servers()
+            .iter()
+            .any(|s| s.is_up() && s.admin() != crate::state::Admin::Maint)
+    };
+    if let Some(l) = listens.iter().find(|l| !serves(l)) {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("DOWN: listen '{}' has no server available", l.name),
         );
     }
-    if let Some(err) = &snap.reload_error {
+    if let Some(err) = crate::counters::lock(&ctx.process.reload_error).as_ref() {
         return plain(StatusCode::OK, format!("UP (last reload failed: {err})"));
     }
     plain(
         StatusCode::OK,
-        format!("UP: {} listen(s) serving", snap.listens.len()),
+        format!("UP: {} listen(s) serving", listens.len()),
     )
+}
+
+/// Refuses a request that a browser sent on behalf of another site. Browsers send
+/// `Origin` on every cross-origin POST (and `Sec-Fetch-Site`); tools like curl send
+/// neither, and are let through.
+fn same_origin(req: &Request<Incoming>) -> Result<(), Resp> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header(HOST).unwrap_or("");
+    let authority = |url: &str| {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        rest.split('/').next().unwrap_or("").to_ascii_lowercase()
+    };
+    let foreign = match (header(ORIGIN), header(REFERER)) {
+        (Some("null"), _) => true,
+        (Some(origin), _) => authority(origin) != host.to_ascii_lowercase(),
+        (None, Some(referer)) => authority(referer) != host.to_ascii_lowercase(),
+        (None, None) => false,
+    } || req
+        .headers()
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|s| s.eq_ignore_ascii_case("cross-site"));
+    if foreign {
+        warn!(
+            origin = header(ORIGIN).unwrap_or("-"),
+            host, "admin action from another origin refused"
+        );
+        return Err(plain(
+            StatusCode::FORBIDDEN,
+            "admin actions are accepted only from the dashboard's own origin",
+        ));
+    }
+    Ok(())
+}
+
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
 }
 
 /// Basic auth, compared in constant time. Without `[stats.auth]` admin is disabled.
@@ -206,7 +363,9 @@ fn authorize(ctx: &Context, req: &Request<Incoming>) -> Result<(), Resp> {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .map(|(_, token)| token)
         .and_then(|b64| {
             base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
@@ -325,6 +484,9 @@ async fn api_action(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> 
     };
     match action.and_then(|a| run_action(ctx, &b, &s, a, peer)) {
         Ok(sentence) => json(StatusCode::OK, serde_json::json!({"result": sentence})),
+        Err(e) if e.starts_with("no listen") || e.contains("has no server") => {
+            json(StatusCode::NOT_FOUND, serde_json::json!({"error": e}))
+        }
         Err(e) => json(StatusCode::BAD_REQUEST, serde_json::json!({"error": e})),
     }
 }
