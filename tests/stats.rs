@@ -311,7 +311,10 @@ async fn admin_needs_credentials_drains_and_survives_a_restart() {
     // The idle session on pgb1 ends once it has been quiet for half a second.
     let deadline = Instant::now() + Duration::from_secs(3);
     while stack.bouncers[0].app_clients().await > 0 {
-        assert!(Instant::now() < deadline, "pgb1 kept its drained idle session");
+        assert!(
+            Instant::now() < deadline,
+            "pgb1 kept its drained idle session"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
@@ -339,7 +342,10 @@ async fn admin_needs_credentials_drains_and_survives_a_restart() {
         "application/json",
     )
     .await;
-    assert_eq!(code, 404, "an unknown server is not found, not a bad request");
+    assert_eq!(
+        code, 404,
+        "an unknown server is not found, not a bad request"
+    );
     assert!(body.contains("has no server \\\"nope\\\""), "{body}");
 
     // Restart: the drain and the weight come back from the state file.
@@ -359,47 +365,8 @@ async fn admin_needs_credentials_drains_and_survives_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_changes_are_posted_to_the_webhook() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stack = Stack::start(2);
-    // A local webhook receiver: records each request body, answers 200.
-    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let hook = receiver.local_addr().expect("addr").port();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = receiver.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    let n = s.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    let text = String::from_utf8_lossy(&buf).into_owned();
-                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
-                        let len = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_lowercase()
-                                    .strip_prefix("content-length: ")
-                                    .map(str::to_owned)
-                            })
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if body.len() >= len {
-                            let _ = tx.send(body.to_owned());
-                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
-                            break;
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let (hook, mut rx) = harness::webhook().await;
     let (port, stats) = (free_port(), free_port());
     let alerts = format!(
         "[alerts]\nwebhook_url = \"http://127.0.0.1:{hook}/services/T000/B000/XXX\"\ncoalesce = \"300ms\"\n"

@@ -3,87 +3,12 @@
 
 mod harness;
 
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use harness::{Pglb, Stack, free_port};
+use harness::{Pglb, Stack, free_port, make_ca, tls_config};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
-
-/// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
-fn make_ca(dir: &Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=pglb test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=localhost",
-    ]);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
-    )
-    .expect("ext");
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-}
-
-fn tls_config(port: u16, dir: &Path, servers: &str) -> String {
-    let tls = format!(
-        "[listen.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
-        dir.join("server.crt").display(),
-        dir.join("server.key").display()
-    );
-    Pglb::config(port, &tls, servers)
-}
 
 fn psql(conninfo: &str) -> (bool, String) {
     let out = Command::new("psql")

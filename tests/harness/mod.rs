@@ -687,6 +687,29 @@ pub async fn http(
     content_type: &str,
 ) -> (u16, String, String) {
     use base64::Engine as _;
+    let mut headers = Vec::new();
+    if !body.is_empty() {
+        headers.push(("Content-Type".to_owned(), content_type.to_owned()));
+    }
+    if let Some((u, p)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+        headers.push(("Authorization".to_owned(), format!("Basic {token}")));
+    }
+    let headers: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    http_with(port, method, path, &headers, body).await
+}
+
+/// Like [`http`], with the request headers given as they are.
+pub async fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -695,12 +718,8 @@ pub async fn http(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
-    if !body.is_empty() {
-        req.push_str(&format!("Content-Type: {content_type}\r\n"));
-    }
-    if let Some((u, p)) = auth {
-        let token = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
-        req.push_str(&format!("Authorization: Basic {token}\r\n"));
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
     req.push_str(body);
@@ -730,7 +749,7 @@ pub async fn http(
                         .map(|v| v.trim().to_owned())
                 })
                 .and_then(|v| v.parse::<usize>().ok());
-            if len.is_some_and(|len| body.len() >= len) {
+            if method == "HEAD" || len.is_some_and(|len| body.len() >= len) {
                 break;
             }
         }
@@ -796,4 +815,138 @@ pub async fn admin_action(stats: u16, server: &str, action: &str) {
     )
     .await;
     assert_eq!(code, 200, "{action} {server}: {text}");
+}
+
+/// A CA and a server certificate for localhost / 127.0.0.1, made with openssl.
+pub fn make_ca(dir: &Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=pglb test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+/// A one-listen config terminating TLS with the certificate `make_ca` wrote in `dir`.
+pub fn tls_config(port: u16, dir: &Path, servers: &str) -> String {
+    let tls = format!(
+        "[listen.tls]\ncert = \"{}\"\nkey = \"{}\"\n",
+        dir.join("server.crt").display(),
+        dir.join("server.key").display()
+    );
+    Pglb::config(port, &tls, servers)
+}
+
+/// A local Slack-style webhook receiver: answers 200 and passes on each request body.
+pub async fn webhook() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let receiver = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = receiver.local_addr().expect("addr").port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = receiver.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_lowercase()
+                                    .strip_prefix("content-length: ")
+                                    .map(str::to_owned)
+                            })
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_owned());
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok").await;
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// Raises this process's open-files soft limit to its hard limit (children inherit it).
+pub fn raise_fd_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+    }
+    lim.rlim_cur
 }
