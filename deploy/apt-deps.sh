@@ -4,7 +4,8 @@
 # for tests/deploy_files.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
 # python3-yaml (docker-compose.yml), systemd (systemd-analyze security); for
 # tests/failover.rs: keepalived, curl, iproute2 (ip netns); and cargo-deb
-# (the Debian package), from crates.io.
+# (the Debian package), from crates.io; psycopg 3 with the libpq 18 its wheel bundles
+# (tests/modern_cancel.rs: libpq 17+'s cancel API), from PyPI.
 # haproxy and linux-perf are for bench/ (the comparison and profiles).
 # `--demo` installs only what deploy/demo.sh needs.
 # Packages already installed are skipped, so this is cheap to run every time.
@@ -16,6 +17,10 @@ if [ "${1:-}" != "--demo" ]; then
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb"
     cargo install cargo-deb --locked --quiet
+  fi
+  if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+    echo "installing: psycopg[binary] (PyPI)"
+    python3 -m pip install --quiet --root-user-action=ignore 'psycopg[binary]==3.3.9'
   fi
 fi
 missing=()

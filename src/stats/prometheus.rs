@@ -162,6 +162,7 @@ impl Collector for SnapshotCollector {
             for (reason, v) in [
                 ("maxconn", l.denied),
                 ("no_server", l.no_server),
+                ("server_refused", l.server_refused),
                 ("queue_timeout", l.queue_timeouts),
                 ("bad_startup", l.ereq),
             ] {
@@ -176,6 +177,13 @@ impl Collector for SnapshotCollector {
             "Clients refused with an ErrorResponse, by reason.",
             Kind::Counter,
             refusals,
+        )?;
+        family(
+            &mut enc,
+            "pglb_cancels_limited",
+            "CancelRequests with a key pglb does not know, dropped by the rate limit.",
+            Kind::Counter,
+            per_listen(|l| l.cancels_limited as f64),
         )?;
 
         let servers: Vec<(&ListenSnap, &ServerSnap)> = s
@@ -193,7 +201,7 @@ impl Collector for SnapshotCollector {
         for (l, srv) in &servers {
             let current = match srv.status.as_str() {
                 "MAINT" => "MAINT",
-                "DRAIN" => "DRAIN",
+                "DRAIN" | "DRAIN (removed)" => "DRAIN",
                 "no check" => "NOCHECK",
                 _ if srv.up => "UP",
                 _ => "DOWN",
