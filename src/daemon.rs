@@ -88,7 +88,7 @@ pub async fn run<S: Future<Output = ()>>(
     ));
     let stop_http = CancellationToken::new();
     if let Some(stats) = &config.stats {
-        let listener = net::bind(stats.bind, 128)
+        let listener = net::bind(stats.bind, http::BACKLOG)
             .with_context(|| format!("stats: cannot bind {}", stats.bind))?;
         info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
         let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(&process)));

@@ -57,6 +57,9 @@ use crate::stats::{self, html};
 
 /// Largest request body accepted (admin forms and JSON are tiny).
 const MAX_BODY: usize = 16 * 1024;
+/// Listen backlog of the stats port: a burst of connections must not fill it, or the
+/// kernel drops keepalived's probe (retried only after a second, past its timeout).
+pub const BACKLOG: u32 = 4096;
 /// Connections served in full at once; more are answered `/health` only.
 pub const MAX_CONNECTIONS: usize = 256;
 /// Requests one keep-alive connection may make before it is closed.

@@ -1,0 +1,136 @@
+//! The control plane that traffic cannot starve. Seen once: 3,000 connections pipelining
+//! `GET /stats` without reading the answers starved the thread that ran the health
+//! checks; all three healthy PgBouncers went DOWN, 3 of 100 real logins failed, and 15 of
+//! 35 keepalived-style `curl -m 1 /health` probes failed, which with `fall 1` moves the
+//! VIP for nothing.
+
+mod harness;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{Pglb, Stack, free_port, http_get};
+use tokio::io::AsyncWriteExt;
+
+const FLOOD: usize = 3000;
+const PIPELINED: usize = 100;
+
+/// One keepalived-style probe: `curl -m 1 /health`; its time in seconds when it passed.
+fn probe(stats: u16) -> Option<f64> {
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-f",
+            "-m",
+            "1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{time_total}",
+        ])
+        .arg(format!("http://127.0.0.1:{stats}/health"))
+        .output()
+        .expect("curl");
+    if !out.status.success() {
+        return None;
+    }
+    String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_stats_port_fakes_no_failover() {
+    harness::raise_fd_limit();
+    let stack = Stack::start(3);
+    let (port, stats) = (free_port(), free_port());
+    let check = format!(
+        "[listen.check]\ntype = \"query\"\nuser = \"{}\"\npassword = \"{}\"\ndatabase = \"{}\"\n\
+         interval = \"500ms\"\ntimeout = \"1s\"\nrise = 2\nfall = 2\n",
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        harness::APP_DB
+    );
+    let config = format!(
+        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
+        Pglb::config(port, &check, &stack.servers_toml())
+    );
+    let pglb = Pglb::start(&config, port);
+    pglb.wait_log(&["is UP"], 3, Duration::from_secs(10));
+
+    // The flood: connections that pipeline requests and never read an answer.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let request = "GET /stats HTTP/1.1\r\nHost: flood\r\n\r\n".repeat(PIPELINED);
+    let mut flood = Vec::new();
+    for _ in 0..FLOOD {
+        let (request, mut stop) = (request.clone(), stop_rx.clone());
+        flood.push(tokio::spawn(async move {
+            let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", stats)).await else {
+                return false;
+            };
+            let sent = s.write_all(request.as_bytes()).await.is_ok();
+            let _ = stop.wait_for(|&v| v).await;
+            sent
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // During the flood: keepalived's probes and real logins.
+    let probes = tokio::task::spawn_blocking(move || {
+        let mut times = Vec::new();
+        for _ in 0..100 {
+            times.push(probe(stats));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        times
+    });
+    let mut login_failures = Vec::new();
+    let t0 = Instant::now();
+    for _ in 0..100 {
+        match tokio::time::timeout(Duration::from_secs(5), pglb.connect()).await {
+            Ok(Ok(c)) => {
+                if let Err(e) = c.simple_query("SELECT 1").await {
+                    login_failures.push(e.to_string());
+                }
+            }
+            Ok(Err(e)) => login_failures.push(e.to_string()),
+            Err(_) => login_failures.push("login timed out".into()),
+        }
+    }
+    let logins = t0.elapsed();
+    let times = probes.await.expect("probes");
+    let _ = stop_tx.send(true);
+    let mut sent = 0;
+    for f in flood {
+        if f.await.unwrap_or(false) {
+            sent += 1;
+        }
+    }
+
+    let failed: Vec<usize> = (0..times.len()).filter(|&i| times[i].is_none()).collect();
+    let mut ok: Vec<f64> = times.iter().flatten().copied().collect();
+    ok.sort_by(f64::total_cmp);
+    let p99 = ok
+        .get(ok.len().saturating_sub(1) * 99 / 100)
+        .copied()
+        .unwrap_or(f64::MAX);
+    println!(
+        "flood: {sent} connections x {PIPELINED} requests; /health p50 {:.1} ms, p99 {:.1} ms, failed: {failed:?}; 100 logins in {logins:?}",
+        ok.get(ok.len() / 2).copied().unwrap_or(0.0) * 1000.0,
+        p99 * 1000.0
+    );
+    assert!(sent >= FLOOD * 9 / 10, "the flood reached the port: {sent}");
+    assert!(
+        failed.is_empty(),
+        "no keepalived probe may fail: {failed:?}"
+    );
+    assert!(p99 < 0.1, "/health p99 {:.1} ms", p99 * 1000.0);
+    assert!(login_failures.is_empty(), "{login_failures:?}");
+    let log = pglb.log();
+    assert!(
+        !log.contains("is DOWN"),
+        "a healthy server went DOWN:\n{log}"
+    );
+    let (_, csv) = http_get(stats, "/stats;csv").await;
+    for row in csv.lines().filter(|l| l.starts_with("postgres,pgb")) {
+        assert!(row.contains(",UP,"), "{row}");
+    }
+}
