@@ -257,6 +257,7 @@ async fn relay_and_log(
         database = params.and_then(|p| p.param("database")).as_deref().unwrap_or("-"),
         application_name = params.and_then(|p| p.param("application_name")).as_deref().unwrap_or("-"),
         tls = if client.is_tls() { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
+        cancel = if params.is_none() { "best-effort" } else { "routed" },
         "session closed"
     );
 }

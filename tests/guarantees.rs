@@ -462,6 +462,30 @@ async fn unknown_key_cancels_are_rate_limited_known_ones_never() {
         limited >= f64::from(sent) - allowed,
         "limited {limited} of {sent}"
     );
+    let (_, page) = http_get(stats, "/stats").await;
+    assert!(
+        page.contains(&format!(
+            "{limited} unknown-key cancels dropped by the rate limit"
+        )),
+        "the dashboard shows the count"
+    );
+}
+
+/// Seen: a server configured with `weight = 0` took clients during its slowstart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weight_zero_takes_no_client_during_slowstart() {
+    let stack = Stack::start(2);
+    let port = free_port();
+    // `first` would give every client to pgb1 if it were usable at all.
+    let extra = "balance = \"first\"\n[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nrise = 1\nfall = 2";
+    let servers = servers_with(&stack, &["weight = 0\nslowstart = \"20s\"", ""]);
+    let pglb = Pglb::start(&Pglb::config(port, extra, &servers), port);
+    pglb.wait_log(&["is UP"], 2, Duration::from_secs(5));
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(pglb.connect().await.expect("connect"));
+    }
+    assert_eq!(clients_per_bouncer(&stack).await, vec![0, 6]);
 }
 
 fn fastrand_bytes(seed: u32) -> [u8; 4] {

@@ -132,3 +132,42 @@ async fn without_tls_config_sslrequests_pass_through() {
     let log = pglb.wait_log(&["session closed"], 1, std::time::Duration::from_secs(3));
     assert!(log.contains("tls=\"none\""), "{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_passthrough_is_end_to_end_and_its_cancels_are_called_best_effort() {
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_ca(certs.path());
+    let stack = Stack::start_with(
+        1,
+        harness::BouncerOpts {
+            tls: Some(certs.path().to_owned()),
+            ..harness::BouncerOpts::default()
+        },
+    );
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
+        Pglb::config(port, "", &stack.servers_toml())
+    );
+    let pglb = Pglb::start(&config, port);
+    // PgBouncer's own certificate reaches psql: TLS end to end through pglb.
+    let (ok, out) = psql(&format!(
+        "host=localhost port={port} user=app dbname=app sslmode=verify-full sslrootcert={}",
+        certs.path().join("ca.crt").display()
+    ));
+    assert!(ok, "{out}");
+    let log = pglb.wait_log(&["session closed"], 1, std::time::Duration::from_secs(3));
+    let line = log
+        .lines()
+        .find(|l| l.contains("session closed"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("tls=\"passthrough\"") && line.contains("cancel=\"best-effort\""),
+        "{line}"
+    );
+    let (_, page) = harness::http_get(stats, "/stats").await;
+    assert!(
+        page.contains("TLS passed through (cancels of TLS clients: best effort)"),
+        "the dashboard says so"
+    );
+}

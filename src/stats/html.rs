@@ -132,7 +132,7 @@ pub fn render(s: &Snapshot, page: &Page) -> String {
 fn listen_table(h: &mut String, l: &ListenSnap, page: &Page) {
     let _ = write!(
         h,
-        "<table id=\"listen-{name}\"><caption>{name} &mdash; bind {bind}, balance {algo}</caption>\n\
+        "<table id=\"listen-{name}\"><caption>{name} &mdash; bind {bind}, balance {algo}{tls}{limited}</caption>\n\
          <tr><th class=\"group\"></th><th class=\"group\" colspan=\"3\">Queue</th><th class=\"group\" colspan=\"2\">Session rate</th>\
          <th class=\"group\" colspan=\"6\">Sessions</th><th class=\"group\" colspan=\"2\">Bytes</th><th class=\"group\">Denied</th>\
          <th class=\"group\" colspan=\"2\">Errors</th><th class=\"group\" colspan=\"2\">Warnings</th><th class=\"group\" colspan=\"8\">Server</th>{admin_head}</tr>\n\
@@ -142,6 +142,19 @@ fn listen_table(h: &mut String, l: &ListenSnap, page: &Page) {
         name = esc(&l.name),
         bind = esc(&l.bind),
         algo = l.balance,
+        tls = if l.tls_terminated {
+            ", TLS terminated"
+        } else {
+            ", TLS passed through (cancels of TLS clients: best effort)"
+        },
+        limited = if l.cancels_limited > 0 {
+            format!(
+                ", {} unknown-key cancels dropped by the rate limit",
+                l.cancels_limited
+            )
+        } else {
+            String::new()
+        },
         admin_head = if page.admin {
             "<th class=\"group\">Admin</th>"
         } else {

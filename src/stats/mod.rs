@@ -35,6 +35,9 @@ pub struct ListenSnap {
     pub iid: u32,
     pub bind: String,
     pub balance: &'static str,
+    /// TLS terminated by pglb; otherwise SSLRequests pass through to the servers (pglb
+    /// cannot see the cancel keys of those sessions).
+    pub tls_terminated: bool,
     /// Frontend: sessions now, max, limit, total.
     pub scur: usize,
     pub smax: usize,
@@ -180,6 +183,7 @@ fn listen_snap(l: &ListenState, now: Instant, unix_now: u64) -> ListenSnap {
         iid: l.iid(),
         bind: cfg.bind.to_string(),
         balance: cfg.balance.as_str(),
+        tls_terminated: cfg.tls.is_some(),
         scur: c.cur.load(Relaxed),
         smax: c.smax.load(Relaxed),
         slim: l.gate.limit(),

@@ -398,6 +398,9 @@ pub struct BouncerOpts {
     pub auth_type: &'static str,
     pub max_client_conn: u32,
     pub pool_size: u32,
+    /// A directory with `server.crt`/`server.key` (see `make_ca`): PgBouncer then offers
+    /// TLS to its clients (`client_tls_sslmode = allow`).
+    pub tls: Option<PathBuf>,
 }
 
 impl Default for BouncerOpts {
@@ -406,6 +409,7 @@ impl Default for BouncerOpts {
             auth_type: "scram-sha-256",
             max_client_conn: 2000,
             pool_size: 20,
+            tls: None,
         }
     }
 }
@@ -452,13 +456,14 @@ impl Bouncer {
              max_client_conn = {maxc}\n\
              ignore_startup_parameters = extra_float_digits,options\n\
              logfile = {d}/pgbouncer.log\n\
-             server_login_retry = 1\n",
+             server_login_retry = 1\n{tls}",
             pg = self.pg_port,
             port = self.port,
             auth = self.opts.auth_type,
             pool = self.opts.pool_size,
             maxc = self.opts.max_client_conn,
             d = d.display(),
+            tls = self.tls_settings(),
         );
         std::fs::write(d.join("pgbouncer.ini"), ini).expect("pgbouncer.ini");
         std::fs::write(
@@ -466,6 +471,30 @@ impl Bouncer {
             format!("\"{APP_USER}\" \"{APP_PASSWORD}\"\n\"{ADMIN_USER}\" \"{ADMIN_PASSWORD}\"\n"),
         )
         .expect("userlist");
+    }
+
+    /// Copies the certificate into the PgBouncer's own directory (the service user must
+    /// read it) and returns the settings that use it.
+    fn tls_settings(&self) -> String {
+        let Some(src) = &self.opts.tls else {
+            return String::new();
+        };
+        let d = self.dir.path();
+        for f in ["server.crt", "server.key"] {
+            std::fs::copy(src.join(f), d.join(f)).expect("copy certificate");
+            if is_root() {
+                let ok = Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(d.join(f))
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(ok, "chown {f}");
+            }
+        }
+        format!(
+            "client_tls_sslmode = allow\nclient_tls_cert_file = {d}/server.crt\nclient_tls_key_file = {d}/server.key\n",
+            d = d.display()
+        )
     }
 
     /// (Re)starts the process on the same port.
