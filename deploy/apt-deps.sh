@@ -12,7 +12,10 @@
 set -euo pipefail
 packages=(postgresql-15 postgresql-client-15 pgbouncer)
 if [ "${1:-}" != "--demo" ]; then
-  packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf curl iproute2)
+  # socat, hatop, tmux: tests/runtime_api.rs drives the stats socket with them;
+  # prometheus (its promtool) lints /metrics; haproxy is also the CSV reference.
+  packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf curl iproute2
+    socat hatop tmux prometheus)
   # cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb"

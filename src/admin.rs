@@ -1,5 +1,7 @@
-//! Operator actions on servers (ready, drain, maint, weight) and the state file that keeps
-//! them across restarts and reloads.
+//! Operator actions on servers, one layer behind every door (the dashboard's form, the
+//! JSON API, the runtime API socket): the same action has the same effect, the same
+//! log line, the same event and the same state-file write whichever way it came. Also
+//! the state file that keeps operator decisions across restarts.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,33 +12,95 @@ use tracing::{info, warn};
 
 use crate::events::Event;
 use crate::pick;
-use crate::state::{Admin, ListenState};
+use crate::state::{Admin, ListenState, Process, ServerState};
 
-/// One operator action.
+/// One operator action on one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     Set(Admin),
+    /// An absolute weight (0..=256).
     Weight(u32),
+    /// A percentage of the configured weight (HAProxy's `weight 50%`).
+    WeightPercent(u32),
+    /// Start or stop the health checks (`enable health` / `disable health`).
+    Checks(bool),
+    /// End the sessions running now at their next transaction boundary (or the drain
+    /// deadline); the server keeps taking new clients.
+    ShutdownSessions,
+    /// A runtime maxconn (0: unlimited), until the next reload.
+    Maxconn(usize),
+}
+
+/// Why an action was not taken. `Display` explains it for people (dashboard, JSON);
+/// [`AdminError::cli`] is HAProxy's wording, which runtime-API tools match on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    #[error("no listen {0:?}")]
+    NoSuchListen(String),
+    #[error("listen '{listen}' has no server {server:?}")]
+    NoSuchServer { listen: String, server: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl AdminError {
+    /// HAProxy's words for the runtime API.
+    pub fn cli(&self) -> String {
+        match self {
+            AdminError::NoSuchListen(_) => "No such backend.".into(),
+            AdminError::NoSuchServer { .. } => "No such server.".into(),
+            AdminError::Invalid(m) => m.clone(),
+        }
+    }
+
+    /// The HTTP status this refusal deserves.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            AdminError::NoSuchListen(_) | AdminError::NoSuchServer { .. } => 404,
+            AdminError::Invalid(_) => 400,
+        }
+    }
 }
 
 impl Action {
-    /// Parses HAProxy's form values (`ready`, `drain`, `maint`) and `weight` with a value.
-    pub fn parse(action: &str, weight: Option<&str>) -> Result<Action, String> {
+    /// Parses the dashboard's form values (`ready`, `drain`, `maint`) and `weight` with a
+    /// value (HAProxy's stats page actions).
+    pub fn parse(action: &str, weight: Option<&str>) -> Result<Action, AdminError> {
         match action {
             "ready" => Ok(Action::Set(Admin::Ready)),
             "drain" => Ok(Action::Set(Admin::Drain)),
             "maint" => Ok(Action::Set(Admin::Maint)),
             "weight" => {
-                let w = weight.ok_or("action 'weight' needs a weight")?;
-                match w.trim().parse::<u32>() {
-                    Ok(w) if w <= 256 => Ok(Action::Weight(w)),
-                    _ => Err(format!("weight {w:?} is not a number from 0 to 256")),
-                }
+                let w = weight
+                    .ok_or_else(|| AdminError::Invalid("action 'weight' needs a weight".into()))?;
+                parse_weight(w)
             }
-            other => Err(format!(
+            other => Err(AdminError::Invalid(format!(
                 "unknown action {other:?}: use ready, drain, maint or weight"
-            )),
+            ))),
         }
+    }
+}
+
+/// `N` (0..=256) or `N%` of the configured weight.
+pub fn parse_weight(text: &str) -> Result<Action, AdminError> {
+    let t = text.trim();
+    if let Some(pct) = t.strip_suffix('%') {
+        return match pct.parse::<u32>() {
+            Ok(p) => Ok(Action::WeightPercent(p)),
+            Err(_) => Err(AdminError::Invalid(
+                "Empty weight string empty or preceded by garbage".into(),
+            )),
+        };
+    }
+    match t.parse::<u32>() {
+        Ok(w) if w <= 256 => Ok(Action::Weight(w)),
+        Ok(_) => Err(AdminError::Invalid(
+            "Absolute weight can only be between 0 and 256 inclusive.".into(),
+        )),
+        Err(_) => Err(AdminError::Invalid(
+            "Empty weight string empty or preceded by garbage".into(),
+        )),
     }
 }
 
@@ -48,17 +112,47 @@ pub fn find_listen<'a>(listens: &'a [Arc<ListenState>], b: &str) -> Option<&'a A
     }
 }
 
+/// Finds `listen/server`.
+pub fn find(
+    listens: &[Arc<ListenState>],
+    b: &str,
+    s: &str,
+) -> Result<(Arc<ListenState>, Arc<ServerState>), AdminError> {
+    let listen = find_listen(listens, b).ok_or_else(|| AdminError::NoSuchListen(b.into()))?;
+    let server = listen.server(s).ok_or_else(|| AdminError::NoSuchServer {
+        listen: listen.name.clone(),
+        server: s.into(),
+    })?;
+    Ok((Arc::clone(listen), server))
+}
+
+/// Applies an action and, with a state file, saves the operator state; returns a
+/// sentence saying what changed (also logged).
+pub fn run(
+    process: &Process,
+    state_file: Option<&Path>,
+    b: &str,
+    s: &str,
+    action: Action,
+) -> Result<String, AdminError> {
+    let listens = process.listens();
+    let sentence = apply(&listens, b, s, action)?;
+    if let Some(path) = state_file
+        && let Err(e) = save(path, &listens)
+    {
+        warn!(file = %path.display(), error = %e, "cannot write the admin state file");
+    }
+    Ok(sentence)
+}
+
 /// Applies an action; returns a sentence saying what changed.
 pub fn apply(
     listens: &[Arc<ListenState>],
     b: &str,
     s: &str,
     action: Action,
-) -> Result<String, String> {
-    let listen = find_listen(listens, b).ok_or_else(|| format!("no listen {b:?}"))?;
-    let server = listen
-        .server(s)
-        .ok_or_else(|| format!("listen '{}' has no server {s:?}", listen.name))?;
+) -> Result<String, AdminError> {
+    let (listen, server) = find(listens, b, s)?;
     let before = server.status_of(&server.health());
     let what = match action {
         Action::Set(admin) => {
@@ -68,6 +162,32 @@ pub fn apply(
         Action::Weight(w) => {
             server.set_base_weight(w);
             format!("weight set to {w}")
+        }
+        Action::WeightPercent(p) => {
+            let w = (u64::from(server.cfg().weight) * u64::from(p) / 100).min(256) as u32;
+            server.set_base_weight(w);
+            format!("weight set to {w} ({p}% of {})", server.cfg().weight)
+        }
+        Action::Checks(on) => {
+            server.set_checks_enabled(on);
+            server.wake_checker.notify_one();
+            (if on {
+                "health checks enabled"
+            } else {
+                "health checks disabled"
+            })
+            .into()
+        }
+        Action::ShutdownSessions => {
+            server.drain_running();
+            format!(
+                "{} session(s) told to end at their next transaction boundary",
+                server.sessions()
+            )
+        }
+        Action::Maxconn(n) => {
+            server.set_maxconn(n);
+            format!("maxconn set to {n}")
         }
     };
     let after = server.status_of(&server.health());
@@ -83,7 +203,7 @@ pub fn apply(
             at: SystemTime::now(),
         });
     }
-    pick::servers_changed(listen);
+    pick::servers_changed(&listen);
     Ok(sentence)
 }
 
@@ -94,6 +214,9 @@ struct Saved {
     server: String,
     admin: Admin,
     weight: u32,
+    /// Health checks stopped by an operator.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    checks_disabled: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -108,12 +231,14 @@ pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
     let mut file = StateFile::default();
     for l in listens {
         for s in l.servers().iter() {
-            if s.admin() != Admin::Ready || s.base_weight() != s.cfg().weight {
+            if s.admin() != Admin::Ready || s.base_weight() != s.cfg().weight || s.checks_disabled()
+            {
                 file.server.push(Saved {
                     listen: l.name.clone(),
                     server: s.name.clone(),
                     admin: s.admin(),
                     weight: s.base_weight(),
+                    checks_disabled: s.checks_disabled(),
                 });
             }
         }
@@ -165,6 +290,9 @@ pub fn load(path: &Path, listens: &[Arc<ListenState>]) {
         };
         server.set_admin(saved.admin);
         server.set_base_weight(saved.weight.min(256));
+        if saved.checks_disabled {
+            server.set_checks_enabled(false);
+        }
         info!(
             "Server {}/{} restored from the state file: {}, weight {}",
             saved.listen,

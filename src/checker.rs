@@ -92,8 +92,9 @@ pub async fn run<F, Fut>(
 {
     let check = server.cfg().check.clone();
     loop {
-        // In maintenance the server is out of service and not checked.
-        if server.admin() != crate::state::Admin::Maint {
+        // In maintenance the server is out of service and not checked; with checks
+        // disabled by an operator, it is not checked either.
+        if server.admin() != crate::state::Admin::Maint && !server.checks_disabled() {
             let result = tokio::select! {
                 r = probe() => r,
                 _ = stop.cancelled() => return,
@@ -126,7 +127,7 @@ pub fn record(listen: &Arc<ListenState>, server: &Arc<ServerState>, result: Chec
         let mut h = server.health();
         let before = h.status_text();
         let t = h.record(result.clone(), Instant::now().into_std());
-        server.set_up(h.up);
+        server.set_up(h.up || server.checks_disabled());
         (t, before)
     };
     if result.status.passed() {

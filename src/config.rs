@@ -55,6 +55,18 @@ pub struct Stats {
     pub auth: Option<StatsAuth>,
     /// Where admin state (drain, maint, weight) is kept across restarts.
     pub state_file: Option<PathBuf>,
+    /// HAProxy's runtime API (`stats socket`): a Unix socket, or a TCP address.
+    pub socket: Option<SocketSpec>,
+}
+
+/// Where the runtime API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SocketSpec {
+    /// A Unix socket with this file mode (access is the file's permission, as HAProxy's
+    /// `level admin`).
+    Unix { path: PathBuf, mode: u32 },
+    /// A TCP address (anyone who can connect is admin: keep it on loopback).
+    Tcp(SocketAddr),
 }
 
 #[derive(Debug, Clone)]
@@ -273,6 +285,8 @@ mod raw {
         pub refresh: HumanDuration,
         pub auth: Option<StatsAuth>,
         pub state_file: Option<PathBuf>,
+        pub socket: Option<Spanned<String>>,
+        pub socket_mode: Option<Spanned<String>>,
     }
 
     fn default_uri() -> Spanned<String> {
@@ -770,6 +784,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 bind,
                 uri,
                 refresh: st.refresh.0,
+                socket: socket_spec(st.socket.as_ref(), st.socket_mode.as_ref(), at)?,
                 auth: st.auth.map(|a| StatsAuth {
                     user: a.user,
                     password: a.password,
@@ -887,6 +902,55 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// `[stats] socket` and `socket_mode`: an absolute path is a Unix socket, `IP:port` TCP.
+fn socket_spec(
+    socket: Option<&Spanned<String>>,
+    mode: Option<&Spanned<String>>,
+    at: &Locator,
+) -> Result<Option<SocketSpec>, ConfigError> {
+    let Some(socket) = socket else {
+        if let Some(m) = mode {
+            return Err(at.at(m, "socket_mode without socket"));
+        }
+        return Ok(None);
+    };
+    let text = socket.get_ref();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        if mode.is_some() {
+            return Err(at.at(
+                socket,
+                "socket_mode applies to a Unix socket, not to IP:port",
+            ));
+        }
+        return Ok(Some(SocketSpec::Tcp(addr)));
+    }
+    if !text.starts_with('/') {
+        return Err(at.at(
+            socket,
+            format!("stats socket {text:?} must be an absolute path or IP:port"),
+        ));
+    }
+    let mode = match mode {
+        None => 0o660,
+        Some(m) => match u32::from_str_radix(m.get_ref().trim_start_matches("0o"), 8) {
+            Ok(v) if v <= 0o777 => v,
+            _ => {
+                return Err(at.at(
+                    m,
+                    format!(
+                        "socket_mode {:?} is not an octal mode like \"0660\"",
+                        m.get_ref()
+                    ),
+                ));
+            }
+        },
+    };
+    Ok(Some(SocketSpec::Unix {
+        path: PathBuf::from(text),
+        mode,
+    }))
 }
 
 #[cfg(test)]

@@ -45,6 +45,15 @@ const STRIPES: usize = 8;
 #[repr(align(128))]
 struct Stripe(AtomicU64);
 
+impl StripedCounter {
+    /// Back to zero (`clear counters all`).
+    pub fn clear(&self) {
+        for s in &self.0 {
+            s.0.store(0, Relaxed);
+        }
+    }
+}
+
 impl Counter for StripedCounter {
     fn inc(&self) {
         self.add(1);
@@ -102,6 +111,14 @@ impl Rate {
                 }
                 Err(actual) => cur = actual,
             }
+        }
+    }
+
+    /// Forgets the highest rate (and with `all` the current count).
+    pub fn clear(&self, all: bool) {
+        self.max.store(0, Relaxed);
+        if all {
+            self.packed.store(0, Relaxed);
         }
     }
 

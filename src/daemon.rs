@@ -23,7 +23,7 @@ use crate::events::Event;
 use crate::notify::notify;
 use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
-use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload};
+use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload, runtime_api};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -93,6 +93,16 @@ pub async fn run<S: Future<Output = ()>>(
         info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
         let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(&process)));
         tokio::spawn(http::serve(listener, ctx, stop_http.clone()));
+        if let Some(spec) = &stats.socket {
+            let socket = runtime_api::bind(spec)
+                .with_context(|| format!("stats socket: cannot bind {spec:?}"))?;
+            let ctx = Arc::new(runtime_api::Context {
+                process: Arc::clone(&process),
+                state_file: stats.state_file.clone(),
+                threads: control.workers.len(),
+            });
+            tokio::spawn(runtime_api::serve(socket, ctx, stop_http.clone()));
+        }
     }
     let stop_alerts = CancellationToken::new();
     let alerter = config.alerts.as_ref().map(|a| {

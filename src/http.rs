@@ -50,7 +50,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::admin::{self, Action};
+use crate::admin::{self, Action, AdminError};
 use crate::config;
 use crate::state::Process;
 use crate::stats::{self, html};
@@ -221,7 +221,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             stats::prometheus::CONTENT_TYPE,
-            stats::prometheus::render(ctx.process.snapshot()),
+            stats::prometheus::render(stats::snapshot(&ctx.process)),
         ),
         (&Method::GET, "/api/servers") => json(StatusCode::OK, servers_json(ctx)),
         (&Method::POST, p) if p.starts_with("/api/servers/") => {
@@ -245,7 +245,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
                 text(
                     StatusCode::OK,
                     "text/csv; charset=utf-8",
-                    stats::csv::render(&ctx.process.snapshot()),
+                    stats::csv::render(&stats::snapshot(&ctx.process)),
                 )
             } else {
                 let notice =
@@ -265,7 +265,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
                 text(
                     StatusCode::OK,
                     "text/html; charset=utf-8",
-                    html::render(&ctx.process.snapshot(), &page),
+                    html::render(&stats::snapshot(&ctx.process), &page),
                 )
             }
         }
@@ -412,15 +412,9 @@ fn run_action(
     s: &str,
     action: Action,
     peer: SocketAddr,
-) -> Result<String, String> {
-    let listens = ctx.process.listens();
-    let sentence = admin::apply(&listens, b, s, action)?;
+) -> Result<String, AdminError> {
+    let sentence = admin::run(&ctx.process, ctx.cfg.state_file.as_deref(), b, s, action)?;
     debug!(client = %peer, "{sentence}");
-    if let Some(path) = &ctx.cfg.state_file
-        && let Err(e) = admin::save(path, &listens)
-    {
-        warn!(file = %path.display(), error = %e, "cannot write the admin state file");
-    }
     Ok(sentence)
 }
 
@@ -440,7 +434,9 @@ async fn form_action(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) ->
         (Some(b), Some(s), Some(action)) => {
             Action::parse(action, get("weight")).and_then(|a| run_action(ctx, b, s, a, peer))
         }
-        _ => Err("the form needs fields b, s and action".into()),
+        _ => Err(AdminError::Invalid(
+            "the form needs fields b, s and action".into(),
+        )),
     };
     let status = match &result {
         Ok(_) => "DONE",
@@ -449,7 +445,10 @@ async fn form_action(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) ->
             "ERRP"
         }
     };
-    let mut r = plain(StatusCode::SEE_OTHER, result.unwrap_or_else(|e| e));
+    let mut r = plain(
+        StatusCode::SEE_OTHER,
+        result.unwrap_or_else(|e| e.to_string()),
+    );
     r.headers_mut()
         .insert(LOCATION, hv(&format!("{};st={status}", ctx.cfg.uri)));
     r
@@ -483,19 +482,21 @@ async fn api_action(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> 
     let action = match v.get("action").and_then(|a| a.as_str()) {
         Some(a) => Action::parse(a, weight.as_deref()),
         None if weight.is_some() => Action::parse("weight", weight.as_deref()),
-        None => Err("give \"action\" (ready, drain, maint) or \"weight\"".into()),
+        None => Err(AdminError::Invalid(
+            "give \"action\" (ready, drain, maint) or \"weight\"".into(),
+        )),
     };
     match action.and_then(|a| run_action(ctx, &b, &s, a, peer)) {
         Ok(sentence) => json(StatusCode::OK, serde_json::json!({"result": sentence})),
-        Err(e) if e.starts_with("no listen") || e.contains("has no server") => {
-            json(StatusCode::NOT_FOUND, serde_json::json!({"error": e}))
-        }
-        Err(e) => json(StatusCode::BAD_REQUEST, serde_json::json!({"error": e})),
+        Err(e) => json(
+            StatusCode::from_u16(e.http_status()).unwrap_or(StatusCode::BAD_REQUEST),
+            serde_json::json!({"error": e.to_string()}),
+        ),
     }
 }
 
 fn servers_json(ctx: &Context) -> serde_json::Value {
-    let snap = ctx.process.snapshot();
+    let snap = stats::snapshot(&ctx.process);
     let listens: Vec<serde_json::Value> = snap
         .listens
         .iter()

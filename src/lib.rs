@@ -24,6 +24,7 @@ pub mod probe;
 pub mod refusal;
 pub mod relay;
 pub mod reload;
+pub mod runtime_api;
 pub mod session;
 pub mod startup;
 pub mod state;

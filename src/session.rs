@@ -204,6 +204,7 @@ async fn relay_and_log(
         .as_ref()
         .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg().addr))));
     let ends = srv.session_signals();
+    let _listed = srv.list_session(peer);
     let signals = relay::Signals {
         shutdown: stop,
         kill: &ends.kill,

@@ -5,6 +5,8 @@
 //! the same drain, maint and shutdown-sessions. The proxy path, the health checker, the
 //! admin actions and the stats all read and update these structures; nothing keeps a copy.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{
     AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
 };
@@ -117,6 +119,9 @@ pub struct ServerState {
     backup: AtomicBool,
     /// Removed by a reload: takes no new session, lingers while its sessions drain.
     removed: AtomicBool,
+    /// Health checks stopped by an operator (`disable health`): the server counts as UP
+    /// and its last verdict is ignored until `enable health`.
+    checks_disabled: AtomicBool,
     pub counters: ServerCounters,
     /// The health verdict and last check; the checker writes, everyone reads.
     pub health: Mutex<Health>,
@@ -128,7 +133,33 @@ pub struct ServerState {
     sessions: Mutex<SessionSignals>,
     /// Wakes the checker early (after passive health marked the server down).
     pub wake_checker: Notify,
+    /// Sessions relaying through this server now, for `show sess`.
+    live: Mutex<HashMap<u64, LiveSession>>,
 }
+
+/// A session as `show sess` lists it.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveSession {
+    pub id: u64,
+    pub client: SocketAddr,
+    pub since: Instant,
+}
+
+/// Keeps a session in its server's list while alive.
+#[derive(Debug)]
+pub struct Listed {
+    server: Arc<ServerState>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        lock(&self.server.live).remove(&self.id);
+    }
+}
+
+/// Session ids, unique for the life of the process.
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Bumped before any token that ends or drains sessions is cancelled. A relay looks at
 /// its tokens only when this moved since it last did: looking takes two locks that every
@@ -168,13 +199,33 @@ impl ServerState {
             maxconn: AtomicUsize::new(cfg.maxconn),
             backup: AtomicBool::new(cfg.backup),
             removed: AtomicBool::new(false),
+            checks_disabled: AtomicBool::new(false),
             cfg: RwLock::new(Arc::new(cfg)),
             counters: ServerCounters::default(),
             consecutive_errors: AtomicU32::new(0),
             fallback_ok: AtomicBool::new(false),
             sessions: Mutex::default(),
             wake_checker: Notify::new(),
+            live: Mutex::default(),
         }
+    }
+
+    /// Lists a session relaying through this server until the guard is dropped.
+    pub fn list_session(self: &Arc<Self>, client: SocketAddr) -> Listed {
+        let id = SESSION_IDS.fetch_add(1, Relaxed);
+        let since = Instant::now();
+        lock(&self.live).insert(id, LiveSession { id, client, since });
+        Listed {
+            server: Arc::clone(self),
+            id,
+        }
+    }
+
+    /// The sessions relaying through this server now, oldest first.
+    pub fn live_sessions(&self) -> Vec<LiveSession> {
+        let mut v: Vec<LiveSession> = lock(&self.live).values().copied().collect();
+        v.sort_by_key(|s| s.id);
+        v
     }
 
     /// The settings of the current configuration.
@@ -209,7 +260,7 @@ impl ServerState {
             h.failures = before.failures;
             h.downs = before.downs;
             h.downtime = before.downtime;
-            self.set_up(h.up);
+            self.set_up(h.up || self.checks_disabled());
             self.consecutive_errors.store(0, Relaxed);
             self.fallback_ok.store(false, Relaxed);
         }
@@ -298,8 +349,9 @@ impl ServerState {
         }
     }
 
-    /// Drains the sessions running now, sparing those that start afterwards.
-    fn drain_running(&self) {
+    /// Drains the sessions running now, sparing those that start afterwards (also the
+    /// runtime API's `shutdown sessions server`).
+    pub(crate) fn drain_running(&self) {
         let mut s = lock(&self.sessions);
         if !s.drain.is_cancelled() {
             end_sessions(&s.drain);
@@ -335,9 +387,11 @@ impl ServerState {
         if self.is_removed() {
             return "DRAIN (removed)".into();
         }
+        let up = h.up || self.checks_disabled();
         match self.admin() {
             Admin::Maint => "MAINT".into(),
-            Admin::Drain if h.up => "DRAIN".into(),
+            Admin::Drain if up => "DRAIN".into(),
+            _ if self.checks_disabled() => "no check".into(),
             _ => h.status_text(),
         }
     }
@@ -354,6 +408,23 @@ impl ServerState {
         self.up.store(up, Relaxed);
     }
 
+    pub fn checks_disabled(&self) -> bool {
+        self.checks_disabled.load(Relaxed)
+    }
+
+    /// `disable health` / `enable health`: while disabled the server counts as UP; once
+    /// enabled again its last verdict applies until the next check.
+    pub(crate) fn set_checks_enabled(&self, on: bool) {
+        let h = self.health();
+        self.checks_disabled.store(!on, Relaxed);
+        self.set_up(h.up || !on);
+    }
+
+    /// A runtime `maxconn` (the next reload applies the configured one again).
+    pub(crate) fn set_maxconn(&self, maxconn: usize) {
+        self.maxconn.store(maxconn, Relaxed);
+    }
+
     pub(crate) fn set_weight(&self, weight: u32) {
         self.weight.store(weight, Relaxed);
     }
@@ -362,6 +433,20 @@ impl ServerState {
         self.counters.stot.inc();
         self.counters.rate.tick();
         self.counters.last_session.store(unix_now(), Relaxed);
+    }
+}
+
+impl ServerCounters {
+    fn clear(&self, all: bool) {
+        self.smax.store(0, Relaxed);
+        self.rate.clear(all);
+        if all {
+            for c in [&self.stot, &self.econ, &self.wretr, &self.wredis] {
+                c.store(0, Relaxed);
+            }
+            self.bin.clear();
+            self.bout.clear();
+        }
     }
 }
 
@@ -391,6 +476,29 @@ pub struct ListenCounters {
     pub qmax: AtomicUsize,
     /// New client sessions per second.
     pub rate: Rate,
+}
+
+impl ListenCounters {
+    fn clear(&self, all: bool) {
+        self.smax.store(self.cur.load(Relaxed), Relaxed);
+        self.qmax.store(0, Relaxed);
+        self.rate.clear(all);
+        if all {
+            for c in [
+                &self.stot,
+                &self.denied,
+                &self.ereq,
+                &self.no_server,
+                &self.server_refused,
+                &self.queue_timeouts,
+                &self.cancels_limited,
+            ] {
+                c.store(0, Relaxed);
+            }
+            self.bin.clear();
+            self.bout.clear();
+        }
+    }
 }
 
 /// A listen: its configuration, its servers, and the dispatcher that hands out places.
@@ -508,6 +616,21 @@ impl ListenState {
         write(&self.cfg, Arc::new(cfg));
     }
 
+    /// `clear counters [all]`: high-water marks (and with `all` every counter) of the
+    /// listen and its servers start again from zero.
+    pub fn clear_counters(&self, all: bool) {
+        self.counters.clear(all);
+        for s in self.servers().iter() {
+            s.counters.clear(all);
+            if all {
+                let mut h = s.health();
+                h.failures = 0;
+                h.downs = 0;
+                h.downtime = std::time::Duration::ZERO;
+            }
+        }
+    }
+
     /// The listen is gone from the configuration: every session drains.
     pub fn retire(&self) {
         for s in self.servers().iter() {
@@ -573,13 +696,8 @@ impl Process {
         write(&self.listens, Arc::new(listens));
     }
 
-    pub fn snapshot(&self) -> crate::stats::Snapshot {
-        crate::stats::snapshot(
-            &self.listens(),
-            self.gate.limit(),
-            self.started,
-            lock(&self.reload_error).clone(),
-            self.workers.sessions(),
-        )
+    /// Client sessions on each worker thread.
+    pub fn worker_sessions(&self) -> Vec<usize> {
+        self.workers.sessions()
     }
 }

@@ -144,17 +144,123 @@ fn csv_field(v: &str) -> String {
 }
 
 pub fn render(s: &Snapshot) -> String {
+    render_filtered(s, &Filter::ALL)
+}
+
+/// Which rows `show stat <iid> <type> <sid>` asks for (HAProxy's runtime API): a listen
+/// by iid (-1: all), row types as a bit field (1 frontend, 2 backend, 4 server; -1: all),
+/// a server by sid (-1: all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Filter {
+    pub iid: Option<u32>,
+    pub types: u8,
+    pub sid: Option<u32>,
+}
+
+impl Filter {
+    pub const ALL: Filter = Filter {
+        iid: None,
+        types: 7,
+        sid: None,
+    };
+
+    fn wants(&self, iid: u32, kind: u8, sid: u32) -> bool {
+        self.iid.is_none_or(|i| i == iid)
+            && self.types & kind != 0
+            && (kind != SERVER || self.sid.is_none_or(|s| s == sid))
+    }
+}
+
+const FRONTEND: u8 = 1;
+const BACKEND: u8 = 2;
+const SERVER: u8 = 4;
+
+/// The rows of the snapshot that `filter` selects, in HAProxy's order, with their type
+/// letter, iid and sid.
+fn rows(s: &Snapshot, filter: &Filter) -> Vec<(char, u32, u32, Row)> {
+    let mut rows = Vec::new();
+    for l in &s.listens {
+        if filter.wants(l.iid, FRONTEND, 0) {
+            rows.push(('F', l.iid, 0, frontend(l, s.pid)));
+        }
+        for srv in &l.servers {
+            if filter.wants(l.iid, SERVER, srv.sid) {
+                rows.push(('S', l.iid, srv.sid, server(l, srv, s.pid)));
+            }
+        }
+        if filter.wants(l.iid, BACKEND, 0) {
+            rows.push(('B', l.iid, 0, backend(l, s.pid)));
+        }
+    }
+    rows
+}
+
+/// The CSV with only the rows `filter` selects.
+pub fn render_filtered(s: &Snapshot, filter: &Filter) -> String {
     let mut out = String::with_capacity(4096);
     let _ = write!(out, "# {}", COLUMNS.join(","));
     out.push_str(",\n");
-    for l in &s.listens {
-        frontend(l, s.pid).write(&mut out);
-        for srv in &l.servers {
-            server(l, srv, s.pid).write(&mut out);
-        }
-        backend(l, s.pid).write(&mut out);
+    for (_, _, _, row) in rows(s, filter) {
+        row.write(&mut out);
     }
     out
+}
+
+/// `show stat typed`: one line per non-empty field, as
+/// `<F|B|S>.<iid>.<sid>.<column>.<name>.1:<origin><nature><scope>:<type>:<value>`.
+pub fn render_typed(s: &Snapshot, filter: &Filter) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    for (kind, iid, sid, row) in rows(s, filter) {
+        for (i, value) in row.0.iter().enumerate() {
+            if value.is_empty() {
+                continue;
+            }
+            let (tags, ty) = typed_tags(i, kind);
+            let raw = value.trim_matches('"');
+            let _ = writeln!(
+                out,
+                "{kind}.{iid}.{sid}.{i}.{}.1:{tags}:{ty}:{raw}",
+                COLUMNS[i]
+            );
+        }
+    }
+    out
+}
+
+/// HAProxy's field tags (origin, nature, scope) and type for column `i`, as HAProxy 2.6
+/// prints them in `show stat typed`.
+fn typed_tags(i: usize, kind: char) -> (&'static str, &'static str) {
+    match (COLUMNS[i], kind) {
+        ("pxname" | "svname", _) => ("KNS", "str"),
+        (
+            "qcur" | "scur" | "srv_icur" | "idle_conn_cur" | "safe_conn_cur" | "used_conn_cur"
+            | "need_conn_est",
+            _,
+        ) => ("MGP", "u32"),
+        ("act" | "bck", 'B') => ("MGP", "u32"),
+        ("act" | "bck", _) => ("SGP", "u32"),
+        ("rate" | "rate_max", 'B') => ("MGP", "u32"),
+        ("rate" | "conn_rate" | "req_rate", _) => ("MRP", "u32"),
+        (
+            "qmax" | "smax" | "rate_max" | "conn_rate_max" | "req_rate_max" | "qtime_max"
+            | "ctime_max" | "rtime_max" | "ttime_max",
+            _,
+        ) => ("MMP", "u32"),
+        ("slim" | "rate_lim" | "qlimit", _) => ("CLP", "u32"),
+        ("status", _) => ("SGP", "str"),
+        ("weight" | "uweight" | "qtime" | "ctime" | "rtime" | "ttime", _) => ("MaP", "u32"),
+        ("lastchg", _) => ("MAP", "u32"),
+        ("lastsess", _) => ("MAP", "s32"),
+        ("downtime", _) => ("MCP", "u32"),
+        ("pid", _) => ("KGP", "u32"),
+        ("iid" | "sid", _) => ("KGS", "u32"),
+        ("type" | "check_rise" | "check_fall" | "check_health", _) => ("CGS", "u32"),
+        ("addr" | "mode" | "algo" | "cookie", _) => ("CGS", "str"),
+        ("check_status" | "last_chk" | "check_desc", _) => ("MOP", "str"),
+        ("check_code", _) => ("MOP", "u32"),
+        ("check_duration", _) => ("MDP", "u64"),
+        _ => ("MCP", "u64"),
+    }
 }
 
 fn common(r: &mut Row, l: &ListenSnap, svname: &str, pid: u32) {

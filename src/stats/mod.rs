@@ -5,13 +5,12 @@ pub mod csv;
 pub mod html;
 pub mod prometheus;
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::counters::Counter;
 use crate::pick;
-use crate::state::{Admin, ListenState, ServerState};
+use crate::state::{Admin, ListenState, Process, ServerState};
 
 /// The whole process at one instant.
 #[derive(Debug, Clone)]
@@ -138,32 +137,27 @@ impl ListenSnap {
     }
 }
 
-/// Reads the current state of every listen.
-pub fn snapshot(
-    listens: &[Arc<ListenState>],
-    maxconn: usize,
-    started: Instant,
-    reload_error: Option<String>,
-    worker_sessions: Vec<usize>,
-) -> Snapshot {
+/// Reads the current state of the whole process.
+pub fn snapshot(process: &Process) -> Snapshot {
     let now = Instant::now();
     let unix_now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let listens: Vec<ListenSnap> = listens
+    let listens: Vec<ListenSnap> = process
+        .listens()
         .iter()
         .map(|l| listen_snap(l, now, unix_now))
         .collect();
     Snapshot {
         version: env!("CARGO_PKG_VERSION"),
         pid: std::process::id(),
-        uptime_secs: now.duration_since(started).as_secs(),
+        uptime_secs: now.duration_since(process.started).as_secs(),
         current_conns: listens.iter().map(|l| l.scur).sum(),
-        maxconn,
+        maxconn: process.gate.limit(),
         listens,
-        reload_error,
-        worker_sessions,
+        reload_error: crate::counters::lock(&process.reload_error).clone(),
+        worker_sessions: process.worker_sessions(),
     }
 }
 
