@@ -204,6 +204,7 @@ pub fn apply(
         });
     }
     pick::servers_changed(&listen);
+    listen.backend_status();
     Ok(sentence)
 }
 

@@ -97,6 +97,7 @@ pub fn messages(events: &[Event], host: &str) -> Vec<String> {
                     chain.join(" → "),
                     last.reason
                 ),
+                None if last.to == "available" => format!("[pglb@{host}] listen '{listen}' has servers again — {} — at {at}", last.reason),
                 None => format!("[pglb@{host}] listen '{listen}' has no server available! — {} — at {at}", last.reason),
             }
         })

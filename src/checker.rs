@@ -123,18 +123,22 @@ fn jitter(d: Duration) -> Duration {
 pub fn record(listen: &Arc<ListenState>, server: &Arc<ServerState>, result: CheckResult) {
     let role_fallback = result.status == CheckStatus::L7Sts && result.primary == Some(true);
     server.fallback_ok.store(role_fallback, Relaxed);
-    let (transition, before) = {
+    let (transition, before, first_up) = {
         let mut h = server.health();
         let before = h.status_text();
+        let first_up = !h.ever_up;
         let t = h.record(result.clone(), Instant::now().into_std());
         server.set_up(h.up || server.checks_disabled());
-        (t, before)
+        (t, before, first_up)
     };
     if result.status.passed() {
         server.consecutive_errors.store(0, Relaxed);
     }
     if let Some(t) = transition {
-        announce(listen, server, t, &before, &result);
+        // A new server passing its first checks is no change worth an alert: it is
+        // logged (in HAProxy's words, as every transition), not published.
+        let alert = !(first_up && t == Transition::WentUp);
+        announce(listen, server, t, &before, &result, alert);
     }
 }
 
@@ -167,7 +171,7 @@ pub fn connect_failed(
         (t, before)
     };
     if let Some(t) = transition {
-        announce(listen, server, t, &before, &result);
+        announce(listen, server, t, &before, &result, true);
         server.wake_checker.notify_one();
     }
 }
@@ -186,6 +190,7 @@ fn announce(
     t: Transition,
     before: &str,
     r: &CheckResult,
+    alert: bool,
 ) {
     let name = format!("{}/{}", listen.name, server.name);
     let (active, backup) = listen.up_counts();
@@ -211,37 +216,76 @@ fn announce(
             r.detail
         ),
     }
+    if !alert {
+        side_effects(listen, server, t);
+        return;
+    }
     let to = server.health().status_text();
-    let _ = listen.events.send(Event {
-        listen: listen.name.clone(),
-        server: Some(server.name.clone()),
-        from: before.to_owned(),
-        to,
-        reason: if r.detail.is_empty() {
-            reason.to_owned()
-        } else {
-            format!("{reason}: {}", r.detail)
+    publish(
+        listen,
+        Event {
+            listen: listen.name.clone(),
+            server: Some(server.name.clone()),
+            from: before.to_owned(),
+            to,
+            reason: if r.detail.is_empty() {
+                reason.to_owned()
+            } else {
+                format!("{reason}: {}", r.detail)
+            },
+            at: SystemTime::now(),
         },
+    );
+    let listen_event = |from: &str, to: &str, reason: String| Event {
+        listen: listen.name.clone(),
+        server: None,
+        from: from.into(),
+        to: to.into(),
+        reason,
         at: SystemTime::now(),
-    });
+    };
+    match t {
+        Transition::WentDown if active + backup == 0 => {
+            error!("listen '{}' has no server available!", listen.name);
+            listen.no_server_announced.store(true, Relaxed);
+            publish(
+                listen,
+                listen_event(
+                    "available",
+                    "no server available",
+                    format!("last server {} went down", server.name),
+                ),
+            );
+        }
+        Transition::WentUp if listen.no_server_announced.swap(false, Relaxed) => {
+            info!("listen '{}' has servers again", listen.name);
+            publish(
+                listen,
+                listen_event(
+                    "no server available",
+                    "available",
+                    format!("server {} is UP", server.name),
+                ),
+            );
+        }
+        _ => {}
+    }
+    side_effects(listen, server, t);
+}
 
+fn publish(listen: &ListenState, event: Event) {
+    let _ = listen.events.send(event);
+}
+
+/// What a transition does to sessions, weights, the queue and the listen's history.
+fn side_effects(listen: &Arc<ListenState>, server: &Arc<ServerState>, t: Transition) {
+    listen.backend_status();
     match t {
         Transition::WentDown => {
             if server.cfg().on_marked_down == OnMarkedDown::ShutdownSessions {
                 server.kill_sessions();
             }
             server.set_weight(server.base_weight());
-            if active + backup == 0 {
-                error!("listen '{}' has no server available!", listen.name);
-                let _ = listen.events.send(Event {
-                    listen: listen.name.clone(),
-                    server: None,
-                    from: "available".into(),
-                    to: "no server available".into(),
-                    reason: format!("last server {} went down", server.name),
-                    at: SystemTime::now(),
-                });
-            }
         }
         Transition::WentUp => {
             if !server.cfg().slowstart.is_zero() {
@@ -382,7 +426,12 @@ mod tests {
             seen.push((e.from, e.to));
         }
         let to: Vec<&str> = seen.iter().map(|(_, t)| t.as_str()).collect();
-        assert_eq!(to, ["UP", "DOWN", "no server available", "UP"], "{seen:?}");
+        // The first pass is not announced; the recovery of the listen is.
+        assert_eq!(
+            to,
+            ["DOWN", "no server available", "UP", "available"],
+            "{seen:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

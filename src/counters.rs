@@ -135,6 +135,66 @@ impl Rate {
     }
 }
 
+/// HAProxy's sliding average of the last [`SAMPLES`] values (its `swrate`: each new value
+/// replaces 1/N of the sum), and the highest value seen. Used for the queue, connect and
+/// total times of sessions (the CSV's qtime/ctime/ttime and their *_max).
+#[derive(Debug, Default)]
+pub struct SlidingAvg {
+    /// (sum, samples so far, capped at SAMPLES).
+    sum: Mutex<(u64, u64)>,
+    max: AtomicU64,
+}
+
+/// Samples the sliding averages span.
+pub const SAMPLES: u64 = 1024;
+
+impl SlidingAvg {
+    pub fn add(&self, value: u64) {
+        self.max.fetch_max(value, Relaxed);
+        let mut s = lock(&self.sum);
+        if s.1 < SAMPLES {
+            s.0 += value;
+            s.1 += 1;
+        } else {
+            s.0 = s.0 - s.0 / SAMPLES + value;
+        }
+    }
+
+    /// The average (0 before any sample).
+    pub fn average(&self) -> u64 {
+        let s = lock(&self.sum);
+        s.0.checked_div(s.1).unwrap_or(0)
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max.load(Relaxed)
+    }
+
+    pub fn clear(&self, all: bool) {
+        self.max.store(0, Relaxed);
+        if all {
+            *lock(&self.sum) = (0, 0);
+        }
+    }
+}
+
+/// The times of sessions HAProxy reports per server and backend, in milliseconds: the
+/// wait for a server place (queue), the connect, and the whole session.
+#[derive(Debug, Default)]
+pub struct SessionTimes {
+    pub queue: SlidingAvg,
+    pub connect: SlidingAvg,
+    pub total: SlidingAvg,
+}
+
+impl SessionTimes {
+    pub fn clear(&self, all: bool) {
+        self.queue.clear(all);
+        self.connect.clear(all);
+        self.total.clear(all);
+    }
+}
+
 /// A limit on concurrent holders that can be changed while held (listen and global
 /// maxconn). Lowering it refuses newcomers at once; holders beyond the new limit are not
 /// disturbed, they just keep newcomers out until enough have left.
@@ -213,6 +273,20 @@ mod tests {
             used, 3,
             "one stripe per worker; other threads share worker 0's"
         );
+    }
+
+    #[test]
+    fn sliding_averages_follow_the_last_samples() {
+        let a = SlidingAvg::default();
+        assert_eq!(a.average(), 0);
+        a.add(10);
+        a.add(30);
+        assert_eq!((a.average(), a.max()), (20, 30));
+        for _ in 0..20 * SAMPLES {
+            a.add(100);
+        }
+        assert!((99..=100).contains(&a.average()), "{}", a.average());
+        assert_eq!(a.max(), 100);
     }
 
     #[test]

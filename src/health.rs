@@ -119,6 +119,8 @@ pub struct Health {
     pub changed: Instant,
     /// Time spent DOWN before the current period (downtime).
     pub downtime: Duration,
+    /// Has been UP at least once (the first pass is not worth an alert).
+    pub ever_up: bool,
 }
 
 impl Health {
@@ -137,6 +139,7 @@ impl Health {
             downs: 0,
             changed: Instant::now(),
             downtime: Duration::ZERO,
+            ever_up: !checked,
         }
     }
 
@@ -161,11 +164,17 @@ impl Health {
             }
             None
         } else {
-            self.failures += 1;
             if !self.up {
+                // As HAProxy: failures are counted while UP only (chkfail). A server
+                // whose very first check fails has been DOWN since the start: one
+                // transition (chkdown), downtime from the start.
+                if self.downs == 0 && !self.ever_up {
+                    self.downs = 1;
+                }
                 self.counter = 0;
                 return None;
             }
+            self.failures += 1;
             if self.counter > self.rise {
                 self.counter -= 1;
                 return None;
@@ -176,9 +185,9 @@ impl Health {
 
     /// Marks DOWN at once (passive health: errors on live traffic).
     pub fn force_down(&mut self, result: CheckResult, now: Instant) -> Option<Transition> {
-        self.failures += 1;
         self.last = Some((result, SystemTime::now()));
         if self.up {
+            self.failures += 1;
             Some(self.set_down(now))
         } else {
             None
@@ -191,6 +200,7 @@ impl Health {
             self.downtime += now.saturating_duration_since(self.changed);
         }
         self.up = true;
+        self.ever_up = true;
         self.counter = self.max();
         self.changed = now;
         Transition::WentUp
@@ -307,6 +317,11 @@ pub(crate) mod tests {
         assert_eq!(h.status_text(), "DOWN");
         assert_eq!(h.next_interval(&c), c.downinter);
         assert_eq!((h.failures, h.downs), (3, 1));
+        assert_eq!(h.record(bad(), now), None);
+        assert_eq!(
+            h.failures, 3,
+            "failures while DOWN are not counted (HAProxy's chkfail)"
+        );
         assert_eq!(h.record(ok(), now), None);
         assert_eq!(h.status_text(), "DOWN 1/2");
         // A failure while recovering starts the count again.
@@ -315,6 +330,30 @@ pub(crate) mod tests {
         h.record(ok(), now);
         assert_eq!(h.record(ok(), now), Some(Transition::WentUp));
         assert_eq!(h.status_text(), "UP");
+    }
+
+    #[test]
+    fn a_server_down_from_the_start_counts_one_down_and_its_downtime() {
+        let c = check(2, 3);
+        let mut h = Health::new(&c);
+        let t0 = h.changed;
+        h.record(bad(), t0 + Duration::from_secs(1));
+        h.record(bad(), t0 + Duration::from_secs(2));
+        assert_eq!((h.failures, h.downs), (0, 1));
+        assert_eq!(
+            h.downtime(t0 + Duration::from_secs(10)),
+            Duration::from_secs(10)
+        );
+        // A server that passes its first check was never down.
+        let mut fine = Health::new(&c);
+        fine.record(ok(), fine.changed);
+        assert_eq!(
+            (
+                fine.downs,
+                fine.downtime(fine.changed + Duration::from_secs(5))
+            ),
+            (0, Duration::ZERO)
+        );
     }
 
     #[test]

@@ -38,8 +38,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{
-    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, LOCATION, ORIGIN, REFERER,
-    WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, HOST, LOCATION, ORIGIN,
+    REFERER, WWW_AUTHENTICATE,
 };
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -211,18 +211,35 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let uri = ctx.cfg.uri.as_str();
-    let on_page = path == uri || path.starts_with(&format!("{uri};"));
+    // HAProxy's forms: `/stats;csv`, `/stats?csv`, `/stats?stats;csv`, `/stats/;csv`
+    // (a monitoring agent appends `/;csv` to the configured URL).
+    let on_page = path == uri
+        || path
+            .strip_prefix(uri)
+            .is_some_and(|rest| rest == "/" || rest.starts_with(';') || rest.starts_with("/;"));
     match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/health") => return health(ctx),
         (&Method::GET, _) => ctx.renders.wait().await,
         _ => {}
     }
     match (req.method(), path.as_str()) {
-        (&Method::GET, "/metrics") => text(
-            StatusCode::OK,
-            stats::prometheus::CONTENT_TYPE,
-            stats::prometheus::render(stats::snapshot(&ctx.process)),
-        ),
+        (&Method::GET, "/metrics") => {
+            let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
+            let snap = stats::snapshot(&ctx.process);
+            if stats::prometheus::wants_openmetrics(accept) {
+                text(
+                    StatusCode::OK,
+                    stats::prometheus::CONTENT_TYPE,
+                    stats::prometheus::render(snap),
+                )
+            } else {
+                text(
+                    StatusCode::OK,
+                    stats::prometheus::TEXT_CONTENT_TYPE,
+                    stats::prometheus::render_text(snap),
+                )
+            }
+        }
         (&Method::GET, "/api/servers") => json(StatusCode::OK, servers_json(ctx)),
         (&Method::POST, p) if p.starts_with("/api/servers/") => {
             if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
@@ -239,7 +256,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
         (&Method::GET, _) if on_page => {
             let options: Vec<&str> = path[uri.len()..]
                 .split(';')
-                .chain(query.split('&'))
+                .chain(query.split(['&', ';']))
                 .collect();
             if options.contains(&"csv") {
                 text(

@@ -174,6 +174,7 @@ async fn connect(
     server: &Arc<ServerState>,
 ) -> Result<TcpStream, String> {
     let addr = server.cfg().addr;
+    server.counters.connects.inc();
     match net::connect(addr, listen.cfg().timeouts.connect).await {
         Ok(stream) => {
             checker::connect_succeeded(server);

@@ -205,6 +205,10 @@ async fn relay_and_log(
         .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg().addr))));
     let ends = srv.session_signals();
     let _listed = srv.list_session(peer);
+    for times in [&srv.counters.times, &listen.counters.times] {
+        times.queue.add(opened.wait.as_millis() as u64);
+        times.connect.add(opened.connect.as_millis() as u64);
+    }
     let signals = relay::Signals {
         shutdown: stop,
         kill: &ends.kill,
@@ -243,6 +247,9 @@ async fn relay_and_log(
     // 4. One line per finished session.
     let params = opened.startup.as_ref();
     let total = accepted.elapsed();
+    for times in [&srv.counters.times, &listen.counters.times] {
+        times.total.add(total.as_millis() as u64);
+    }
     info!(
         client = %peer,
         listen = %listen.name,

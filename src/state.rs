@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config;
 pub use crate::counters::lock;
-use crate::counters::{Counter, Gate, Rate, StripedCounter, unix_now};
+use crate::counters::{Counter, Gate, Rate, SessionTimes, StripedCounter, unix_now};
 use crate::events::Event;
 use crate::health::Health;
 use crate::pick::Dispatch;
@@ -83,6 +83,8 @@ pub struct ServerCounters {
     pub bout: StripedCounter,
     /// Failed connection attempts (econ).
     pub econ: AtomicU64,
+    /// Connection attempts (HAProxy's `connect`).
+    pub connects: AtomicU64,
     /// Connect retries started after a failure on this server (wretr).
     pub wretr: AtomicU64,
     /// Sessions moved to another server after failing here (wredis).
@@ -91,6 +93,8 @@ pub struct ServerCounters {
     pub last_session: AtomicU64,
     /// New sessions per second.
     pub rate: Rate,
+    /// Queue, connect and total times of its sessions.
+    pub times: SessionTimes,
 }
 
 /// One server of a listen, from the first configuration that named it until it is
@@ -440,8 +444,15 @@ impl ServerCounters {
     fn clear(&self, all: bool) {
         self.smax.store(0, Relaxed);
         self.rate.clear(all);
+        self.times.clear(all);
         if all {
-            for c in [&self.stot, &self.econ, &self.wretr, &self.wredis] {
+            for c in [
+                &self.stot,
+                &self.econ,
+                &self.connects,
+                &self.wretr,
+                &self.wredis,
+            ] {
                 c.store(0, Relaxed);
             }
             self.bin.clear();
@@ -476,6 +487,8 @@ pub struct ListenCounters {
     pub qmax: AtomicUsize,
     /// New client sessions per second.
     pub rate: Rate,
+    /// Queue, connect and total times of the listen's sessions (the BACKEND row).
+    pub times: SessionTimes,
 }
 
 impl ListenCounters {
@@ -483,6 +496,7 @@ impl ListenCounters {
         self.smax.store(self.cur.load(Relaxed), Relaxed);
         self.qmax.store(0, Relaxed);
         self.rate.clear(all);
+        self.times.clear(all);
         if all {
             for c in [
                 &self.stot,
@@ -522,6 +536,27 @@ pub struct ListenState {
     pub events: broadcast::Sender<Event>,
     /// Cancel keys of live sessions, shared by every listen.
     pub cancels: Arc<crate::cancel::Registry>,
+    /// "No server available" was announced: the next server UP announces the recovery.
+    pub no_server_announced: AtomicBool,
+    /// UP/DOWN history of the listen as a whole (the BACKEND row).
+    backend: Mutex<BackendHealth>,
+}
+
+/// The BACKEND row's status history: UP while any server can serve.
+#[derive(Debug)]
+struct BackendHealth {
+    up: bool,
+    ever_up: bool,
+    changed: Instant,
+    downtime: std::time::Duration,
+}
+
+/// The BACKEND row's status now: (up, seconds since it last changed, seconds DOWN in all).
+#[derive(Debug, Clone, Copy)]
+pub struct BackendStatus {
+    pub up: bool,
+    pub lastchg: u64,
+    pub downtime: u64,
 }
 
 impl ListenState {
@@ -549,6 +584,44 @@ impl ListenState {
             started: Instant::now(),
             events,
             cancels,
+            no_server_announced: AtomicBool::new(false),
+            backend: Mutex::new(BackendHealth {
+                up: false,
+                ever_up: false,
+                changed: Instant::now(),
+                downtime: std::time::Duration::ZERO,
+            }),
+        }
+    }
+
+    /// The BACKEND row's status, its history brought up to date first. (A server that
+    /// is up and not in maintenance makes the backend UP; the wait for the first check
+    /// is not downtime.)
+    pub fn backend_status(&self) -> BackendStatus {
+        let up = self
+            .servers()
+            .iter()
+            .any(|s| s.is_up() && s.admin() != Admin::Maint);
+        let mut b = lock(&self.backend);
+        let now = Instant::now();
+        if up != b.up {
+            if up && b.ever_up {
+                let down_for = now.saturating_duration_since(b.changed);
+                b.downtime += down_for;
+            }
+            b.ever_up |= up;
+            b.up = up;
+            b.changed = now;
+        }
+        let current_down = if !b.up && b.ever_up {
+            now.saturating_duration_since(b.changed)
+        } else {
+            std::time::Duration::ZERO
+        };
+        BackendStatus {
+            up,
+            lastchg: now.saturating_duration_since(b.changed).as_secs(),
+            downtime: (b.downtime + current_down).as_secs(),
         }
     }
 

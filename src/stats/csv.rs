@@ -292,8 +292,44 @@ fn frontend(l: &ListenSnap, pid: u32) -> Row {
         .set("conn_rate_max", l.rate_max)
         .set("conn_tot", l.stot + l.denied)
         .set("dcon", l.denied)
-        .set("dses", 0);
+        .set("dses", 0)
+        .set("eint", 0);
+    zero(
+        &mut r,
+        &[
+            "dresp",
+            "wrew",
+            "comp_in",
+            "comp_out",
+            "comp_byp",
+            "comp_rsp",
+            "req_rate",
+            "req_rate_max",
+            "req_tot",
+        ],
+    );
     r
+}
+
+/// Counters HAProxy shows as 0 for a TCP proxy (HTTP responses, rewrites, compression,
+/// server-side connection reuse): 0 here too, so tools that read them as numbers do.
+fn zero(r: &mut Row, columns: &[&str]) {
+    for c in columns {
+        r.set(c, 0);
+    }
+}
+
+/// HAProxy's session time columns (all TCP: no response time, rtime 0).
+fn times(r: &mut Row, t: &super::Times) {
+    r.set("qtime", t.qtime)
+        .set("ctime", t.ctime)
+        .set("rtime", 0)
+        .set("ttime", t.ttime)
+        .set("qtime_max", t.qtime_max)
+        .set("ctime_max", t.ctime_max)
+        .set("rtime_max", 0)
+        .set("ttime_max", t.ttime_max)
+        .set("eint", 0);
 }
 
 fn server(l: &ListenSnap, s: &ServerSnap, pid: u32) -> Row {
@@ -324,6 +360,21 @@ fn server(l: &ListenSnap, s: &ServerSnap, pid: u32) -> Row {
         .set("cli_abrt", 0)
         .set("srv_abrt", 0)
         .set("uweight", s.weight);
+    times(&mut r, &s.times);
+    zero(
+        &mut r,
+        &[
+            "dresp",
+            "wrew",
+            "reuse",
+            "srv_icur",
+            "idle_conn_cur",
+            "safe_conn_cur",
+        ],
+    );
+    r.set("connect", s.connects)
+        .set("used_conn_cur", s.scur)
+        .set("need_conn_est", s.scur);
     if s.slim > 0 {
         r.set("slim", s.slim);
     }
@@ -336,12 +387,18 @@ fn server(l: &ListenSnap, s: &ServerSnap, pid: u32) -> Row {
             .set("check_health", s.health);
     }
     if let Some(c) = &s.check {
+        // check_code is a number for HAProxy's tools (its L5-7 code): 0 for a check that
+        // got a PostgreSQL answer; the SQLSTATE of an error goes in front of last_chk.
+        let detail = match &c.code {
+            Some(code) => format!("{code}: {}", c.detail),
+            None => c.detail.clone(),
+        };
         r.set("check_status", c.status)
             .set("check_duration", c.duration_ms)
             .set("check_desc", c.description)
-            .set("last_chk", &c.detail);
-        if let Some(code) = &c.code {
-            r.set("check_code", code);
+            .set("last_chk", detail);
+        if c.status.starts_with("L6") || c.status.starts_with("L7") {
+            r.set("check_code", 0);
         }
     }
     match s.lastsess {
@@ -397,6 +454,20 @@ fn backend(l: &ListenSnap, pid: u32) -> Row {
         .set("algo", l.balance)
         .set("cli_abrt", 0)
         .set("srv_abrt", 0)
-        .set("uweight", weight);
+        .set("uweight", weight)
+        .set("lastchg", l.backend.lastchg)
+        .set("downtime", l.backend.downtime);
+    times(&mut r, &l.times);
+    zero(
+        &mut r,
+        &[
+            "dreq", "dresp", "wrew", "reuse", "comp_in", "comp_out", "comp_byp", "comp_rsp",
+        ],
+    );
+    r.set("connect", sum(|s| s.connects));
+    match l.servers.iter().filter_map(|s| s.lastsess).min() {
+        Some(secs) => r.set("lastsess", secs),
+        None => r.set("lastsess", -1),
+    };
     r
 }

@@ -59,6 +59,35 @@ pub struct ListenSnap {
     pub qcur: usize,
     pub qmax: usize,
     pub servers: Vec<ServerSnap>,
+    /// The BACKEND row: UP while any server can serve, and its history.
+    pub backend: crate::state::BackendStatus,
+    /// Session times of the BACKEND row.
+    pub times: Times,
+}
+
+/// Average and highest queue, connect and total times of sessions, ms (HAProxy's
+/// qtime/ctime/ttime and *_max).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Times {
+    pub qtime: u64,
+    pub ctime: u64,
+    pub ttime: u64,
+    pub qtime_max: u64,
+    pub ctime_max: u64,
+    pub ttime_max: u64,
+}
+
+impl Times {
+    fn of(t: &crate::counters::SessionTimes) -> Self {
+        Times {
+            qtime: t.queue.average(),
+            ctime: t.connect.average(),
+            ttime: t.total.average(),
+            qtime_max: t.queue.max(),
+            ctime_max: t.connect.max(),
+            ttime_max: t.total.max(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -83,6 +112,8 @@ pub struct ServerSnap {
     pub bin: u64,
     pub bout: u64,
     pub econ: u64,
+    /// Connection attempts to the server (HAProxy's `connect`).
+    pub connects: u64,
     pub wretr: u64,
     pub wredis: u64,
     pub rate: u64,
@@ -99,6 +130,7 @@ pub struct ServerSnap {
     pub rise: u32,
     pub fall: u32,
     pub health: u32,
+    pub times: Times,
 }
 
 #[derive(Debug, Clone)]
@@ -133,7 +165,7 @@ impl ServerSnap {
 impl ListenSnap {
     /// The BACKEND row's status: UP while any server can serve.
     pub fn backend_up(&self) -> bool {
-        self.servers.iter().any(|s| s.up && s.admin != Admin::Maint)
+        self.backend.up
     }
 }
 
@@ -195,6 +227,8 @@ fn listen_snap(l: &ListenState, now: Instant, unix_now: u64) -> ListenSnap {
         qcur,
         qmax: c.qmax.load(Relaxed).max(qcur),
         servers,
+        backend: l.backend_status(),
+        times: Times::of(&c.times),
     }
 }
 
@@ -222,6 +256,7 @@ fn server_snap(s: &ServerState, now: Instant, unix_now: u64) -> ServerSnap {
         bin: sc.bin.get(),
         bout: sc.bout.get(),
         econ: sc.econ.get(),
+        connects: sc.connects.get(),
         wretr: sc.wretr.get(),
         wredis: sc.wredis.get(),
         rate,
@@ -243,6 +278,7 @@ fn server_snap(s: &ServerState, now: Instant, unix_now: u64) -> ServerSnap {
         rise: h.rise,
         fall: h.fall,
         health: h.counter,
+        times: Times::of(&sc.times),
     }
 }
 

@@ -1,4 +1,6 @@
-//! `/metrics` in Prometheus (OpenMetrics) text format, through the prometheus-client crate.
+//! `/metrics` in OpenMetrics text format, through the prometheus-client crate, or in
+//! Prometheus' classic text format (0.0.4) for clients that do not ask for OpenMetrics
+//! (promtool, older agents): negotiated by `Accept`, as the Prometheus client libraries do.
 //! Names follow HAProxy's built-in exporter with the `pglb_` prefix and `listen`/`server`
 //! labels instead of `proxy`/`server` (mapping in the README).
 
@@ -10,8 +12,22 @@ use prometheus_client::registry::Registry;
 
 use super::{ListenSnap, ServerSnap, Snapshot};
 
-/// Content type of the text this module renders.
+/// Content type of [`render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Content type of [`render_text`].
+pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Does an `Accept` header ask for OpenMetrics?
+pub fn wants_openmetrics(accept: Option<&str>) -> bool {
+    accept.is_some_and(|a| {
+        a.split(',').any(|part| {
+            let mut fields = part.split(';').map(str::trim);
+            let openmetrics = fields.next() == Some("application/openmetrics-text");
+            let refused = fields.any(|f| f.replace(' ', "") == "q=0");
+            openmetrics && !refused
+        })
+    })
+}
 
 type Labels = Vec<(&'static str, String)>;
 
@@ -222,7 +238,8 @@ impl Collector for SnapshotCollector {
         family(
             &mut enc,
             "pglb_server_up",
-            "1 when the server may take new clients' sessions (health UP).",
+            "1 while the server's health is UP (or it is not checked), whatever the operator \
+             state; pglb_server_status tells DRAIN and MAINT apart.",
             Kind::Gauge,
             per_server(&|srv| f64::from(u8::from(srv.up))),
         )?;
@@ -351,4 +368,61 @@ pub fn render(snapshot: Snapshot) -> String {
     // Writing into a String cannot fail.
     let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
     out
+}
+
+/// Renders the snapshot in Prometheus' classic text format: the OpenMetrics text with
+/// counter families named by their `_total` series (so their HELP and TYPE match the
+/// samples), and no `# UNIT` or `# EOF` lines.
+pub fn render_text(snapshot: Snapshot) -> String {
+    let open = render(snapshot);
+    let mut counters: Vec<String> = Vec::new();
+    for line in open.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ")
+            && let Some(name) = rest.strip_suffix(" counter")
+        {
+            counters.push(name.to_owned());
+        }
+    }
+    let mut out = String::with_capacity(open.len() + 64 * counters.len());
+    for line in open.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let header = ["# HELP ", "# TYPE "]
+            .into_iter()
+            .find(|p| line.starts_with(p));
+        match header {
+            Some(prefix) => {
+                let rest = &line[prefix.len()..];
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                if counters.iter().any(|c| c == name) {
+                    out.push_str(&format!("{prefix}{name}_total {tail}\n"));
+                } else {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_negotiates_the_format() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert!(wants_openmetrics(Some(prometheus)));
+        assert!(!wants_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!wants_openmetrics(Some(
+            "application/openmetrics-text; q=0, text/plain"
+        )));
+        assert!(!wants_openmetrics(None));
+    }
 }
