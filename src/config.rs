@@ -300,7 +300,7 @@ mod raw {
     #[serde(deny_unknown_fields)]
     pub struct StatsAuth {
         pub user: String,
-        pub password: Secret,
+        pub password: Spanned<Secret>,
     }
 
     #[derive(Deserialize)]
@@ -776,7 +776,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 ));
             }
             if let Some(a) = &st.auth
-                && (a.user.is_empty() || a.password.expose().is_empty())
+                && (a.user.is_empty() || a.password.get_ref().expose().is_empty())
             {
                 return Err(at.at(&st.bind, "stats.auth needs a non-empty user and password"));
             }
@@ -785,10 +785,10 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
                 uri,
                 refresh: st.refresh.0,
                 socket: socket_spec(st.socket.as_ref(), st.socket_mode.as_ref(), at)?,
-                auth: st.auth.map(|a| StatsAuth {
-                    user: a.user,
-                    password: a.password,
-                }),
+                auth: match st.auth {
+                    None => None,
+                    Some(a) => Some(stats_auth(a, at)?),
+                },
                 state_file: st.state_file,
             })
         }
@@ -902,6 +902,25 @@ fn resolve(text: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve {text:?}: {e}"))?
         .next()
         .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// The password `config/pglb.toml` ships as an example: admin actions with it would be
+/// open to anyone who read the example.
+pub const EXAMPLE_PASSWORD: &str = "change-me";
+
+fn stats_auth(a: raw::StatsAuth, at: &Locator) -> Result<StatsAuth, ConfigError> {
+    if a.password.get_ref().expose() == EXAMPLE_PASSWORD {
+        return Err(at.at(
+            &a.password,
+            format!(
+                "[stats.auth] password is the example password {EXAMPLE_PASSWORD:?}: set a password of your own (or remove [stats.auth] to disable admin actions)"
+            ),
+        ));
+    }
+    Ok(StatsAuth {
+        user: a.user,
+        password: a.password.into_inner(),
+    })
 }
 
 /// `[stats] socket` and `socket_mode`: an absolute path is a Unix socket, `IP:port` TCP.

@@ -22,6 +22,13 @@ fn shipped_config_is_valid() {
     let (ok, stdout, stderr) = pglb(&["--config", path.to_str().expect("utf-8 path"), "--check"]);
     assert!(ok, "{stderr}");
     assert!(stdout.contains("configuration is valid"));
+    // Safe as shipped: the stats port on loopback, admin actions off until the operator
+    // sets a password of their own.
+    let text = std::fs::read_to_string(&path).expect("config");
+    let config = pglb::Config::parse(&path, &text).expect("parses");
+    let stats = config.stats.expect("[stats]");
+    assert!(stats.bind.ip().is_loopback(), "{}", stats.bind);
+    assert!(stats.auth.is_none(), "no active example password");
 }
 
 #[test]
@@ -36,6 +43,11 @@ fn bad_configs_are_refused_with_file_line_and_reason() {
         ),
         ("bad_address.toml", 7, "needs a port"),
         ("bad_duration.toml", 5, "invalid duration \"five seconds\""),
+        (
+            "example_password.toml",
+            13,
+            "[stats.auth] password is the example password \"change-me\"",
+        ),
     ] {
         let path = dir.join(file);
         let path = path.to_str().expect("utf-8 path");

@@ -230,6 +230,8 @@ fn run_maintainer_script(script: &Path, args: &[&str], user_exists: bool) -> (bo
         "chown",
         "chmod",
         "rm",
+        "rmdir",
+        "cp",
         "systemctl",
     ] {
         let exit = if tool == "getent" && !user_exists {
@@ -288,13 +290,18 @@ fn maintainer_scripts_create_and_remove_the_pglb_user() {
     assert!(ok, "postinst configure: {calls}");
     assert!(
         calls.lines().any(
-            |c| c.starts_with("adduser --system --group --no-create-home")
+            |c| c.starts_with("adduser --quiet --system --group --no-create-home")
                 && c.contains("--home /var/lib/pglb")
                 && c.ends_with(" pglb")
         ),
         "{calls}"
     );
     assert!(calls.contains("mkdir -p /var/lib/pglb\n"), "{calls}");
+    let home_first = calls.find("mkdir -p /var/lib/pglb").unwrap_or(usize::MAX);
+    assert!(
+        home_first < calls.find("adduser").unwrap_or(0),
+        "the home exists before adduser: {calls}"
+    );
     assert!(calls.contains("chown pglb:pglb /var/lib/pglb\n"), "{calls}");
     // An existing user is kept.
     let (ok, calls) = run_maintainer_script(&dir.join("postinst"), &["configure", "0.1.0-1"], true);
@@ -358,7 +365,7 @@ fn package_builds_with_binary_unit_and_config() {
     // "mode owner size date time path"; dpkg-deb shows root as 0/0 or root/root.
     for (path, mode) in [
         ("./usr/bin/pglb", "-rwxr-xr-x"),
-        ("./etc/pglb/pglb.toml", "-rw-r--r--"),
+        ("./usr/share/pglb/pglb.toml", "-rw-r--r--"),
         ("./lib/systemd/system/pglb.service", "-rw-r--r--"),
         ("./usr/share/doc/pglb/README", "-rw-r--r--"),
     ] {
@@ -375,7 +382,6 @@ fn package_builds_with_binary_unit_and_config() {
         "Priority: optional",
         " postinst ",
         " postrm ",
-        " conffiles ",
     ] {
         assert!(info.contains(needle), "{needle:?} not in:\n{info}");
     }
@@ -388,14 +394,11 @@ fn package_builds_with_binary_unit_and_config() {
     // The control files are ours, the payload is the repository's files.
     let control = tmp.path().join("control");
     run_ok(Command::new("dpkg-deb").arg("-e").arg(deb).arg(&control));
-    assert_eq!(
-        std::fs::read_to_string(control.join("conffiles"))
-            .unwrap()
-            .trim(),
-        "/etc/pglb/pglb.toml"
-    );
+    // No conffile: an upgrade never stops at dpkg's prompt (postinst creates the file).
+    let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap_or_default();
+    assert!(!conffiles.contains("/etc/pglb"), "{conffiles}");
     let postinst = std::fs::read_to_string(control.join("postinst")).unwrap();
-    assert!(postinst.contains("adduser --system --group --no-create-home"));
+    assert!(postinst.contains("adduser --quiet --system --group --no-create-home"));
     let root = tmp.path().join("root");
     run_ok(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root));
     assert_eq!(
@@ -403,15 +406,137 @@ fn package_builds_with_binary_unit_and_config() {
         read("deploy/pglb.service")
     );
     assert_eq!(
-        std::fs::read_to_string(root.join("etc/pglb/pglb.toml")).unwrap(),
+        std::fs::read_to_string(root.join("usr/share/pglb/pglb.toml")).unwrap(),
         read("config/pglb.toml")
     );
     // The packaged binary accepts the packaged config.
     let out = run(Command::new(root.join("usr/bin/pglb"))
         .arg("--config")
-        .arg(root.join("etc/pglb/pglb.toml"))
+        .arg(root.join("usr/share/pglb/pglb.toml"))
         .arg("--check"));
     assert!(out.status.success(), "{}", text(&out));
+    install_and_upgrade(deb, &root, tmp.path());
+}
+
+/// The previous package's layout (0.1.0: the example installed as the conffile
+/// /etc/pglb/pglb.toml), built from this package's files.
+fn previous_package(new_root: &Path, work: &Path) -> PathBuf {
+    let old = work.join("old-root");
+    run_ok(Command::new("cp").arg("-a").arg(new_root).arg(&old));
+    std::fs::create_dir_all(old.join("etc/pglb")).unwrap();
+    std::fs::rename(
+        old.join("usr/share/pglb/pglb.toml"),
+        old.join("etc/pglb/pglb.toml"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(old.join("DEBIAN")).unwrap();
+    std::fs::write(
+        old.join("DEBIAN/control"),
+        "Package: pglb\nVersion: 0.0.9-1\nArchitecture: amd64\nMaintainer: pglb tests <t@pglb.invalid>\n\
+         Depends: adduser\nDescription: pglb, previous layout (test)\n",
+    )
+    .unwrap();
+    std::fs::write(old.join("DEBIAN/conffiles"), "/etc/pglb/pglb.toml\n").unwrap();
+    let deb = work.join("pglb_0.0.9-1_amd64.deb");
+    run_ok(
+        Command::new("dpkg-deb")
+            .args(["--root-owner-group", "-b"])
+            .arg(&old)
+            .arg(&deb),
+    );
+    deb
+}
+
+/// Purges the test's package even when the test fails half-way.
+struct Purge;
+
+impl Drop for Purge {
+    fn drop(&mut self) {
+        let _ = Command::new("dpkg")
+            .args(["--purge", "pglb"])
+            .stdin(std::process::Stdio::null())
+            .output();
+    }
+}
+
+/// dpkg, never interactive: stdin is /dev/null, as in unattended upgrades.
+fn dpkg(args: &[&str], deb: Option<&Path>) -> String {
+    let mut cmd = Command::new("dpkg");
+    cmd.args(args).stdin(std::process::Stdio::null());
+    if let Some(d) = deb {
+        cmd.arg(d);
+    }
+    let out = run(&mut cmd);
+    let said = text(&out);
+    assert!(out.status.success(), "dpkg {args:?}: {said}");
+    said
+}
+
+/// Installs the package on this machine (tests run as root in CI), the way users do:
+/// a fresh install creates a config the service user can read; an upgrade from the
+/// conffile layout over an edited config keeps the edit without a prompt; purge removes
+/// everything. Refuses to touch a machine where pglb is installed already.
+fn install_and_upgrade(deb: &Path, new_root: &Path, work: &Path) {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("package install/upgrade: skipped, needs root (CI runs as root)");
+        return;
+    }
+    let installed = run(Command::new("dpkg-query").args(["-W", "-f=${Status}", "pglb"]));
+    assert!(
+        !String::from_utf8_lossy(&installed.stdout).contains("install ok installed"),
+        "pglb is installed on this machine: the package test will not touch it"
+    );
+    let config = Path::new("/etc/pglb/pglb.toml");
+    let old = previous_package(new_root, work);
+    let _purge = Purge;
+    dpkg(&["-i"], Some(&old));
+    let mut edited = std::fs::read_to_string(config).unwrap();
+    edited.push_str("\n# edited by the operator\n");
+    std::fs::write(config, &edited).unwrap();
+
+    let said = dpkg(&["-i"], Some(deb));
+    // dpkg itself notes once that the old package's /etc/pglb still holds the (kept)
+    // config; nothing else may warn.
+    let others: Vec<&str> = said
+        .lines()
+        .filter(|l| l.to_lowercase().contains("warning"))
+        .filter(|l| !l.contains("unable to delete old directory '/etc/pglb'"))
+        .collect();
+    assert!(others.is_empty(), "no maintainer-script warning: {said}");
+    assert_eq!(
+        std::fs::read_to_string(config).unwrap(),
+        edited,
+        "the operator's edit survives"
+    );
+    assert_eq!(
+        std::fs::read_to_string("/usr/share/pglb/pglb.toml").unwrap(),
+        read("config/pglb.toml")
+    );
+    dpkg(&["--purge", "pglb"], None);
+    assert!(!config.exists(), "purge removes the config");
+
+    // Fresh install: the example becomes /etc/pglb/pglb.toml, root:pglb 0640, which the
+    // service user can read (`--check` as pglb, as systemd's ExecStartPre runs it).
+    let said = dpkg(&["-i"], Some(deb));
+    assert!(!said.to_lowercase().contains("warning"), "{said}");
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(config).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o640);
+    let out = run(Command::new("setpriv")
+        .args([
+            "--reuid=pglb",
+            "--regid=pglb",
+            "--init-groups",
+            "/usr/bin/pglb",
+            "--config",
+        ])
+        .arg(config)
+        .arg("--check"));
+    assert!(out.status.success(), "{}", text(&out));
+    dpkg(&["--purge", "pglb"], None);
+    let gone = run(Command::new("getent").args(["passwd", "pglb"]));
+    assert!(!gone.status.success(), "purge removes the user");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -76,14 +76,10 @@ async fn wait_status(stats: u16, server: &str, want: &str, limit: Duration) {
 
 #[test]
 fn csv_header_matches_the_haproxy_reference() {
-    let reference = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/reference/haproxy-compat.md");
-    let text = std::fs::read_to_string(&reference)
-        .unwrap_or_else(|e| panic!("{}: {e}", reference.display()));
-    let expected = text
+    let expected = include_str!("fixtures/haproxy_csv_columns.txt")
         .lines()
         .find(|l| l.starts_with("pxname,svname,"))
-        .expect("column list in the reference");
+        .expect("column list in the fixture");
     assert_eq!(pglb::stats::csv::COLUMNS.join(","), expected);
 }
 

@@ -23,8 +23,8 @@ if [ -z "$deb" ]; then
   echo "no pglb .deb in /vagrant/target/debian: run 'cargo deb' on the host, then 'vagrant rsync'" >&2
   exit 1
 fi
-# --force-confold: keep the /etc/pglb/pglb.toml installed below across upgrades.
-apt-get install -y -qq -o Dpkg::Options::=--force-confold "$deb" >/dev/null
+# /etc/pglb/pglb.toml is not a conffile: upgrades keep the file installed below.
+apt-get install -y -qq "$deb" >/dev/null
 
 # pglb's config (it holds passwords: root:pglb 0640), validated before use.
 install -m 0640 -o root -g pglb /vagrant/vagrant/pglb.toml /etc/pglb/pglb.toml
