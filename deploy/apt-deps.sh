@@ -21,6 +21,11 @@ if [ "${1:-}" != "--demo" ]; then
     echo "installing: cargo-deb"
     cargo install cargo-deb --locked --quiet
   fi
+  # cargo-deny checks advisories, licenses, bans and sources (tests/supply-chain.sh).
+  if ! cargo deny --version >/dev/null 2>&1; then
+    echo "installing: cargo-deny"
+    cargo install cargo-deny --locked --quiet
+  fi
   if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
     echo "installing: psycopg[binary] (PyPI)"
     python3 -m pip install --quiet --root-user-action=ignore 'psycopg[binary]==3.3.9'
