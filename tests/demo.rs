@@ -1,0 +1,166 @@
+//! The demo a newcomer runs first (`bash deploy/demo.sh`), run as they would: its
+//! dashboard shows three green PgBouncers, and its printed keys kill, restart and drain
+//! one, which the CSV and the printed alerts show.
+
+mod harness;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use harness::{free_port, http_get};
+
+/// The demo's process group, interrupted (as Ctrl-C would) if the test fails.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        // SAFETY: signals to the process group this test started.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_line(
+    rx: &mpsc::Receiver<String>,
+    seen: &mut String,
+    what: &str,
+    ok: impl Fn(&str) -> bool,
+) -> String {
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+                if ok(&line) {
+                    return line;
+                }
+            }
+            Err(_) => panic!("the demo never printed {what}:\n{seen}"),
+        }
+    }
+}
+
+async fn csv_status(stats: u16, server: &str) -> String {
+    let (_, csv) = http_get(stats, "/stats;csv").await;
+    csv.lines()
+        .find(|l| l.starts_with(&format!("postgres,{server},")))
+        .and_then(|l| l.split(',').nth(17))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn wait_status(stats: u16, server: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = csv_status(stats, server).await;
+        if s == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{server} stayed {s:?}, expected {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
+    // The demo is an example of this crate: build it as deploy/demo.sh does (dev profile
+    // here; the script builds release).
+    let built = Command::new(env!("CARGO"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args(["build", "--locked", "--example", "demo"])
+        .status()
+        .expect("cargo build --example demo");
+    assert!(built.success());
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/examples/demo");
+    let (port, stats) = (free_port(), free_port());
+    use std::os::unix::process::CommandExt;
+    let child = Command::new(example)
+        .arg(env!("CARGO_BIN_EXE_pglb"))
+        .env("PGLB_DEMO_PORT", port.to_string())
+        .env("PGLB_DEMO_STATS_PORT", stats.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .expect("start the demo");
+    let mut demo = Demo(child);
+    let stdout = demo.0.stdout.take().expect("stdout");
+    let mut stdin = demo.0.stdin.take().expect("stdin");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let dashboard = wait_line(&rx, &mut seen, "the dashboard URL", |l| {
+        l.starts_with("dashboard:")
+    });
+    assert!(
+        dashboard.contains(&format!("http://127.0.0.1:{stats}/stats")),
+        "{dashboard}"
+    );
+    assert!(
+        dashboard.contains("admin: admin / "),
+        "credentials printed: {dashboard}"
+    );
+    for line in ["connect:", "bench:", "keys (then Enter):"] {
+        wait_line(&rx, &mut seen, line, |l| l.starts_with(line));
+    }
+
+    harness::wait_listening(
+        std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
+        "the demo's dashboard",
+        Duration::from_secs(10),
+    );
+    // Three green PgBouncers on the dashboard (query checks pass every 2 s).
+    for s in ["pgb1", "pgb2", "pgb3"] {
+        wait_status(stats, s, "UP").await;
+    }
+    let (_, page) = http_get(stats, "/stats").await;
+    assert_eq!(
+        page.matches("<tr class=\"up\"").count(),
+        3,
+        "three green rows"
+    );
+
+    // The printed keys: kill pgb2 (DOWN, and an alert printed), start it, drain pgb1.
+    writeln!(stdin, "k2").expect("key");
+    wait_status(stats, "pgb2", "DOWN").await;
+    wait_line(&rx, &mut seen, "an alert for pgb2", |l| {
+        l.starts_with("ALERT") && l.contains("server 'pgb2'") && l.contains("DOWN")
+    });
+    writeln!(stdin, "s2").expect("key");
+    wait_status(stats, "pgb2", "UP").await;
+    writeln!(stdin, "d1").expect("key");
+    wait_status(stats, "pgb1", "DRAIN").await;
+    wait_line(&rx, &mut seen, "an alert for the drain", |l| {
+        l.starts_with("ALERT") && l.contains("server 'pgb1'") && l.contains("DRAIN")
+    });
+
+    // `q` stops everything it started.
+    writeln!(stdin, "q").expect("key");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while matches!(demo.0.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "the demo did not stop:\n{seen}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "pglb stopped"
+    );
+}
