@@ -29,7 +29,7 @@ if [ -d "$snapshot/crates" ]; then
   )
   echo "advisories: checked against the offline snapshot $snapshot (files as of $newest)"
   cargo deny --offline check advisories
-elif cargo deny fetch db >/dev/null 2>&1; then
+elif timeout 300 cargo deny fetch db >/dev/null 2>&1; then
   echo "advisories: checked against the RustSec database fetched from GitHub"
   cargo deny check advisories
 else
