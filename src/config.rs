@@ -89,6 +89,9 @@ pub struct Global {
     pub maxconn: usize,
     /// How long SIGTERM waits for sessions to finish before closing them.
     pub grace: Duration,
+    /// After SIGTERM, how long the listeners keep accepting while `/health` already says
+    /// DOWN, so keepalived moves the VIP before any connection is refused.
+    pub linger: Duration,
     /// tracing filter used when `RUST_LOG` is not set.
     pub log_level: String,
     /// Worker threads serving sessions (HAProxy's nbthread); by default one per core.
@@ -320,6 +323,7 @@ mod raw {
     pub struct Global {
         pub maxconn: Spanned<usize>,
         pub grace: HumanDuration,
+        pub linger: HumanDuration,
         pub log_level: String,
         pub threads: Option<Spanned<usize>>,
         pub unknown_cancel_rate: Spanned<u32>,
@@ -331,6 +335,9 @@ mod raw {
             Global {
                 maxconn: Spanned::new(0..0, 20_000),
                 grace: HumanDuration(Duration::from_secs(30)),
+                // The shipped keepalived checks every 1 s with fall 1 and a 2 s timeout,
+                // then moves the VIP in ~0.2 s: 3 s covers a check that was just run.
+                linger: HumanDuration(Duration::from_secs(3)),
                 log_level: "info".into(),
                 threads: None,
                 unknown_cancel_rate: Spanned::new(0..0, 100),
@@ -575,6 +582,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
     let global = Global {
         maxconn: g.maxconn.into_inner(),
         grace: g.grace.0,
+        linger: g.linger.0.min(g.grace.0),
         log_level: g.log_level,
         threads,
         unknown_cancels: CancelLimits {

@@ -158,33 +158,7 @@ pub async fn run<S: Future<Output = ()>>(
         }
     }
 
-    notify("STOPPING=1\nSTATUS=stopping: waiting for sessions to finish");
-    daemon.process.serving.store(false, Relaxed);
-    for s in daemon.served.values() {
-        s.stop.cancel();
-    }
-    while daemon.loops.join_next().await.is_some() {}
-    tracker.close();
-    let grace = daemon.config.global.grace;
-    let open: usize = daemon
-        .process
-        .listens()
-        .iter()
-        .map(|l| l.counters.cur.load(Relaxed))
-        .sum();
-    info!(
-        sessions = open,
-        grace_s = grace.as_secs_f64(),
-        "stopped accepting; waiting for sessions to finish"
-    );
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(
-            sessions = tracker.len(),
-            "shutdown grace over: closing remaining sessions"
-        );
-        state::end_sessions(&close_sessions);
-        let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
-    }
+    daemon.stop(&tracker, &close_sessions).await;
     daemon.checks.cancel();
     stop_http.cancel();
     // Alerts still queued go out now (bounded); any that cannot are logged as lost.
@@ -201,6 +175,58 @@ pub async fn run<S: Future<Output = ()>>(
 }
 
 impl Daemon {
+    /// The stop sequence: `/health` turns DOWN at once (keepalived moves the VIP) while
+    /// the listeners keep accepting for `linger`; sessions idle outside a transaction end
+    /// at once with 57P01, the others at their next boundary; `grace` (from the signal)
+    /// is the hard cap.
+    async fn stop(&mut self, tracker: &TaskTracker, close_sessions: &CancellationToken) {
+        let started = tokio::time::Instant::now();
+        let (grace, linger) = (self.config.global.grace, self.config.global.linger);
+        notify(
+            "STOPPING=1\nSTATUS=stopping: /health says DOWN, sessions end at their transaction boundary",
+        );
+        self.process.serving.store(false, Relaxed);
+        state::STOPPING.store(true, Relaxed);
+        let drain_all = |process: &Process| {
+            for l in process.listens().iter() {
+                l.drain_running();
+            }
+        };
+        drain_all(&self.process);
+        info!(
+            linger_s = linger.as_secs_f64(),
+            "stopping: /health says DOWN; still accepting while the VIP moves away"
+        );
+        tokio::time::sleep(linger).await;
+        for s in self.served.values() {
+            s.stop.cancel();
+        }
+        while self.loops.join_next().await.is_some() {}
+        // Sessions that started while lingering end at their boundary too.
+        drain_all(&self.process);
+        tracker.close();
+        let open: usize = self
+            .process
+            .listens()
+            .iter()
+            .map(|l| l.counters.cur.load(Relaxed))
+            .sum();
+        let left = grace.saturating_sub(started.elapsed());
+        info!(
+            sessions = open,
+            grace_left_s = left.as_secs_f64(),
+            "stopped accepting; waiting for sessions to end at their transaction boundary"
+        );
+        if tokio::time::timeout(left, tracker.wait()).await.is_err() {
+            warn!(
+                sessions = tracker.len(),
+                "shutdown grace over: closing remaining sessions"
+            );
+            state::end_sessions(close_sessions);
+            let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
+        }
+    }
+
     /// Starts accepting on `listener` for `listen`, on every worker.
     fn serve(&mut self, listener: std::net::TcpListener, listen: &Arc<ListenState>) {
         info!(

@@ -5,7 +5,8 @@
 //! | `GET {uri}` | HTML dashboard |
 //! | `GET {uri};csv`, `GET {uri}?csv` | HAProxy CSV |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /health` (or `HEAD`) | 200, or 503 with the reason (for keepalived) |
+//! | `GET /health` (or `HEAD`) | 200 while serving, 503 when stopping (keepalived: alive) |
+//! | `GET /health?servers` | 200 while every listen has a usable server (keepalived: priority) |
 //! | `POST {uri}` form `b`, `s`, `action`[, `weight`] | admin action, 303 back (Basic auth) |
 //! | `GET /api/servers` | JSON state of every server |
 //! | `POST /api/servers/{listen}/{server}` JSON `{"action": …, "weight": …}` | admin action (Basic auth) |
@@ -138,7 +139,15 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, stop: CancellationT
 /// its answer however busy the port is), anything else is told to come back.
 fn over_capacity(ctx: &Context, req: &Request<Incoming>) -> Resp {
     match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/health") => health(ctx),
+        (&Method::GET | &Method::HEAD, "/health") => {
+            let servers = req
+                .uri()
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .any(|q| q == "servers");
+            health(ctx, servers)
+        }
         _ => plain(
             StatusCode::SERVICE_UNAVAILABLE,
             "stats server busy: too many connections",
@@ -218,7 +227,9 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             .strip_prefix(uri)
             .is_some_and(|rest| rest == "/" || rest.starts_with(';') || rest.starts_with("/;"));
     match (req.method(), path.as_str()) {
-        (&Method::GET | &Method::HEAD, "/health") => return health(ctx),
+        (&Method::GET | &Method::HEAD, "/health") => {
+            return health(ctx, query.split('&').any(|q| q == "servers"));
+        }
         (&Method::GET, _) => ctx.renders.wait().await,
         _ => {}
     }
@@ -300,9 +311,14 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
     }
 }
 
-/// 200 while serving with at least one UP server per listen; 503 with the reason
-/// otherwise. Reads a few atomics per server (no snapshot): it must stay cheap.
-fn health(ctx: &Context) -> Resp {
+/// `/health`: 200 while pglb serves (it accepts clients and answers them, with an
+/// error if it has no server); 503 once it is stopping. keepalived's "alive" check.
+/// `/health?servers`: 200 while every listen has a server that may take new clients (UP,
+/// neither drained nor in maintenance); 503 naming the first listen without one.
+/// keepalived's "has servers" check, which lowers a node's priority instead of moving
+/// the VIP: with every PgBouncer down one node keeps the VIP and answers clients with
+/// pglb's error at once. Reads a few atomics per server (no snapshot): it must stay cheap.
+fn health(ctx: &Context, servers: bool) -> Resp {
     if !ctx.process.serving.load(Relaxed) {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -310,12 +326,8 @@ fn health(ctx: &Context) -> Resp {
         );
     }
     let listens = ctx.process.listens();
-    let serves = |l: &crate::state::ListenState| {
-        l.servers()
-            .iter()
-            .any(|s| s.is_up() && s.admin() != crate::state::Admin::Maint)
-    };
-    if let Some(l) = listens.iter().find(|l| !serves(l)) {
+    let takes_clients = |l: &crate::state::ListenState| l.servers().iter().any(|s| s.usable());
+    if servers && let Some(l) = listens.iter().find(|l| !takes_clients(l)) {
         return plain(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("DOWN: listen '{}' has no server available", l.name),
@@ -324,10 +336,25 @@ fn health(ctx: &Context) -> Resp {
     if let Some(err) = crate::counters::lock(&ctx.process.reload_error).as_ref() {
         return plain(StatusCode::OK, format!("UP (last reload failed: {err})"));
     }
-    plain(
-        StatusCode::OK,
-        format!("UP: {} listen(s) serving", listens.len()),
-    )
+    let without: Vec<&str> = listens
+        .iter()
+        .filter(|l| !takes_clients(l))
+        .map(|l| l.name.as_str())
+        .collect();
+    if without.is_empty() {
+        plain(
+            StatusCode::OK,
+            format!("UP: {} listen(s) serving", listens.len()),
+        )
+    } else {
+        plain(
+            StatusCode::OK,
+            format!(
+                "UP: serving; no server available for listen(s) {}",
+                without.join(", ")
+            ),
+        )
+    }
 }
 
 /// Refuses a request that a browser sent on behalf of another site. Browsers send

@@ -231,10 +231,14 @@ async fn relay_and_log(
     }
     if matches!(outcome.end, relay::End::Drained) {
         // At a transaction boundary: say why, so pools reconnect elsewhere.
-        let message = format!(
-            "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
-            srv.name, listen.name
-        );
+        let message = if state::STOPPING.load(Relaxed) {
+            "pglb is shutting down; reconnect to continue".to_owned()
+        } else {
+            format!(
+                "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
+                srv.name, listen.name
+            )
+        };
         let _ = timeout(Duration::from_secs(1), async {
             let _ = client
                 .write_all(&refusal::error_response("FATAL", "57P01", &message))

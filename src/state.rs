@@ -171,6 +171,10 @@ static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 /// almost never written.
 pub static SESSION_SIGNALS: AtomicU64 = AtomicU64::new(0);
 
+/// Set when pglb starts to stop: sessions drained from then on are told pglb is
+/// shutting down rather than that their server is drained.
+pub static STOPPING: AtomicBool = AtomicBool::new(false);
+
 /// Cancels a token that sessions wait on (see [`SESSION_SIGNALS`]).
 pub fn end_sessions(token: &CancellationToken) {
     SESSION_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -701,6 +705,13 @@ impl ListenState {
                 h.downs = 0;
                 h.downtime = std::time::Duration::ZERO;
             }
+        }
+    }
+
+    /// Ends every session running now at its next transaction boundary (shutdown).
+    pub fn drain_running(&self) {
+        for s in self.servers().iter().chain(self.lingering().iter()) {
+            s.drain_running();
         }
     }
 

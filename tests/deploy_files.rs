@@ -665,14 +665,19 @@ fn keepalived_nodes_differ_only_in_priority_router_id_and_peers() {
         assert_eq!(v("script_user"), ["root"], "{node}");
         assert_eq!(
             v("script"),
-            ["\"/usr/local/lib/pglb/check-pglb\""],
+            [
+                "\"/usr/local/lib/pglb/check-pglb alive\"",
+                "\"/usr/local/lib/pglb/check-pglb servers\""
+            ],
             "{node}"
         );
-        assert_eq!(v("interval"), ["1"]);
-        // fall 1 / timeout 2: see the file's comment and tests/failover.rs.
-        assert_eq!(v("timeout"), ["2"]);
-        assert_eq!(v("fall"), ["1"]);
-        assert_eq!(v("rise"), ["2"]);
+        assert_eq!(v("interval"), ["1", "1"]);
+        // alive: fall 1 / timeout 2 (see the file's comment and tests/failover.rs);
+        // servers: lowers the priority (weight -60), never FAULT.
+        assert_eq!(v("timeout"), ["2", "2"]);
+        assert_eq!(v("fall"), ["1", "2"]);
+        assert_eq!(v("rise"), ["2", "2"]);
+        assert_eq!(v("weight"), ["-60"]);
         assert_eq!(v("vrrp_instance"), ["VI_PGLB {"]);
         // nopreempt works only from an initial BACKUP state, on both nodes.
         assert_eq!(v("state"), ["BACKUP"], "{node}");
@@ -695,12 +700,14 @@ fn keepalived_nodes_differ_only_in_priority_router_id_and_peers() {
             .map(|(_, l)| l.as_str())
             .collect();
         assert_eq!(peers, [peer], "{node}");
-        assert!(
-            lines
-                .iter()
-                .any(|(b, l)| b.ends_with("track_script") && l == "chk_pglb"),
-            "{node}: track_script chk_pglb"
-        );
+        for check in ["chk_pglb", "chk_pglb_servers"] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|(b, l)| b.ends_with("track_script") && l == check),
+                "{node}: track_script {check}"
+            );
+        }
         assert_eq!(v("notify"), ["/usr/local/lib/pglb/keepalived-notify"]);
     }
 }
@@ -727,22 +734,58 @@ fn keepalived_scripts_check_health_and_log_transitions() {
             "{script} must be executable"
         );
     }
-    // check-pglb: exactly curl's verdict on http://127.0.0.1:8404/health.
-    for (curl_exit, expect_ok) in [(0, true), (22, false), (28, false), (7, false)] {
-        let tmp = tempfile::tempdir().unwrap();
-        fake_tools(tmp.path(), &[("curl", curl_exit)]);
-        let calls = tmp.path().join("calls");
-        let out = run(Command::new(dir.join("check-pglb"))
-            .env("PATH", format!("{}:/usr/bin:/bin", tmp.path().display()))
-            .env("CALLS", &calls));
-        assert_eq!(out.status.success(), expect_ok, "curl exit {curl_exit}");
-        let called = std::fs::read_to_string(&calls).unwrap();
-        assert_eq!(
-            called.trim(),
-            "curl -fsS -m 1 http://127.0.0.1:8404/health",
-            "{called}"
-        );
+    // check-pglb: exactly curl's verdict on the right URL: the mode picks the path, the
+    // address comes from the argument, else the config's [stats] bind, else the default.
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let config = cfg_dir.path().join("pglb.toml");
+    std::fs::write(
+        &config,
+        "[[listen]]\nbind = \"0.0.0.0:5432\"\n[stats]  # the dashboard\nuri = \"/stats\"\nbind = \"10.0.0.21:9404\"\n",
+    )
+    .unwrap();
+    let zeros = cfg_dir.path().join("zeros.toml");
+    std::fs::write(&zeros, "[stats]\nbind = \"0.0.0.0:8405\"\n").unwrap();
+    let missing = cfg_dir.path().join("missing.toml");
+    let cases: [(&[&str], &Path, &str); 5] = [
+        (&["alive"], &missing, "http://127.0.0.1:8404/health"),
+        (
+            &["servers"],
+            &missing,
+            "http://127.0.0.1:8404/health?servers",
+        ),
+        (&["alive"], &config, "http://10.0.0.21:9404/health"),
+        (&["servers"], &zeros, "http://127.0.0.1:8405/health?servers"),
+        (
+            &["alive", "192.0.2.7:8404"],
+            &config,
+            "http://192.0.2.7:8404/health",
+        ),
+    ];
+    for (args, cfg, url) in cases {
+        for (curl_exit, expect_ok) in [(0, true), (22, false), (28, false), (7, false)] {
+            let tmp = tempfile::tempdir().unwrap();
+            fake_tools(tmp.path(), &[("curl", curl_exit)]);
+            let calls = tmp.path().join("calls");
+            let out = run(Command::new(dir.join("check-pglb"))
+                .args(args)
+                .env("PATH", format!("{}:/usr/bin:/bin", tmp.path().display()))
+                .env("PGLB_CONFIG", cfg)
+                .env("CALLS", &calls));
+            assert_eq!(
+                out.status.success(),
+                expect_ok,
+                "{args:?}: curl exit {curl_exit}"
+            );
+            let called = std::fs::read_to_string(&calls).unwrap();
+            assert_eq!(
+                called.trim(),
+                format!("curl -fsS -m 1 -o /dev/null {url}"),
+                "{args:?}"
+            );
+        }
     }
+    let out = run(Command::new(dir.join("check-pglb")).arg("bogus"));
+    assert_eq!(out.status.code(), Some(2), "a bad mode is a usage error");
     // keepalived-notify: TYPE NAME STATE PRIORITY to syslog with the pglb-keepalived tag;
     // exits 0 even when logging fails.
     let tmp = tempfile::tempdir().unwrap();

@@ -283,7 +283,7 @@ impl Drop for Net {
 
 fn pglb_config(bouncer_ports: &[u16]) -> String {
     let mut c = String::from(
-        "[global]\nmaxconn = 2000\ngrace = \"1s\"\n\n\
+        "[global]\nmaxconn = 2000\ngrace = \"5s\"\n\n\
          [[listen]]\nname = \"postgres\"\nbind = \"0.0.0.0:5432\"\nbalance = \"leastconn\"\nretries = 3\n\n\
          [listen.timeouts]\nconnect = \"1s\"\n\n\
          [listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n\n",
@@ -579,6 +579,12 @@ fn render_keepalived(node: usize, iface: &str, scripts: &Path) -> String {
         .replace("192.168.1.10", LB_IPS[0])
         .replace("192.168.1.11", LB_IPS[1])
         .replace("eth1", iface)
+        // The stats address given, not read from this machine's /etc/pglb.
+        .replace("check-pglb alive\"", "check-pglb alive 127.0.0.1:8404\"")
+        .replace(
+            "check-pglb servers\"",
+            "check-pglb servers 127.0.0.1:8404\"",
+        )
         .replace("/usr/local/lib/pglb/", &format!("{}/", scripts.display()));
     for line in rendered.lines() {
         let code = line.split('#').next().unwrap_or("");
@@ -851,7 +857,7 @@ struct Row {
 
 struct Lab {
     nodes: Vec<Node>,
-    _db: Stack,
+    db: Stack,
     net: Net,
     client: String,
     macs: [String; 2],
@@ -1093,7 +1099,7 @@ fn vip_follows_a_healthy_pglb() {
     }
     let mut lab = Lab {
         nodes,
-        _db: db,
+        db,
         client: net.ns("client"),
         macs: [net.mac("lb1"), net.mac("lb2")],
         net,
@@ -1320,6 +1326,93 @@ fn scenario(lab: &mut Lab) {
     println!("f. pgbench -S -T 3 after the failover: {done} transactions, failed: {failed:?}");
     assert!(done > 0, "{said}");
     assert_eq!(failed, Some(0), "{said}");
+
+    // ---- g. a planned stop: SIGTERM pglb on the master (lb1) under a connect loop.
+    lab.nodes[lb2].pglb = None;
+    let seen = lab.nodes[lb2].states().len();
+    lab.nodes[lb2].start_pglb();
+    lab.nodes[lb2].wait_state("BACKUP", seen, Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut row = lab.failover(
+        "g. SIGTERM pglb on master lb1 (systemctl stop)",
+        lb1,
+        Duration::from_millis(50),
+        |lab| {
+            signal(
+                lab.nodes[lb1].pglb.as_ref().expect("pglb").pid(),
+                libc::SIGTERM,
+            )
+        },
+    );
+    // pglb keeps accepting while keepalived moves the VIP: nothing is refused; only a
+    // connection in flight at the very moment the VIP moves can be cut.
+    let refused = row
+        .probe
+        .errors
+        .iter()
+        .filter(|e| e.contains("refused"))
+        .count();
+    assert_eq!(
+        refused, 0,
+        "a stop refused connections: {:?}",
+        row.probe.errors
+    );
+    let off = row.off.map_or(i128::MAX, |d| d.as_millis() as i128);
+    let after: Vec<_> = row
+        .probe
+        .fails
+        .iter()
+        .filter(|(at, _)| *at >= off + 100)
+        .collect();
+    assert!(
+        after.is_empty(),
+        "connections after the move failed: {after:?} {:?}",
+        row.probe.errors
+    );
+    assert!(
+        row.probe.failed <= 1,
+        "{} failed: {:?}",
+        row.probe.failed,
+        row.probe.errors
+    );
+    row.note = format!(
+        "{} failed (in flight at the move), 0 refused",
+        row.probe.failed
+    );
+    lab.rows.push(row);
+    lab.nodes[lb1]
+        .pglb
+        .as_mut()
+        .map(|p| wait_exit(&mut p.child, Duration::from_secs(8)));
+    lab.nodes[lb1].pglb = None;
+    let seen = lab.nodes[lb1].states().len();
+    lab.nodes[lb1].start_pglb();
+    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
+
+    // ---- h. every PgBouncer down: both nodes lose priority, neither goes FAULT, the VIP
+    //         stays where it is and clients get pglb's error at once.
+    let master = lab.master();
+    for b in &mut lab.db.bouncers {
+        b.kill();
+    }
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(4) {
+        assert_eq!(lab.master(), master, "the VIP stays on one node");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let t0 = Instant::now();
+    let err = psql_vip(&client, "SELECT 1").expect_err("no server");
+    let took = t0.elapsed();
+    assert!(err.contains("has no server available"), "{err}");
+    assert!(took < Duration::from_secs(1), "the FATAL took {took:?}");
+    println!(
+        "h. every PgBouncer down: VIP stayed on {} for 4 s; psql at the VIP got pglb's FATAL in {} ms",
+        lab.nodes[master].name,
+        took.as_millis()
+    );
+    for b in &mut lab.db.bouncers {
+        b.restart();
+    }
 }
 
 /// New connections fail at most while the VIP is on its way (plus a connection that

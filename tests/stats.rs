@@ -235,7 +235,7 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     stack.bouncers[1].kill();
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let (code, body) = http_get(stats, "/health").await;
+        let (code, body) = http_get(stats, "/health?servers").await;
         if code == 503 {
             assert_eq!(
                 body.trim(),
@@ -243,9 +243,31 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
             );
             break;
         }
-        assert!(Instant::now() < deadline, "/health stayed {code}");
+        assert!(Instant::now() < deadline, "/health?servers stayed {code}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // pglb itself still serves (it answers clients with its error): alive.
+    let (code, body) = http_get(stats, "/health").await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("no server available for listen(s) postgres"),
+        "{body}"
+    );
+    stack.bouncers[0].restart();
+    stack.bouncers[1].restart();
+    // Every server drained counts as none for the "has servers" check.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(stats, "/health?servers").await.0 != 200 {
+        assert!(Instant::now() < deadline, "servers did not come back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    harness::admin_action(stats, "pgb1", "drain").await;
+    harness::admin_action(stats, "pgb2", "maint").await;
+    let (code, body) = http_get(stats, "/health?servers").await;
+    assert_eq!(
+        (code, body.trim()),
+        (503, "DOWN: listen 'postgres' has no server available")
+    );
     let (_, body) = http_get(stats, "/metrics").await;
     assert!(
         body.contains("pglb_server_status{listen=\"postgres\",server=\"pgb1\",state=\"DOWN\"} 1"),

@@ -656,7 +656,7 @@ impl Pglb {
     /// A simple config: one listen on a fresh port over `servers_toml`.
     pub fn config(port: u16, listen_extra: &str, servers_toml: &str) -> String {
         format!(
-            "[global]\nmaxconn = 5000\ngrace = \"5s\"\n\n[[listen]]\nname = \"postgres\"\nbind = \"127.0.0.1:{port}\"\n{listen_extra}\n{servers_toml}"
+            "[global]\nmaxconn = 5000\ngrace = \"5s\"\nlinger = \"100ms\"\n\n[[listen]]\nname = \"postgres\"\nbind = \"127.0.0.1:{port}\"\n{listen_extra}\n{servers_toml}"
         )
     }
 
