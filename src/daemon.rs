@@ -71,11 +71,18 @@ pub async fn run<S: Future<Output = ()>>(
     let events = events::channel();
     let cancels = Arc::new(cancel::Registry::new(config.global.unknown_cancels));
     let listens = reload::apply(&[], &config.listens, &events, &cancels).listens;
+    startup_warnings(&config);
     let mut listeners = Vec::new();
     for l in &listens {
         let cfg = l.cfg();
-        let listener = net::bind_std(cfg.bind, cfg.backlog)
-            .with_context(|| format!("listen '{}': cannot bind {}", l.name, cfg.bind))?;
+        let listener = net::bind_std(cfg.bind, cfg.backlog).with_context(|| {
+            format!(
+                "listen '{}': cannot bind {}{}",
+                l.name,
+                cfg.bind,
+                low_port_hint(cfg.bind)
+            )
+        })?;
         listeners.push(listener);
     }
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
@@ -172,6 +179,33 @@ pub async fn run<S: Future<Output = ()>>(
     }
     info!("pglb stopped");
     Ok(())
+}
+
+/// What an operator should know before pglb serves (HAProxy warns the same way).
+fn startup_warnings(config: &Config) {
+    let servers: usize = config.listens.iter().map(|l| l.servers.len()).sum();
+    let need = net::descriptors_needed(config.global.maxconn, servers);
+    if let Some(limit) = net::open_files_limit()
+        && limit < need
+    {
+        warn!(
+            limit,
+            needed = need,
+            maxconn = config.global.maxconn,
+            "the open-files limit is below what [global] maxconn needs (2 per session plus \
+             checks and listeners): clients will be refused with EMFILE before maxconn; \
+             raise LimitNOFILE (ulimit -n) or lower maxconn"
+        );
+    }
+}
+
+/// A hint for a failed bind of a privileged port.
+fn low_port_hint(addr: SocketAddr) -> &'static str {
+    if addr.port() < 1024 {
+        " (ports below 1024 need CAP_NET_BIND_SERVICE: see the comment in deploy/pglb.service)"
+    } else {
+        ""
+    }
 }
 
 impl Daemon {

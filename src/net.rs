@@ -53,6 +53,22 @@ pub async fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStrea
     Ok(stream)
 }
 
+/// The soft open-files limit of this process (from /proc: no libc call needed).
+pub fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    match line.split_whitespace().nth(3)? {
+        "unlimited" => Some(u64::MAX),
+        n => n.parse().ok(),
+    }
+}
+
+/// Descriptors pglb needs at `maxconn` sessions: two per session (client and server),
+/// one per health check, and some for listeners, stats and alerts.
+pub fn descriptors_needed(maxconn: usize, servers: usize) -> u64 {
+    2 * maxconn as u64 + servers as u64 + 64
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

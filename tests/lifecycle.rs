@@ -83,3 +83,47 @@ async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
     );
     assert!(!log.contains("shutdown grace over"), "{log}");
 }
+
+/// Seen: where the unit's LimitNOFILE could not be granted, pglb ran with fewer
+/// descriptors than its maxconn needs and said nothing.
+#[test]
+fn a_descriptor_limit_below_maxconn_is_warned_about_at_start() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("pglb.toml");
+    std::fs::write(
+        &config,
+        Pglb::config(
+            port,
+            "",
+            "[[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n",
+        )
+        .replace("maxconn = 5000", "maxconn = 1000"),
+    )
+    .expect("config");
+    let log = dir.path().join("log");
+    let mut child = std::process::Command::new("prlimit")
+        .arg("--nofile=512:512")
+        .arg(env!("CARGO_BIN_EXE_pglb"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("prlimit (util-linux)");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("listening") || Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        text.contains("open-files limit is below what [global] maxconn needs")
+            && text.contains("limit=512")
+            && text.contains("needed=2065"),
+        "{text}"
+    );
+}

@@ -93,16 +93,8 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "-".into())
 }
 
-/// The soft open-files limit, from /proc (no libc call needed).
 fn open_files_limit() -> String {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("Max open files"))
-                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
-        })
-        .unwrap_or_else(|| "0".into())
+    crate::net::open_files_limit().map_or_else(|| "0".into(), |n| n.to_string())
 }
 
 /// `show servers state [<backend>]`: HAProxy's format version 1.
