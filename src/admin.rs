@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::events::Event;
 use crate::pick;
-use crate::state::{Admin, ListenState, Process, ServerState};
+use crate::state::{Admin, ListenState, OpVersion, Process, ServerState};
 
 /// One operator action on one server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +137,24 @@ pub fn run(
 ) -> Result<String, AdminError> {
     let listens = process.listens();
     let sentence = apply(&listens, b, s, action)?;
+    if shared_with_peers(action) {
+        // The newest action wins on every node of the pair.
+        let (_, server) = find(&listens, b, s)?;
+        server.stamp(&process.peers.node);
+        process.peers.changed();
+    }
     if let Some(path) = state_file
         && let Err(e) = save(path, &listens)
     {
         warn!(file = %path.display(), error = %e, "cannot write the admin state file");
     }
     Ok(sentence)
+}
+
+/// Operator state that the nodes of a pair share; `shutdown sessions` and a runtime
+/// maxconn stay local.
+fn shared_with_peers(action: Action) -> bool {
+    !matches!(action, Action::ShutdownSessions | Action::Maxconn(_))
 }
 
 /// Applies an action; returns a sentence saying what changed.
@@ -218,6 +230,9 @@ struct Saved {
     /// Health checks stopped by an operator.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     checks_disabled: bool,
+    /// When and where it was set (the pair keeps the newest).
+    #[serde(default)]
+    version: OpVersion,
 }
 
 #[derive(Debug, Serialize, Deserialize, Default)]
@@ -232,14 +247,18 @@ pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
     let mut file = StateFile::default();
     for l in listens {
         for s in l.servers().iter() {
-            if s.admin() != Admin::Ready || s.base_weight() != s.cfg().weight || s.checks_disabled()
-            {
+            let changed = s.admin() != Admin::Ready
+                || s.base_weight() != s.cfg().weight
+                || s.checks_disabled()
+                || s.op_version() != OpVersion::default();
+            if changed {
                 file.server.push(Saved {
                     listen: l.name.clone(),
                     server: s.name.clone(),
                     admin: s.admin(),
                     weight: s.base_weight(),
                     checks_disabled: s.checks_disabled(),
+                    version: s.op_version(),
                 });
             }
         }
@@ -294,6 +313,7 @@ pub fn load(path: &Path, listens: &[Arc<ListenState>]) {
         if saved.checks_disabled {
             server.set_checks_enabled(false);
         }
+        server.set_op_version(saved.version);
         info!(
             "Server {}/{} restored from the state file: {}, weight {}",
             saved.listen,

@@ -14,8 +14,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::broadcast;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
@@ -23,6 +21,7 @@ use tracing::{debug, warn};
 
 use crate::config;
 use crate::events::Event;
+use crate::webclient::{WebClient, client, hostname};
 
 const ATTEMPTS: u32 = 5;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -104,22 +103,8 @@ pub fn messages(events: &[Event], host: &str) -> Vec<String> {
         .collect()
 }
 
-type WebhookClient = Client<
-    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-    Full<Bytes>,
->;
-
-fn client() -> WebhookClient {
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .build();
-    Client::builder(TokioExecutor::new()).build(connector)
-}
-
 /// Posts one message, retrying with exponential backoff; with `give_up`, not past it.
-async fn deliver(client: &WebhookClient, url: &str, text: &str, give_up: Option<Instant>) {
+async fn deliver(client: &WebClient, url: &str, text: &str, give_up: Option<Instant>) {
     let bounded = async {
         match give_up {
             Some(at) => tokio::time::timeout_at(at, post(client, url, text))
@@ -139,7 +124,7 @@ async fn deliver(client: &WebhookClient, url: &str, text: &str, give_up: Option<
 }
 
 /// Posts one message, retrying with exponential backoff.
-async fn post(client: &WebhookClient, url: &str, text: &str) -> Result<(), String> {
+async fn post(client: &WebClient, url: &str, text: &str) -> Result<(), String> {
     let body = serde_json::json!({ "text": text }).to_string();
     let mut backoff = Duration::from_millis(500);
     let mut last_error = String::new();
@@ -166,12 +151,6 @@ async fn post(client: &WebhookClient, url: &str, text: &str) -> Result<(), Strin
         }
     }
     Err(format!("{last_error} after {ATTEMPTS} attempts"))
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_else(|_| "unknown-host".into())
 }
 
 #[cfg(test)]

@@ -42,6 +42,16 @@ pub struct Config {
     /// The stats/admin HTTP server; none when `[stats]` is absent.
     pub stats: Option<Stats>,
     pub alerts: Option<Alerts>,
+    /// The other pglb nodes of the pair: operator actions apply on every node.
+    pub peers: Vec<Peer>,
+}
+
+/// `[[peer]]`: another pglb node (the keepalived pair's other member).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub name: String,
+    /// Its stats port, e.g. `http://10.0.0.22:8404` (admin credentials are shared).
+    pub url: String,
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +106,8 @@ pub struct Global {
     pub log_level: String,
     /// Worker threads serving sessions (HAProxy's nbthread); by default one per core.
     pub threads: usize,
+    /// This node's name for its peers (default: the host name).
+    pub node: String,
     /// CancelRequests with a key pglb does not know, per second: process-wide and per
     /// client address. Each one is sent to every server, so unbounded they would let
     /// anyone multiply connections to the servers. Known keys are never limited.
@@ -276,6 +288,15 @@ mod raw {
         pub listen: Vec<Spanned<Listen>>,
         pub stats: Option<Spanned<Stats>>,
         pub alerts: Option<Spanned<Alerts>>,
+        #[serde(default)]
+        pub peer: Vec<Spanned<Peer>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct Peer {
+        pub name: Spanned<String>,
+        pub url: Spanned<String>,
     }
 
     #[derive(Deserialize)]
@@ -326,6 +347,7 @@ mod raw {
         pub linger: HumanDuration,
         pub log_level: String,
         pub threads: Option<Spanned<usize>>,
+        pub node: Option<String>,
         pub unknown_cancel_rate: Spanned<u32>,
         pub unknown_cancel_rate_per_client: Spanned<u32>,
     }
@@ -340,6 +362,7 @@ mod raw {
                 linger: HumanDuration(Duration::from_secs(3)),
                 log_level: "info".into(),
                 threads: None,
+                node: None,
                 unknown_cancel_rate: Spanned::new(0..0, 100),
                 unknown_cancel_rate_per_client: Spanned::new(0..0, 10),
             }
@@ -585,6 +608,7 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
         linger: g.linger.0.min(g.grace.0),
         log_level: g.log_level,
         threads,
+        node: g.node.unwrap_or_else(crate::webclient::hostname),
         unknown_cancels: CancelLimits {
             per_second: g.unknown_cancel_rate.into_inner(),
             per_client: g.unknown_cancel_rate_per_client.into_inner(),
@@ -818,12 +842,52 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             })
         }
     };
+    let peers = validate_peers(file.peer, &global.node, stats.as_ref(), at)?;
     Ok(Config {
         global,
         listens,
         stats,
         alerts,
+        peers,
     })
+}
+
+/// `[[peer]]`: unique names other than this node's, http(s) URLs, and the admin
+/// credentials they authenticate with.
+fn validate_peers(
+    peers: Vec<Spanned<raw::Peer>>,
+    node: &str,
+    stats: Option<&Stats>,
+    at: &Locator,
+) -> Result<Vec<Peer>, ConfigError> {
+    let mut out: Vec<Peer> = Vec::new();
+    for spanned in peers {
+        let span = spanned.span();
+        let p = spanned.into_inner();
+        let (name, url) = (p.name.get_ref().clone(), p.url.get_ref().clone());
+        if name.is_empty() || name == node || out.iter().any(|q| q.name == name) {
+            return Err(at.at(
+                &p.name,
+                format!(
+                    "peer name {name:?} must be non-empty, unique and not this node's ({node:?})"
+                ),
+            ));
+        }
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(at.at(&p.url, "peer url must start with http:// or https://"));
+        }
+        if stats.is_none_or(|s| s.auth.is_none()) {
+            return Err(at.error(
+                span.start,
+                "[[peer]] needs [stats] with [stats.auth]: peers accept each other's operator actions with the admin credentials",
+            ));
+        }
+        out.push(Peer {
+            name,
+            url: url.trim_end_matches('/').to_owned(),
+        });
+    }
+    Ok(out)
 }
 
 /// The check a server runs: built-in defaults, then `[listen.check]`, then the server's

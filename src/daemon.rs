@@ -23,7 +23,7 @@ use crate::events::Event;
 use crate::notify::notify;
 use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
-use crate::{admin, alerts, cancel, checker, events, http, net, pick, reload, runtime_api};
+use crate::{admin, alerts, cancel, checker, events, http, net, peers, pick, reload, runtime_api};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
@@ -91,8 +91,13 @@ pub async fn run<S: Future<Output = ()>>(
     let process = Arc::new(Process::new(
         listens.clone(),
         config.global.maxconn,
+        peers::Peers::new(&config),
         Arc::clone(&control.workers),
     ));
+    if !process.peers.list.is_empty() {
+        // Before serving: the pair's newest operator state (bounded: 1 s per peer).
+        peers::pull(&process).await;
+    }
     let stop_http = CancellationToken::new();
     if let Some(stats) = &config.stats {
         let listener = net::bind(stats.bind, http::BACKLOG)
@@ -145,6 +150,9 @@ pub async fn run<S: Future<Output = ()>>(
     }
     for l in &listens {
         checker::spawn(l, &daemon.checks, daemon.checks_thread.handle());
+    }
+    if !daemon.process.peers.list.is_empty() {
+        tokio::spawn(peers::run(Arc::clone(&daemon.process), stop_http.clone()));
     }
     notify(&format!(
         "READY=1\nSTATUS=serving {} listen(s)",

@@ -53,6 +53,7 @@ use tracing::{debug, warn};
 
 use crate::admin::{self, Action, AdminError};
 use crate::config;
+use crate::peers;
 use crate::state::Process;
 use crate::stats::{self, html};
 
@@ -252,6 +253,26 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             }
         }
         (&Method::GET, "/api/servers") => json(StatusCode::OK, servers_json(ctx)),
+        (&Method::GET, "/api/peer/state") => match authorize(ctx, &req) {
+            Ok(()) => text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&peers::state(&ctx.process)).unwrap_or_default(),
+            ),
+            Err(r) => r,
+        },
+        (&Method::POST, "/api/peer/state") => {
+            if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
+                return r;
+            }
+            if !is_json(&req) {
+                return json(
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    serde_json::json!({"error": "send the state as Content-Type: application/json"}),
+                );
+            }
+            peer_state(ctx, req).await
+        }
         (&Method::POST, p) if p.starts_with("/api/servers/") => {
             if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
@@ -289,6 +310,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
                     refresh: ctx.cfg.refresh,
                     admin: ctx.cfg.auth.is_some(),
                     notice,
+                    peers: peer_rows(ctx),
                 };
                 text(
                     StatusCode::OK,
@@ -537,6 +559,45 @@ async fn api_action(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> 
             serde_json::json!({"error": e.to_string()}),
         ),
     }
+}
+
+/// A peer's operator state: what is newer than ours is applied.
+async fn peer_state(ctx: &Context, req: Request<Incoming>) -> Resp {
+    let raw = match body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    match serde_json::from_slice::<peers::StateMessage>(&raw) {
+        Ok(msg) => {
+            let applied = peers::merge(&ctx.process, &msg);
+            json(StatusCode::OK, serde_json::json!({"applied": applied}))
+        }
+        Err(e) => json(
+            StatusCode::BAD_REQUEST,
+            serde_json::json!({"error": format!("invalid peer state: {e}")}),
+        ),
+    }
+}
+
+/// The dashboard's peers table: name, URL, status.
+fn peer_rows(ctx: &Context) -> Vec<(String, String, String)> {
+    ctx.process
+        .peers
+        .list
+        .iter()
+        .map(|p| {
+            let s = crate::counters::lock(&p.status).clone();
+            let status = match s.reachable {
+                None => "not contacted yet".to_owned(),
+                Some(true) => "reachable: operator actions shared".to_owned(),
+                Some(false) => format!(
+                    "UNREACHABLE: {} (retrying; actions still apply here)",
+                    s.error
+                ),
+            };
+            (p.cfg.name.clone(), p.cfg.url.clone(), status)
+        })
+        .collect()
 }
 
 fn servers_json(ctx: &Context) -> serde_json::Value {

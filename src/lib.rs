@@ -37,4 +37,6 @@ pub mod admin;
 pub mod alerts;
 pub mod backend;
 pub mod http;
+pub mod peers;
 pub mod stats;
+pub mod webclient;

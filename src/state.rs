@@ -139,6 +139,20 @@ pub struct ServerState {
     pub wake_checker: Notify,
     /// Sessions relaying through this server now, for `show sess`.
     live: Mutex<HashMap<u64, LiveSession>>,
+    /// When the operator state (admin, weight, checks) was last set, and on which node:
+    /// peers keep the newest.
+    op_version: Mutex<OpVersion>,
+}
+
+/// The version of a server's operator state: later time wins, the node name breaks ties,
+/// so every node orders two actions the same way. (0, "") is "never set".
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct OpVersion {
+    /// Unix time of the action, ms.
+    pub ms: u64,
+    pub node: String,
 }
 
 /// A session as `show sess` lists it.
@@ -215,7 +229,31 @@ impl ServerState {
             sessions: Mutex::default(),
             wake_checker: Notify::new(),
             live: Mutex::default(),
+            op_version: Mutex::default(),
         }
+    }
+
+    pub fn op_version(&self) -> OpVersion {
+        lock(&self.op_version).clone()
+    }
+
+    /// Stamps a local operator action of `node`: now, and later than the last one.
+    pub(crate) fn stamp(&self, node: &str) -> OpVersion {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let mut v = lock(&self.op_version);
+        *v = OpVersion {
+            ms: now.max(v.ms + 1),
+            node: node.to_owned(),
+        };
+        v.clone()
+    }
+
+    /// Takes a version from a peer or the state file.
+    pub(crate) fn set_op_version(&self, v: OpVersion) {
+        *lock(&self.op_version) = v;
     }
 
     /// Lists a session relaying through this server until the guard is dropped.
@@ -756,15 +794,23 @@ pub struct Process {
     pub reload_error: Mutex<Option<String>>,
     /// Cleared when shutdown begins: `/health` then reports 503.
     pub serving: AtomicBool,
+    /// The other pglb nodes, to which operator actions are passed on.
+    pub peers: Arc<crate::peers::Peers>,
     /// The worker threads, for their session counts.
     workers: Arc<Pool>,
 }
 
 impl Process {
-    pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize, workers: Arc<Pool>) -> Self {
+    pub fn new(
+        listens: Vec<Arc<ListenState>>,
+        maxconn: usize,
+        peers: crate::peers::Peers,
+        workers: Arc<Pool>,
+    ) -> Self {
         Process {
             listens: RwLock::new(Arc::new(listens)),
             gate: Gate::new(maxconn),
+            peers: Arc::new(peers),
             workers,
             started: Instant::now(),
             reload_error: Mutex::new(None),

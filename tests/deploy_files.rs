@@ -1278,6 +1278,7 @@ fn vagrant_topology_is_consistent() {
         "/usr/local/lib/pglb/check-pglb",
         "/usr/local/lib/pglb/keepalived-notify",
         "keepalived -t -f",
+        "[[peer]]",
         "systemctl enable pglb keepalived",
     ] {
         assert!(lb.contains(needle), "provision-lb.sh: {needle}");
@@ -1285,5 +1286,35 @@ fn vagrant_topology_is_consistent() {
     let db = read("vagrant/provision-db.sh");
     for needle in ["docker.io docker-compose", "/vagrant/docker/", "up -d"] {
         assert!(db.contains(needle), "provision-db.sh: {needle}");
+    }
+}
+
+/// provision-lb.sh gives each VM its node name and the other VM as its peer: the two
+/// rendered files pass `--check` and name each other.
+#[test]
+fn vagrant_nodes_are_configured_as_peers() {
+    let shared = read("vagrant/pglb.toml");
+    for (node, peer, peer_ip) in [
+        ("lb1", "lb2", "192.168.1.11"),
+        ("lb2", "lb1", "192.168.1.10"),
+    ] {
+        let out = run(Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "sed -e 's/^node = \"lb1\"/node = \"{node}\"/' vagrant/pglb.toml; \
+             printf '\\n[[peer]]\\nname = \"%s\"\\nurl = \"http://%s:8404\"\\n' {peer} {peer_ip}"
+            ))
+            .current_dir(repo()));
+        let rendered = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            rendered.contains(&format!("node = \"{node}\"")),
+            "{rendered}"
+        );
+        assert!(rendered.contains(&format!("url = \"http://{peer_ip}:8404\"")));
+        assert!(rendered.len() > shared.len());
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("pglb.toml");
+        std::fs::write(&path, rendered).unwrap();
+        pglb_check(&path);
     }
 }

@@ -6,8 +6,8 @@
 set -euo pipefail
 node="${1:-}"
 case "$node" in
-  lb1) ip=192.168.1.10 ;;
-  lb2) ip=192.168.1.11 ;;
+  lb1) ip=192.168.1.10 peer=lb2 peer_ip=192.168.1.11 ;;
+  lb2) ip=192.168.1.11 peer=lb1 peer_ip=192.168.1.10 ;;
   *)
     echo "usage: $0 lb1|lb2" >&2
     exit 2
@@ -27,7 +27,14 @@ fi
 apt-get install -y -qq "$deb" >/dev/null
 
 # pglb's config (it holds passwords: root:pglb 0640), validated before use.
-install -m 0640 -o root -g pglb /vagrant/vagrant/pglb.toml /etc/pglb/pglb.toml
+# The pair shares operator actions (drain, maint, weight): this node's name and its
+# peer's stats port are appended to the shared file.
+{
+  sed -e "s/^node = \"lb1\"/node = \"$node\"/" /vagrant/vagrant/pglb.toml
+  printf '\n[[peer]]\nname = "%s"\nurl = "http://%s:8404"\n' "$peer" "$peer_ip"
+} >/etc/pglb/pglb.toml.new
+install -m 0640 -o root -g pglb /etc/pglb/pglb.toml.new /etc/pglb/pglb.toml
+rm -f /etc/pglb/pglb.toml.new
 /usr/bin/pglb --config /etc/pglb/pglb.toml --check
 
 # keepalived's scripts: root-owned and not writable by others (enable_script_security).

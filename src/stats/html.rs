@@ -15,6 +15,8 @@ pub struct Page<'a> {
     pub admin: bool,
     /// Result of the last admin action, shown once (`;st=DONE`).
     pub notice: Option<&'a str>,
+    /// The other nodes of the pair: (name, url, status).
+    pub peers: Vec<(String, String, String)>,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -125,8 +127,32 @@ pub fn render(s: &Snapshot, page: &Page) -> String {
     for l in &s.listens {
         listen_table(&mut h, l, page);
     }
+    peers_table(&mut h, &page.peers);
     h.push_str("</body></html>\n");
     h
+}
+
+/// The pair's other nodes and whether operator actions reach them.
+fn peers_table(h: &mut String, peers: &[(String, String, String)]) {
+    if peers.is_empty() {
+        return;
+    }
+    h.push_str("<table id=\"peers\"><caption>Peers (operator actions are shared)</caption>\n<tr><th>Peer</th><th>URL</th><th>Status</th></tr>\n");
+    for (name, url, status) in peers {
+        let class = if status.starts_with("reachable") {
+            "up"
+        } else {
+            "down"
+        };
+        let _ = writeln!(
+            h,
+            "<tr class=\"{class}\" id=\"peer-{n}\"><td>{n}</td><td>{u}</td><td>{st}</td></tr>",
+            n = esc(name),
+            u = esc(url),
+            st = esc(status)
+        );
+    }
+    h.push_str("</table>\n");
 }
 
 fn listen_table(h: &mut String, l: &ListenSnap, page: &Page) {
