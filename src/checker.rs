@@ -39,6 +39,23 @@ pub fn spawn(listen: &Arc<ListenState>, stop: &CancellationToken, checks: &Handl
     }
 }
 
+/// Waits (at most `limit`) until every checked server has had its first check.
+pub async fn first_round(listens: &[Arc<ListenState>], limit: Duration) {
+    let deadline = Instant::now() + limit;
+    let pending = || {
+        listens.iter().any(|l| {
+            l.servers().iter().any(|s| {
+                s.cfg().check.kind != CheckKind::None
+                    && s.admin() != crate::state::Admin::Maint
+                    && s.health().last.is_none()
+            })
+        })
+    };
+    while pending() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The thread that runs every health check on an event loop of its own: however busy
 /// the stats server or the main thread get, checks keep their timing (a check delayed
 /// past its timeout would mark a healthy server DOWN). Stopped when dropped.

@@ -23,32 +23,47 @@ use crate::events::Event;
 use crate::notify::notify;
 use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
-use crate::{admin, alerts, cancel, checker, events, http, net, peers, pick, reload, runtime_api};
+use crate::{
+    admin, alerts, cancel, checker, events, http, net, peers, pick, reload, runtime_api, upgrade,
+};
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// What the daemon is asked to do while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Request {
+    /// SIGHUP: re-read the configuration, or, when the binary on disk has been replaced
+    /// (a package upgrade), upgrade to it.
+    Reload,
+    /// SIGUSR2: upgrade to the binary on disk.
+    Upgrade,
+}
 
 /// What the daemon is told from outside.
 pub struct Control<S> {
     /// Completes on SIGTERM/SIGINT.
     pub shutdown: S,
-    /// One message per SIGHUP.
-    pub reload: mpsc::UnboundedReceiver<()>,
+    /// One message per SIGHUP (reload) or SIGUSR2 (upgrade).
+    pub requests: mpsc::UnboundedReceiver<Request>,
     /// The file reloads read again.
     pub config_path: PathBuf,
     /// Where sessions run: every worker accepts on every listen (see [`crate::workers`]).
     pub workers: Arc<Pool>,
 }
 
-/// One served listen: its socket's accept loops.
+/// One served listen: its socket's accept loops, and a descriptor of the socket to hand
+/// to a successor.
 struct Served {
     bind: SocketAddr,
     stop: CancellationToken,
+    handover: Option<std::net::TcpListener>,
 }
 
 /// Everything that lives across reloads.
 struct Daemon {
     config: Config,
+    config_path: PathBuf,
     process: Arc<Process>,
     events: broadcast::Sender<Event>,
     cancels: Arc<cancel::Registry>,
@@ -60,6 +75,18 @@ struct Daemon {
     /// Where the checks run.
     checks_thread: ChecksThread,
     workers: Arc<Pool>,
+    /// The stats port and runtime API socket, to hand to a successor.
+    stats_handover: Option<std::net::TcpListener>,
+    socket_handover: Option<std::os::unix::net::UnixListener>,
+    binary: upgrade::Binary,
+}
+
+/// How the main loop ended.
+enum Ending {
+    /// SIGTERM/SIGINT.
+    Stop,
+    /// A successor serves on our sockets.
+    HandedOver,
 }
 
 /// Runs pglb until `control.shutdown` completes. Binding errors are returned before any
@@ -68,23 +95,13 @@ pub async fn run<S: Future<Output = ()>>(
     config: Config,
     control: Control<S>,
 ) -> anyhow::Result<()> {
+    let binary = upgrade::Binary::current();
+    let mut inherited = upgrade::Inherited::from_env();
     let events = events::channel();
     let cancels = Arc::new(cancel::Registry::new(config.global.unknown_cancels));
     let listens = reload::apply(&[], &config.listens, &events, &cancels).listens;
     startup_warnings(&config);
-    let mut listeners = Vec::new();
-    for l in &listens {
-        let cfg = l.cfg();
-        let listener = net::bind_std(cfg.bind, cfg.backlog).with_context(|| {
-            format!(
-                "listen '{}': cannot bind {}{}",
-                l.name,
-                cfg.bind,
-                low_port_hint(cfg.bind)
-            )
-        })?;
-        listeners.push(listener);
-    }
+    let listeners = bind_listens(&listens, &mut inherited)?;
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
         admin::load(path, &listens);
     }
@@ -94,28 +111,15 @@ pub async fn run<S: Future<Output = ()>>(
         peers::Peers::new(&config),
         Arc::clone(&control.workers),
     ));
-    if !process.peers.list.is_empty() {
-        // Before serving: the pair's newest operator state (bounded: 1 s per peer).
-        peers::pull(&process).await;
-    }
+    take_operator_state(&process, &inherited).await;
     let stop_http = CancellationToken::new();
-    if let Some(stats) = &config.stats {
-        let listener = net::bind(stats.bind, http::BACKLOG)
-            .with_context(|| format!("stats: cannot bind {}", stats.bind))?;
-        info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
-        let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(&process)));
-        tokio::spawn(http::serve(listener, ctx, stop_http.clone()));
-        if let Some(spec) = &stats.socket {
-            let socket = runtime_api::bind(spec)
-                .with_context(|| format!("stats socket: cannot bind {spec:?}"))?;
-            let ctx = Arc::new(runtime_api::Context {
-                process: Arc::clone(&process),
-                state_file: stats.state_file.clone(),
-                threads: control.workers.len(),
-            });
-            tokio::spawn(runtime_api::serve(socket, ctx, stop_http.clone()));
-        }
-    }
+    let (stats_handover, socket_handover) = start_stats(
+        &config,
+        &process,
+        &mut inherited,
+        control.workers.len(),
+        &stop_http,
+    )?;
     let stop_alerts = CancellationToken::new();
     let alerter = config.alerts.as_ref().map(|a| {
         tokio::spawn(alerts::run(
@@ -136,6 +140,7 @@ pub async fn run<S: Future<Output = ()>>(
             Arc::clone(&control.workers),
         ),
         config,
+        config_path: control.config_path.clone(),
         process,
         events,
         cancels,
@@ -144,12 +149,18 @@ pub async fn run<S: Future<Output = ()>>(
         checks: CancellationToken::new(),
         checks_thread: ChecksThread::start().context("cannot start the health-check thread")?,
         workers: control.workers,
+        stats_handover,
+        socket_handover,
+        binary,
     };
-    for (listener, l) in listeners.into_iter().zip(&listens) {
-        daemon.serve(listener, l);
-    }
     for l in &listens {
         checker::spawn(l, &daemon.checks, daemon.checks_thread.handle());
+    }
+    // Clients are taken once every server has had its first check (bounded): a
+    // restarted or upgraded pglb does not turn clients away while it learns who is UP.
+    checker::first_round(&listens, FIRST_CHECKS).await;
+    for (listener, l) in listeners.into_iter().zip(&listens) {
+        daemon.serve(listener, l);
     }
     if !daemon.process.peers.list.is_empty() {
         tokio::spawn(peers::run(Arc::clone(&daemon.process), stop_http.clone()));
@@ -158,22 +169,15 @@ pub async fn run<S: Future<Output = ()>>(
         "READY=1\nSTATUS=serving {} listen(s)",
         listens.len()
     ));
-
-    let Control {
-        shutdown,
-        mut reload,
-        config_path,
-        ..
-    } = control;
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = reload.recv() => daemon.reload(&config_path),
-        }
+    if inherited.is_upgrade() {
+        upgrade::announce_ready();
     }
 
-    daemon.stop(&tracker, &close_sessions).await;
+    let ending = daemon.main_loop(control.shutdown, control.requests).await;
+    match ending {
+        Ending::Stop => daemon.stop(&tracker, &close_sessions).await,
+        Ending::HandedOver => daemon.wind_down(&tracker, &close_sessions).await,
+    }
     daemon.checks.cancel();
     stop_http.cancel();
     // Alerts still queued go out now (bounded); any that cannot are logged as lost.
@@ -187,6 +191,99 @@ pub async fn run<S: Future<Output = ()>>(
     }
     info!("pglb stopped");
     Ok(())
+}
+
+/// How long a start waits for the first check of every server before taking clients.
+const FIRST_CHECKS: Duration = Duration::from_secs(2);
+
+/// Each listen's socket: handed over by the previous process, or bound now.
+fn bind_listens(
+    listens: &[Arc<ListenState>],
+    inherited: &mut upgrade::Inherited,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut listeners = Vec::new();
+    for l in listens {
+        let cfg = l.cfg();
+        if let Some(listener) = inherited.take_tcp(&format!("listen:{}", l.name), cfg.bind) {
+            info!(listen = %l.name, bind = %cfg.bind, "listening socket taken over from the previous process");
+            listeners.push(listener);
+            continue;
+        }
+        let listener = net::bind_std(cfg.bind, cfg.backlog).with_context(|| {
+            format!(
+                "listen '{}': cannot bind {}{}",
+                l.name,
+                cfg.bind,
+                low_port_hint(cfg.bind)
+            )
+        })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// The previous process's operator state (an upgrade), then the pair's newest (peers).
+async fn take_operator_state(process: &Process, inherited: &upgrade::Inherited) {
+    if let Some(state) = &inherited.state
+        && let Ok(msg) = serde_json::from_str::<peers::StateMessage>(state)
+    {
+        let n = peers::merge(process, &msg);
+        info!(
+            servers = n,
+            "operator state taken over from the previous process"
+        );
+    }
+    if !process.peers.list.is_empty() {
+        // Before serving: the pair's newest operator state (bounded: 1 s per peer).
+        peers::pull(process).await;
+    }
+}
+
+type Handovers = (
+    Option<std::net::TcpListener>,
+    Option<std::os::unix::net::UnixListener>,
+);
+
+/// The stats server and the runtime API, on sockets handed over or bound now; returns
+/// descriptors of both for a successor.
+fn start_stats(
+    config: &Config,
+    process: &Arc<Process>,
+    inherited: &mut upgrade::Inherited,
+    threads: usize,
+    stop: &CancellationToken,
+) -> anyhow::Result<Handovers> {
+    let Some(stats) = &config.stats else {
+        return Ok((None, None));
+    };
+    let std_listener = match inherited.take_tcp("stats", stats.bind) {
+        Some(l) => l,
+        None => net::bind_std(stats.bind, http::BACKLOG)
+            .with_context(|| format!("stats: cannot bind {}", stats.bind))?,
+    };
+    let stats_handover = std_listener.try_clone().ok();
+    let listener = tokio::net::TcpListener::from_std(std_listener)?;
+    info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
+    let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(process)));
+    tokio::spawn(http::serve(listener, ctx, stop.clone()));
+    let Some(spec) = &stats.socket else {
+        return Ok((stats_handover, None));
+    };
+    let socket = match (spec, inherited.take_unix()) {
+        (crate::config::SocketSpec::Unix { path, .. }, Some(l)) => {
+            runtime_api::Listener::inherited(l, path)?
+        }
+        _ => runtime_api::bind(spec)
+            .with_context(|| format!("stats socket: cannot bind {spec:?}"))?,
+    };
+    let socket_handover = socket.handover();
+    let ctx = Arc::new(runtime_api::Context {
+        process: Arc::clone(process),
+        state_file: stats.state_file.clone(),
+        threads,
+    });
+    tokio::spawn(runtime_api::serve(socket, ctx, stop.clone()));
+    Ok((stats_handover, socket_handover))
 }
 
 /// What an operator should know before pglb serves (HAProxy warns the same way).
@@ -217,6 +314,105 @@ fn low_port_hint(addr: SocketAddr) -> &'static str {
 }
 
 impl Daemon {
+    /// Serves until a stop signal or a successful upgrade.
+    async fn main_loop<S: Future<Output = ()>>(
+        &mut self,
+        shutdown: S,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+    ) -> Ending {
+        tokio::pin!(shutdown);
+        loop {
+            let request = tokio::select! {
+                _ = &mut shutdown => return Ending::Stop,
+                Some(r) = requests.recv() => r,
+            };
+            let path = self.config_path.clone();
+            match request {
+                Request::Reload if !self.binary.replaced() => self.reload(&path),
+                _ => {
+                    if self.upgrade().await {
+                        return Ending::HandedOver;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the binary on disk on this process's sockets; true once it serves.
+    async fn upgrade(&mut self) -> bool {
+        notify("RELOADING=1\nSTATUS=upgrading: starting the new binary on the same sockets");
+        info!(binary = %self.binary.path.display(), "upgrade: starting the new binary on the same sockets");
+        let mut sockets: Vec<(String, std::os::fd::OwnedFd)> = Vec::new();
+        for (name, s) in &self.served {
+            if let Some(l) = s.handover.as_ref().and_then(|l| l.try_clone().ok()) {
+                sockets.push((format!("listen:{name}"), l.into()));
+            }
+        }
+        if let Some(l) = self
+            .stats_handover
+            .as_ref()
+            .and_then(|l| l.try_clone().ok())
+        {
+            sockets.push(("stats".into(), l.into()));
+        }
+        if let Some(l) = self
+            .socket_handover
+            .as_ref()
+            .and_then(|l| l.try_clone().ok())
+        {
+            sockets.push(("socket".into(), l.into()));
+        }
+        let state = serde_json::to_string(&peers::state(&self.process)).unwrap_or_default();
+        let args = vec![
+            "--config".to_owned(),
+            self.config_path.display().to_string(),
+        ];
+        match upgrade::start_successor(&self.binary.path, &args, sockets, state).await {
+            Ok(pid) => {
+                info!(
+                    pid,
+                    "upgrade: the new process serves; this one stops accepting and lets its sessions end"
+                );
+                notify(&format!(
+                    "MAINPID={pid}\nREADY=1\nSTATUS=upgraded: pid {pid} serves"
+                ));
+                true
+            }
+            Err(e) => {
+                error!("upgrade failed, this process goes on serving: {e}");
+                notify("READY=1\nSTATUS=serving; last upgrade failed");
+                false
+            }
+        }
+    }
+
+    /// After a hand-over: stop accepting (the successor accepts on the same sockets, so
+    /// nothing is refused and `/health` keeps answering), end sessions at their
+    /// transaction boundary, `grace` as the cap.
+    async fn wind_down(&mut self, tracker: &TaskTracker, close_sessions: &CancellationToken) {
+        state::STOPPING.store(true, Relaxed);
+        state::HANDED_OVER.store(true, Relaxed);
+        for s in self.served.values() {
+            s.stop.cancel();
+        }
+        while self.loops.join_next().await.is_some() {}
+        for l in self.process.listens().iter() {
+            l.drain_running();
+        }
+        tracker.close();
+        if tokio::time::timeout(self.config.global.grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                sessions = tracker.len(),
+                "upgrade: grace over, closing remaining sessions"
+            );
+            state::end_sessions(close_sessions);
+            let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
+        }
+    }
+
     /// The stop sequence: `/health` turns DOWN at once (keepalived moves the VIP) while
     /// the listeners keep accepting for `linger`; sessions idle outside a transaction end
     /// at once with 57P01, the others at their next boundary; `grace` (from the signal)
@@ -280,6 +476,7 @@ impl Daemon {
             "listening"
         );
         let stop = CancellationToken::new();
+        let handover = listener.try_clone().ok();
         for worker in 0..self.workers.len() {
             match listener.try_clone() {
                 Ok(own) => {
@@ -299,6 +496,7 @@ impl Daemon {
             Served {
                 bind: listen.cfg().bind,
                 stop,
+                handover,
             },
         );
     }

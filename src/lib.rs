@@ -29,6 +29,7 @@ pub mod session;
 pub mod startup;
 pub mod state;
 pub mod tls;
+pub mod upgrade;
 pub mod workers;
 
 pub use config::Config;

@@ -53,11 +53,11 @@ fn main() -> ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        let (reload_tx, reload) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(forward_sighup(reload_tx));
+        let (tx, requests) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(forward_signals(tx));
         let control = pglb::daemon::Control {
             shutdown: shutdown_signal(),
-            reload,
+            requests,
             config_path: cli.config.clone(),
             workers: workers.pool(),
         };
@@ -73,16 +73,30 @@ fn main() -> ExitCode {
     }
 }
 
-/// Turns each SIGHUP into a reload request.
-async fn forward_sighup(tx: tokio::sync::mpsc::UnboundedSender<()>) {
+/// Turns each SIGHUP into a reload request and each SIGUSR2 into an upgrade request.
+async fn forward_signals(tx: tokio::sync::mpsc::UnboundedSender<pglb::daemon::Request>) {
+    use pglb::daemon::Request;
     use tokio::signal::unix::{SignalKind, signal};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::error!("cannot install the SIGHUP handler: reload needs a restart");
+    let (Ok(mut hup), Ok(mut usr2)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::error!("cannot install the SIGHUP/SIGUSR2 handlers: reload needs a restart");
         return;
     };
-    while hup.recv().await.is_some() {
-        tracing::info!("SIGHUP received: reloading the configuration");
-        if tx.send(()).is_err() {
+    loop {
+        let request = tokio::select! {
+            Some(()) = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                Request::Reload
+            }
+            Some(()) = usr2.recv() => {
+                tracing::info!("SIGUSR2 received: upgrading to the binary on disk");
+                Request::Upgrade
+            }
+            else => return,
+        };
+        if tx.send(request).is_err() {
             return;
         }
     }

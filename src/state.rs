@@ -189,6 +189,10 @@ pub static SESSION_SIGNALS: AtomicU64 = AtomicU64::new(0);
 /// shutting down rather than that their server is drained.
 pub static STOPPING: AtomicBool = AtomicBool::new(false);
 
+/// Set once a successor process serves on this one's sockets (an upgrade): the runtime
+/// API socket file is the successor's now and must not be removed.
+pub static HANDED_OVER: AtomicBool = AtomicBool::new(false);
+
 /// Cancels a token that sessions wait on (see [`SESSION_SIGNALS`]).
 pub fn end_sessions(token: &CancellationToken) {
     SESSION_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);

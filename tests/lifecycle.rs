@@ -31,9 +31,17 @@ async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
     let t0 = Instant::now();
     pglb.proc.signal(libc::SIGTERM);
     // /health says DOWN at once: keepalived moves the VIP away first.
-    let (code, body) = http_get(stats, "/health").await;
-    assert_eq!(code, 503, "{body}");
-    assert!(t0.elapsed() < Duration::from_millis(500));
+    loop {
+        let (code, body) = http_get(stats, "/health").await;
+        if code == 503 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_millis(300),
+            "/health still {code}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Meanwhile new clients are still served, for the linger time.
     let mut served = 0;
@@ -126,4 +134,156 @@ fn a_descriptor_limit_below_maxconn_is_warned_about_at_start() {
             && text.contains("needed=2065"),
         "{text}"
     );
+}
+
+/// Seen before: an upgrade (`apt upgrade` restarts the unit) was a failover with
+/// refused connections. Now the binary is replaced and `systemctl reload` (SIGHUP)
+/// starts it on the same sockets: no connection is refused, `/health` keeps answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_anyone() {
+    let stack = Stack::start(2);
+    let (port, stats) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = dir.path().join("pglb");
+    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
+    let config = dir.path().join("pglb.toml");
+    std::fs::write(&config, self::config(port, stats, &stack, "100ms")).expect("config");
+    let log = dir.path().join("pglb.log");
+    let mut old = std::process::Command::new(&binary)
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start pglb");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !read_log().contains("listening listen=postgres") {
+        assert!(Instant::now() < deadline, "{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname={}",
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        harness::APP_DB
+    );
+    let idle = harness::connect_dsn(&dsn).await.expect("connect");
+    idle.simple_query("SELECT 1").await.expect("query");
+    let busy = harness::connect_dsn(&dsn).await.expect("connect");
+    busy.simple_query("BEGIN; SELECT 1").await.expect("begin");
+
+    // A client connecting every 20 ms, and keepalived's probe every 100 ms, throughout.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (dsn2, stop2) = (dsn.clone(), std::sync::Arc::clone(&stop));
+    let clients = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0, Vec::new());
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match harness::connect_dsn(&dsn2).await {
+                Ok(c) => match c.simple_query("SELECT 1").await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(e.to_string()),
+                },
+                Err(e) => failed.push(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (ok, failed)
+    });
+    let stop3 = std::sync::Arc::clone(&stop);
+    let probes = tokio::spawn(async move {
+        let mut bad = Vec::new();
+        while !stop3.load(std::sync::atomic::Ordering::Relaxed) {
+            let (code, body) = http_get(stats, "/health").await;
+            if code != 200 {
+                bad.push(body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bad
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The package replaces the file (a new inode), then reloads.
+    let fresh = dir.path().join("pglb.new");
+    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &fresh).expect("copy");
+    std::fs::rename(&fresh, &binary).expect("replace the binary");
+    // SAFETY: a signal to the pglb this test started.
+    unsafe { libc::kill(old.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !read_log().contains("upgrade: the new process serves") {
+        assert!(Instant::now() < deadline, "no hand-over:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // The old process: its idle session ended, the transaction finishes, then it exits.
+    assert!(
+        idle.simple_query("SELECT 1").await.is_err(),
+        "idle session ended by the old process"
+    );
+    busy.simple_query("COMMIT")
+        .await
+        .expect("the transaction finished on the old process");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(old.try_wait(), Ok(None)) {
+        assert!(
+            Instant::now() < deadline,
+            "old process still running:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = clients.await.expect("clients");
+    let bad = probes.await.expect("probes");
+    println!(
+        "upgrade: {ok} connections served, {} failed; /health failures: {}",
+        failed.len(),
+        bad.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "connections failed during the upgrade: {failed:?}"
+    );
+    assert!(bad.is_empty(), "/health failed during the upgrade: {bad:?}");
+    assert!(ok > 20, "{ok}");
+
+    // The new process serves on its own and stops cleanly.
+    let text = read_log();
+    let new_pid: i32 = text
+        .split("upgrade: new process started on the same sockets pid=")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .or_else(|| {
+            text.lines()
+                .find(|l| l.contains("new process started"))
+                .and_then(|l| l.split("pid=").nth(1))
+                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|p| p.parse().ok())
+        })
+        .expect("the new pid in the log");
+    assert!(
+        text.contains("listening socket taken over from the previous process"),
+        "{text}"
+    );
+    let c = harness::connect_dsn(&dsn)
+        .await
+        .expect("the new process serves");
+    c.simple_query("SELECT 1").await.expect("query");
+    drop(c);
+    // SAFETY: a signal to the process this test's pglb started.
+    unsafe { libc::kill(new_pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Gone, or a zombie waiting for whoever adopted it.
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    while running() {
+        assert!(Instant::now() < deadline, "new process did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

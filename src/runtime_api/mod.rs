@@ -51,6 +51,29 @@ pub enum Listener {
     Tcp(TcpListener),
 }
 
+impl Listener {
+    /// A Unix socket handed over by the previous process (an upgrade).
+    pub fn inherited(
+        l: std::os::unix::net::UnixListener,
+        path: &std::path::Path,
+    ) -> io::Result<Listener> {
+        l.set_nonblocking(true)?;
+        Ok(Listener::Unix(UnixListener::from_std(l)?, path.to_owned()))
+    }
+
+    /// A descriptor of a Unix socket for a successor (an upgrade); TCP is not handed.
+    pub fn handover(&self) -> Option<std::os::unix::net::UnixListener> {
+        match self {
+            Listener::Unix(l, _) => {
+                use std::os::fd::{AsFd, OwnedFd};
+                let fd: OwnedFd = l.as_fd().try_clone_to_owned().ok()?;
+                Some(std::os::unix::net::UnixListener::from(fd))
+            }
+            Listener::Tcp(_) => None,
+        }
+    }
+}
+
 /// Binds the socket. A Unix socket left by an earlier run is replaced; its mode is set
 /// before any client can connect to it.
 pub fn bind(spec: &SocketSpec) -> io::Result<Listener> {
@@ -113,7 +136,10 @@ pub async fn serve(listener: Listener, ctx: Arc<Context>, stop: CancellationToke
             drop(slot);
         });
     }
-    if let Listener::Unix(_, path) = &listener {
+    // The file is a successor's after an upgrade: it serves on the same socket.
+    if let Listener::Unix(_, path) = &listener
+        && !crate::state::HANDED_OVER.load(std::sync::atomic::Ordering::Relaxed)
+    {
         let _ = std::fs::remove_file(path);
     }
 }
