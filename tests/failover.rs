@@ -281,12 +281,15 @@ impl Drop for Net {
 // ---------------------------------------------------------------------------------------
 // pglb and keepalived on an lb node
 
-fn pglb_config(bouncer_ports: &[u16]) -> String {
-    let mut c = String::from(
-        "[global]\nmaxconn = 2000\ngrace = \"5s\"\n\n\
+/// Node `node`'s pglb: the lab's PgBouncers, tcp checks, and the other node as its peer
+/// (operator actions are shared).
+fn pglb_config(bouncer_ports: &[u16], node: usize) -> String {
+    let mut c = format!(
+        "[global]\nmaxconn = 2000\ngrace = \"5s\"\nnode = \"lb{}\"\n\n\
          [[listen]]\nname = \"postgres\"\nbind = \"0.0.0.0:5432\"\nbalance = \"leastconn\"\nretries = 3\n\n\
          [listen.timeouts]\nconnect = \"1s\"\n\n\
          [listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ntimeout = \"500ms\"\nrise = 1\nfall = 2\n\n",
+        node + 1
     );
     for (i, port) in bouncer_ports.iter().enumerate() {
         let _ = writeln!(
@@ -295,7 +298,13 @@ fn pglb_config(bouncer_ports: &[u16]) -> String {
             i + 1
         );
     }
-    c.push_str("[stats]\nbind = \"0.0.0.0:8404\"\n");
+    let _ = write!(
+        c,
+        "[stats]\nbind = \"0.0.0.0:8404\"\n[stats.auth]\nuser = \"admin\"\npassword = \"lab-admin\"\n\n\
+         [[peer]]\nname = \"lb{}\"\nurl = \"http://{}:8404\"\n",
+        2 - node,
+        LB_IPS[1 - node]
+    );
     c
 }
 
@@ -456,6 +465,17 @@ impl Node {
             std::thread::sleep(Duration::from_millis(50));
         }
         self.pglb = Some(p);
+    }
+
+    fn servers_ok(&self) -> bool {
+        output(ns_cmd(&self.ns, "curl").args([
+            "-fsS",
+            "-m",
+            "1",
+            "http://127.0.0.1:8404/health?servers",
+        ]))
+        .status
+        .success()
     }
 
     fn health_ok(&self) -> bool {
@@ -1078,7 +1098,7 @@ fn vip_follows_a_healthy_pglb() {
             text(&t)
         );
         let pglb_conf = dir.path().join("pglb.toml");
-        std::fs::write(&pglb_conf, pglb_config(&ports)).expect("pglb.toml");
+        std::fs::write(&pglb_conf, pglb_config(&ports, i)).expect("pglb.toml");
         let check = output(
             Command::new(env!("CARGO_BIN_EXE_pglb"))
                 .arg("--config")
@@ -1410,9 +1430,121 @@ fn scenario(lab: &mut Lab) {
         lab.nodes[master].name,
         took.as_millis()
     );
-    for b in &mut lab.db.bouncers {
-        b.restart();
+    // Restarted where they run: in the db namespace.
+    let db_ns = lab.net.ns("db");
+    let bouncers = &mut lab.db.bouncers;
+    in_netns(&db_ns, || {
+        for b in bouncers.iter_mut() {
+            b.restart();
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lab.nodes.iter().all(|n| n.servers_ok()) {
+        assert!(Instant::now() < deadline, "PgBouncers back on both nodes");
+        std::thread::sleep(Duration::from_millis(100));
     }
+
+    // ---- i. drain pgb1 on the master, then fail over: the new master sends clients
+    //         elsewhere too (the drain reached it through the peers).
+    let from = lab.master();
+    let to = 1 - from;
+    let drained = admin(&lab.nodes[from], "set server postgres/pgb1 state drain");
+    assert!(drained, "drain on {}", lab.nodes[from].name);
+    std::thread::sleep(Duration::from_millis(1000));
+    let seen = lab.nodes[from].states().len();
+    let row = lab.failover(
+        "i. drain on master, then SIGKILL its pglb",
+        from,
+        Duration::from_millis(100),
+        |lab| {
+            signal(
+                lab.nodes[from].pglb.as_ref().expect("pglb").pid(),
+                libc::SIGKILL,
+            )
+        },
+    );
+    lab.nodes[from].wait_state("FAULT", seen, Duration::from_secs(1));
+    let pgb1 = &lab.db.bouncers[0];
+    let before = in_netns(&db_ns, || pgb1.app_clients_blocking());
+    for _ in 0..6 {
+        assert_eq!(psql_vip(&client, "SELECT 1").as_deref(), Ok("1"));
+    }
+    let pgb1 = &lab.db.bouncers[0];
+    assert_eq!(
+        in_netns(&db_ns, || pgb1.app_clients_blocking()),
+        before,
+        "{} sent a client to the drained pgb1",
+        lab.nodes[to].name
+    );
+    println!(
+        "i. drain on {} reached {}: after the failover no client went to pgb1",
+        lab.nodes[from].name, lab.nodes[to].name
+    );
+    lab.rows.push(row);
+    assert!(admin(
+        &lab.nodes[to],
+        "set server postgres/pgb1 state ready"
+    ));
+    lab.nodes[from].pglb = None;
+    let seen = lab.nodes[from].states().len();
+    lab.nodes[from].start_pglb();
+    lab.nodes[from].wait_state("BACKUP", seen, Duration::from_secs(6));
+
+    // ---- j. binary upgrade on the master (SIGUSR2): the VIP does not move, nothing fails.
+    let master = lab.master();
+    let probe = Probe::start(
+        &client,
+        Duration::from_millis(50),
+        200,
+        Duration::from_secs(20),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    signal(
+        lab.nodes[master].pglb.as_ref().expect("pglb").pid(),
+        libc::SIGUSR2,
+    );
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(4) {
+        assert_eq!(lab.master(), master, "the VIP stays during an upgrade");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stats = probe.finish(t0);
+    println!(
+        "j. binary upgrade (SIGUSR2) on master {}: VIP stayed; {} of {} connections failed: {:?}",
+        lab.nodes[master].name, stats.failed, stats.attempts, stats.errors
+    );
+    assert_eq!(
+        stats.failed, 0,
+        "connections failed during the upgrade: {:?}",
+        stats.errors
+    );
+    let log = std::fs::read_to_string(&lab.nodes[master].pglb.as_ref().expect("pglb").log)
+        .unwrap_or_default();
+    assert!(log.contains("upgrade: the new process serves"), "{log}");
+}
+
+/// One runtime-API-like admin action through the JSON API of `node`'s pglb.
+fn admin(node: &Node, command: &str) -> bool {
+    let (b_s, state) = command
+        .strip_prefix("set server ")
+        .and_then(|r| r.split_once(" state "))
+        .unwrap_or(("", ""));
+    let url = format!("http://127.0.0.1:8404/api/servers/{b_s}");
+    output(ns_cmd(&node.ns, "curl").args([
+        "-fsS",
+        "-m",
+        "2",
+        "-u",
+        "admin:lab-admin",
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &format!("{{\"action\": \"{state}\"}}"),
+        &url,
+    ]))
+    .status
+    .success()
 }
 
 /// New connections fail at most while the VIP is on its way (plus a connection that

@@ -529,6 +529,15 @@ impl Bouncer {
         std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
     }
 
+    /// `app_clients` from a thread without a runtime.
+    pub fn app_clients_blocking(&self) -> usize {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(self.app_clients())
+    }
+
     /// Clients of the app database connected to this PgBouncer (`SHOW CLIENTS`).
     pub async fn app_clients(&self) -> usize {
         let (client, conn) = tokio_postgres::connect(
