@@ -392,10 +392,7 @@ impl Daemon {
     async fn wind_down(&mut self, tracker: &TaskTracker, close_sessions: &CancellationToken) {
         state::STOPPING.store(true, Relaxed);
         state::HANDED_OVER.store(true, Relaxed);
-        for s in self.served.values() {
-            s.stop.cancel();
-        }
-        while self.loops.join_next().await.is_some() {}
+        self.stop_accepting().await;
         for l in self.process.listens().iter() {
             l.drain_running();
         }
@@ -411,6 +408,17 @@ impl Daemon {
             state::end_sessions(close_sessions);
             let _ = tokio::time::timeout(CLOSE_WAIT, tracker.wait()).await;
         }
+    }
+
+    /// Ends every accept loop and closes this process's descriptors of the listening
+    /// sockets (after a hand-over the successor holds its own): from now on the ports
+    /// refuse, or belong to the successor.
+    async fn stop_accepting(&mut self) {
+        for s in self.served.values_mut() {
+            s.stop.cancel();
+            s.handover = None;
+        }
+        while self.loops.join_next().await.is_some() {}
     }
 
     /// The stop sequence: `/health` turns DOWN at once (keepalived moves the VIP) while
@@ -436,10 +444,7 @@ impl Daemon {
             "stopping: /health says DOWN; still accepting while the VIP moves away"
         );
         tokio::time::sleep(linger).await;
-        for s in self.served.values() {
-            s.stop.cancel();
-        }
-        while self.loops.join_next().await.is_some() {}
+        self.stop_accepting().await;
         // Sessions that started while lingering end at their boundary too.
         drain_all(&self.process);
         tracker.close();

@@ -227,8 +227,12 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
     let port = free_port();
     let mut pglb = Pglb::start(&Pglb::config(port, "", &stack.servers_toml()), port);
     let client = pglb.connect().await.expect("connect");
+    // A session inside a transaction when SIGTERM comes finishes it (an idle one would
+    // be ended at once: tests/lifecycle.rs).
+    client.simple_query("BEGIN").await.expect("begin");
     pglb.proc.signal(libc::SIGTERM);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // After the linger (100 ms here) no new client is taken.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
         pglb.connect().await.is_err(),
         "no new clients after SIGTERM"
@@ -237,6 +241,7 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
         .simple_query("SELECT 42")
         .await
         .expect("existing session still works");
+    client.simple_query("COMMIT").await.expect("commit");
     let value = rows.iter().find_map(|m| match m {
         tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
         _ => None,
@@ -257,7 +262,9 @@ async fn sigterm_grace_ends_stuck_sessions() {
     let config =
         Pglb::config(port, "", &stack.servers_toml()).replace("grace = \"5s\"", "grace = \"1s\"");
     let mut pglb = Pglb::start(&config, port);
-    let _client = pglb.connect().await.expect("connect");
+    let client = pglb.connect().await.expect("connect");
+    // Stuck inside a transaction: only the grace ends it.
+    client.simple_query("BEGIN").await.expect("begin");
     let started = Instant::now();
     pglb.proc.signal(libc::SIGTERM);
     let status = pglb

@@ -253,6 +253,11 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
         body.contains("no server available for listen(s) postgres"),
         "{body}"
     );
+    let (_, body) = http_get(stats, "/metrics").await;
+    assert!(
+        body.contains("pglb_server_status{listen=\"postgres\",server=\"pgb1\",state=\"DOWN\"} 1"),
+        "{body}"
+    );
     stack.bouncers[0].restart();
     stack.bouncers[1].restart();
     // Every server drained counts as none for the "has servers" check.
@@ -267,11 +272,6 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     assert_eq!(
         (code, body.trim()),
         (503, "DOWN: listen 'postgres' has no server available")
-    );
-    let (_, body) = http_get(stats, "/metrics").await;
-    assert!(
-        body.contains("pglb_server_status{listen=\"postgres\",server=\"pgb1\",state=\"DOWN\"} 1"),
-        "{body}"
     );
 }
 
