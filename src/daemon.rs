@@ -77,7 +77,8 @@ struct Daemon {
     workers: Arc<Pool>,
     /// The stats port and runtime API socket, to hand to a successor.
     stats_handover: Option<std::net::TcpListener>,
-    socket_handover: Option<std::os::unix::net::UnixListener>,
+    /// The runtime API socket and its role ("socket" for Unix, "socket_tcp").
+    socket_handover: Option<(&'static str, std::os::fd::OwnedFd)>,
     binary: upgrade::Binary,
 }
 
@@ -241,7 +242,7 @@ async fn take_operator_state(process: &Process, inherited: &upgrade::Inherited) 
 
 type Handovers = (
     Option<std::net::TcpListener>,
-    Option<std::os::unix::net::UnixListener>,
+    Option<(&'static str, std::os::fd::OwnedFd)>,
 );
 
 /// The stats server and the runtime API, on sockets handed over or bound now; returns
@@ -269,12 +270,17 @@ fn start_stats(
     let Some(spec) = &stats.socket else {
         return Ok((stats_handover, None));
     };
-    let socket = match (spec, inherited.take_unix()) {
-        (crate::config::SocketSpec::Unix { path, .. }, Some(l)) => {
-            runtime_api::Listener::inherited(l, path)?
-        }
-        _ => runtime_api::bind(spec)
-            .with_context(|| format!("stats socket: cannot bind {spec:?}"))?,
+    let bind =
+        || runtime_api::bind(spec).with_context(|| format!("stats socket: cannot bind {spec:?}"));
+    let socket = match spec {
+        crate::config::SocketSpec::Unix { path, .. } => match inherited.take_unix() {
+            Some(l) => runtime_api::Listener::inherited(l, path)?,
+            None => bind()?,
+        },
+        crate::config::SocketSpec::Tcp(addr) => match inherited.take_tcp("socket_tcp", *addr) {
+            Some(l) => runtime_api::Listener::inherited_tcp(l)?,
+            None => bind()?,
+        },
     };
     let socket_handover = socket.handover();
     let ctx = Arc::new(runtime_api::Context {
@@ -355,12 +361,10 @@ impl Daemon {
         {
             sockets.push(("stats".into(), l.into()));
         }
-        if let Some(l) = self
-            .socket_handover
-            .as_ref()
-            .and_then(|l| l.try_clone().ok())
+        if let Some((role, fd)) = &self.socket_handover
+            && let Ok(fd) = fd.try_clone()
         {
-            sockets.push(("socket".into(), l.into()));
+            sockets.push(((*role).into(), fd));
         }
         let state = serde_json::to_string(&peers::state(&self.process)).unwrap_or_default();
         let args = vec![

@@ -147,7 +147,11 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
     let binary = dir.path().join("pglb");
     std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
     let config = dir.path().join("pglb.toml");
-    std::fs::write(&config, self::config(port, stats, &stack, "100ms")).expect("config");
+    // The runtime API on TCP too: it must be handed over like the other sockets.
+    let api = free_port();
+    let text =
+        self::config(port, stats, &stack, "100ms") + &format!("socket = \"127.0.0.1:{api}\"\n");
+    std::fs::write(&config, text).expect("config");
     let log = dir.path().join("pglb.log");
     let mut old = std::process::Command::new(&binary)
         .arg("--config")
@@ -269,6 +273,18 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
         text.contains("listening socket taken over from the previous process"),
         "{text}"
     );
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo 'show backend' | timeout 5 socat stdio TCP:127.0.0.1:{api}"
+        ))
+        .output()
+        .expect("socat");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "# name\npostgres\n\n",
+        "the runtime API answers after the upgrade"
+    );
     let c = harness::connect_dsn(&dsn)
         .await
         .expect("the new process serves");
@@ -283,6 +299,81 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
             .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
     };
     while running() {
+        assert!(Instant::now() < deadline, "new process did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The runtime API's Unix socket survives an upgrade (SIGUSR2): the successor serves the
+/// same socket file, which the old process leaves in place.
+#[test]
+fn sigusr2_hands_the_unix_runtime_socket_to_the_new_process() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("admin.sock");
+    let config = dir.path().join("pglb.toml");
+    let text = self::config(port, stats, &stack, "100ms")
+        + &format!("socket = \"{}\"\n", socket.display());
+    std::fs::write(&config, text).expect("config");
+    let log = dir.path().join("pglb.log");
+    let mut old = std::process::Command::new(env!("CARGO_BIN_EXE_pglb"))
+        .arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start pglb");
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while !read_log().contains(needle) {
+            assert!(Instant::now() < deadline, "{needle}:\n{}", read_log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for("listening listen=postgres");
+    let show = || {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo 'show backend' | timeout 5 socat stdio UNIX-CONNECT:{}",
+                socket.display()
+            ))
+            .output()
+            .expect("socat");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(show(), "# name\npostgres\n\n");
+    // SAFETY: a signal to the pglb this test started.
+    unsafe { libc::kill(old.id() as i32, libc::SIGUSR2) };
+    wait_for("upgrade: the new process serves");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while matches!(old.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "old process still running");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        socket.exists(),
+        "the old process left the successor's socket file"
+    );
+    assert_eq!(
+        show(),
+        "# name\npostgres\n\n",
+        "the new process answers on it"
+    );
+    let pid: i32 = read_log()
+        .lines()
+        .find(|l| l.contains("new process started"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .expect("new pid");
+    // SAFETY: a signal to the process this test's pglb started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    {
         assert!(Instant::now() < deadline, "new process did not stop");
         std::thread::sleep(Duration::from_millis(50));
     }

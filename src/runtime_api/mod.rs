@@ -61,15 +61,18 @@ impl Listener {
         Ok(Listener::Unix(UnixListener::from_std(l)?, path.to_owned()))
     }
 
-    /// A descriptor of a Unix socket for a successor (an upgrade); TCP is not handed.
-    pub fn handover(&self) -> Option<std::os::unix::net::UnixListener> {
+    /// A TCP socket handed over by the previous process (an upgrade).
+    pub fn inherited_tcp(l: std::net::TcpListener) -> io::Result<Listener> {
+        l.set_nonblocking(true)?;
+        Ok(Listener::Tcp(TcpListener::from_std(l)?))
+    }
+
+    /// A descriptor of the socket for a successor (an upgrade), with its role.
+    pub fn handover(&self) -> Option<(&'static str, std::os::fd::OwnedFd)> {
+        use std::os::fd::AsFd;
         match self {
-            Listener::Unix(l, _) => {
-                use std::os::fd::{AsFd, OwnedFd};
-                let fd: OwnedFd = l.as_fd().try_clone_to_owned().ok()?;
-                Some(std::os::unix::net::UnixListener::from(fd))
-            }
-            Listener::Tcp(_) => None,
+            Listener::Unix(l, _) => Some(("socket", l.as_fd().try_clone_to_owned().ok()?)),
+            Listener::Tcp(l) => Some(("socket_tcp", l.as_fd().try_clone_to_owned().ok()?)),
         }
     }
 }
