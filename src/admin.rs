@@ -143,11 +143,7 @@ pub fn run(
         server.stamp(&process.peers.node);
         process.peers.changed();
     }
-    if let Some(path) = state_file
-        && let Err(e) = save(path, &listens)
-    {
-        warn!(file = %path.display(), error = %e, "cannot write the admin state file");
-    }
+    save_or_warn(state_file, &listens);
     Ok(sentence)
 }
 
@@ -220,49 +216,74 @@ pub fn apply(
     Ok(sentence)
 }
 
-/// One server's saved operator state.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct Saved {
-    listen: String,
-    server: String,
-    admin: Admin,
-    weight: u32,
+/// One server's operator state: what the state file keeps and what peers exchange.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub listen: String,
+    pub server: String,
+    pub admin: Admin,
+    pub weight: u32,
     /// Health checks stopped by an operator.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    checks_disabled: bool,
+    pub checks_disabled: bool,
     /// When and where it was set (the pair keeps the newest).
     #[serde(default)]
-    version: OpVersion,
+    pub version: OpVersion,
 }
 
-#[derive(Debug, Serialize, Deserialize, Default)]
-struct StateFile {
-    #[serde(default)]
-    server: Vec<Saved>,
+impl Entry {
+    fn of(listen: &ListenState, s: &ServerState) -> Self {
+        Entry {
+            listen: listen.name.clone(),
+            server: s.name.clone(),
+            admin: s.admin(),
+            weight: s.base_weight(),
+            checks_disabled: s.checks_disabled(),
+            version: s.op_version(),
+        }
+    }
+
+    /// Puts this state on `server` (a restart, a peer's newer action).
+    pub fn apply_to(&self, server: &ServerState) {
+        server.set_admin(self.admin);
+        server.set_base_weight(self.weight.min(256));
+        if server.checks_disabled() != self.checks_disabled {
+            server.set_checks_enabled(!self.checks_disabled);
+        }
+        server.set_op_version(self.version.clone());
+    }
 }
 
-/// Writes every server whose operator state differs from the configuration. Written to a
-/// temporary file and renamed, so a crash never leaves half a file.
-pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
-    let mut file = StateFile::default();
+/// The operator state of every server (`changed_only`: those that differ from the
+/// configuration or were ever set).
+pub fn entries(listens: &[Arc<ListenState>], changed_only: bool) -> Vec<Entry> {
+    let mut out = Vec::new();
     for l in listens {
         for s in l.servers().iter() {
             let changed = s.admin() != Admin::Ready
                 || s.base_weight() != s.cfg().weight
                 || s.checks_disabled()
                 || s.op_version() != OpVersion::default();
-            if changed {
-                file.server.push(Saved {
-                    listen: l.name.clone(),
-                    server: s.name.clone(),
-                    admin: s.admin(),
-                    weight: s.base_weight(),
-                    checks_disabled: s.checks_disabled(),
-                    version: s.op_version(),
-                });
+            if changed || !changed_only {
+                out.push(Entry::of(l, s));
             }
         }
     }
+    out
+}
+
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct StateFile {
+    #[serde(default)]
+    server: Vec<Entry>,
+}
+
+/// Writes every server whose operator state differs from the configuration. Written to a
+/// temporary file and renamed, so a crash never leaves half a file.
+pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
+    let file = StateFile {
+        server: entries(listens, true),
+    };
     let text = toml::to_string(&file).map_err(std::io::Error::other)?;
     let tmp = temp_path(path);
     std::fs::write(
@@ -270,6 +291,16 @@ pub fn save(path: &Path, listens: &[Arc<ListenState>]) -> std::io::Result<()> {
         format!("# pglb admin state: written by pglb, do not edit while it runs\n{text}"),
     )?;
     std::fs::rename(&tmp, path)
+}
+
+/// `save`, with a failure logged (an action is not undone because its file could not be
+/// written).
+pub fn save_or_warn(path: Option<&Path>, listens: &[Arc<ListenState>]) {
+    if let Some(path) = path
+        && let Err(e) = save(path, listens)
+    {
+        warn!(file = %path.display(), error = %e, "cannot write the admin state file");
+    }
 }
 
 fn temp_path(path: &Path) -> PathBuf {
@@ -308,12 +339,7 @@ pub fn load(path: &Path, listens: &[Arc<ListenState>]) {
             warn!(listen = %saved.listen, server = %saved.server, "admin state for a server no longer configured: ignored");
             continue;
         };
-        server.set_admin(saved.admin);
-        server.set_base_weight(saved.weight.min(256));
-        if saved.checks_disabled {
-            server.set_checks_enabled(false);
-        }
-        server.set_op_version(saved.version);
+        saved.apply_to(&server);
         info!(
             "Server {}/{} restored from the state file: {}, weight {}",
             saved.listen,

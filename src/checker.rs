@@ -345,45 +345,17 @@ fn ramp(target: u32, share: f64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Balance, Listen, Server, Timeouts};
     use std::sync::Mutex;
 
     fn listen(rise: u32, fall: u32) -> Arc<ListenState> {
-        let d = Duration::from_secs(1);
-        let check = crate::health::tests::check(rise, fall);
-        let server = Server {
-            name: "pgb1".into(),
-            addr_text: "127.0.0.1:1".into(),
-            addr: "127.0.0.1:1".parse().expect("addr"),
-            weight: 100,
-            maxconn: 0,
-            backup: false,
-            check,
-            on_marked_down: OnMarkedDown::None,
-            slowstart: Duration::ZERO,
-        };
+        let mut server = crate::pick::tests::server("pgb1", 0, false);
+        server.check = crate::health::tests::check(rise, fall);
+        let mut cfg = crate::pick::tests::listen_cfg(vec![server], Duration::from_secs(1));
+        cfg.name = "pg".into();
+        cfg.fallback_to_primary = true;
         Arc::new(ListenState::new(
             1,
-            Listen {
-                name: "pg".into(),
-                bind: "127.0.0.1:0".parse().expect("addr"),
-                balance: Balance::Leastconn,
-                maxconn: 10,
-                backlog: 16,
-                retries: 3,
-                fallback_to_primary: true,
-                tls: None,
-                timeouts: Timeouts {
-                    connect: d,
-                    client: d,
-                    server: d,
-                    login: d,
-                    queue: d,
-                    startup: d,
-                    drain: d,
-                },
-                servers: vec![server],
-            },
+            cfg,
             crate::events::channel(),
             Default::default(),
         ))

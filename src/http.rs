@@ -265,11 +265,8 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
             }
-            if !is_json(&req) {
-                return json(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    serde_json::json!({"error": "send the state as Content-Type: application/json"}),
-                );
+            if let Err(r) = require_json(&req) {
+                return r;
             }
             peer_state(ctx, req).await
         }
@@ -277,11 +274,8 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
             }
-            if !is_json(&req) {
-                return json(
-                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                    serde_json::json!({"error": "send the action as Content-Type: application/json"}),
-                );
+            if let Err(r) = require_json(&req) {
+                return r;
             }
             api_action(ctx, req, peer).await
         }
@@ -410,6 +404,17 @@ fn same_origin(req: &Request<Incoming>) -> Result<(), Resp> {
         ));
     }
     Ok(())
+}
+
+/// The JSON endpoints take only `application/json`, which a cross-site form cannot send.
+fn require_json(req: &Request<Incoming>) -> Result<(), Resp> {
+    if is_json(req) {
+        return Ok(());
+    }
+    Err(json(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        serde_json::json!({"error": "send it as Content-Type: application/json"}),
+    ))
 }
 
 fn is_json(req: &Request<Incoming>) -> bool {

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::config;
 use crate::counters::lock;
-use crate::state::{Admin, OpVersion, Process};
+use crate::state::Process;
 use crate::webclient::{WebClient, client};
 
 /// How long a peer may take to answer.
@@ -73,23 +73,11 @@ pub struct PeerStatus {
     pub error: String,
 }
 
-/// One server's operator state, as peers exchange it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub listen: String,
-    pub server: String,
-    pub admin: Admin,
-    pub weight: u32,
-    #[serde(default)]
-    pub checks_disabled: bool,
-    pub version: OpVersion,
-}
-
 /// A node's whole operator state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateMessage {
     pub node: String,
-    pub servers: Vec<Entry>,
+    pub servers: Vec<crate::admin::Entry>,
 }
 
 impl Peers {
@@ -130,22 +118,9 @@ impl Peers {
 
 /// This node's operator state, every server.
 pub fn state(process: &Process) -> StateMessage {
-    let mut servers = Vec::new();
-    for l in process.listens().iter() {
-        for s in l.servers().iter() {
-            servers.push(Entry {
-                listen: l.name.clone(),
-                server: s.name.clone(),
-                admin: s.admin(),
-                weight: s.base_weight(),
-                checks_disabled: s.checks_disabled(),
-                version: s.op_version(),
-            });
-        }
-    }
     StateMessage {
         node: process.peers.node.clone(),
-        servers,
+        servers: crate::admin::entries(&process.listens(), false),
     }
 }
 
@@ -160,12 +135,7 @@ pub fn merge(process: &Process, msg: &StateMessage) -> usize {
         if e.version <= server.op_version() {
             continue;
         }
-        server.set_admin(e.admin);
-        server.set_base_weight(e.weight.min(256));
-        if server.checks_disabled() != e.checks_disabled {
-            server.set_checks_enabled(!e.checks_disabled);
-        }
-        server.set_op_version(e.version.clone());
+        e.apply_to(&server);
         info!(
             "Server {}/{} set to {}, weight {}{} by peer {} (action of {})",
             listen.name,
@@ -183,11 +153,8 @@ pub fn merge(process: &Process, msg: &StateMessage) -> usize {
         crate::pick::servers_changed(&listen);
         applied += 1;
     }
-    if applied > 0
-        && let Some(path) = &process.peers.state_file
-        && let Err(e) = crate::admin::save(path, &listens)
-    {
-        warn!(file = %path.display(), error = %e, "cannot write the admin state file");
+    if applied > 0 {
+        crate::admin::save_or_warn(process.peers.state_file.as_deref(), &listens);
     }
     applied
 }

@@ -211,7 +211,7 @@ pub fn queue_len(listen: &ListenState) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::config::{
         Balance, Check, CheckKind, Listen, OnMarkedDown, Role, Secret, Server, Timeouts,

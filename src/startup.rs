@@ -278,22 +278,15 @@ pub enum AfterSsl {
     Cancel(CancelKey),
 }
 
-/// Reads the client's next packet after its SSLRequest was answered `N`.
+/// Reads the client's next packet after its SSLRequest was answered `N`: as the first
+/// one, but a second SSLRequest is an error.
 pub async fn read_after_ssl_refused<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
 ) -> Result<AfterSsl, StartupError> {
-    let mut gss_refused = false;
-    loop {
-        match decode(read_packet(s).await?)? {
-            Packet::Startup(m) => return Ok(AfterSsl::Startup(m)),
-            Packet::Cancel(key) => return Ok(AfterSsl::Cancel(key)),
-            Packet::GssEnc if !gss_refused => {
-                gss_refused = true;
-                s.write_all(b"N").await?;
-            }
-            Packet::GssEnc => return Err(StartupError::Malformed("GSSENCRequest sent twice")),
-            Packet::Ssl => return Err(StartupError::Malformed("SSLRequest sent twice")),
-        }
+    match read_hello(s).await? {
+        Hello::Startup(m) => Ok(AfterSsl::Startup(m)),
+        Hello::Cancel(key) => Ok(AfterSsl::Cancel(key)),
+        Hello::Ssl(_) => Err(StartupError::Malformed("SSLRequest sent twice")),
     }
 }
 

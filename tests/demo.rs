@@ -49,19 +49,10 @@ fn wait_line(
     }
 }
 
-async fn csv_status(stats: u16, server: &str) -> String {
-    let (_, csv) = http_get(stats, "/stats;csv").await;
-    csv.lines()
-        .find(|l| l.starts_with(&format!("postgres,{server},")))
-        .and_then(|l| l.split(',').nth(17))
-        .unwrap_or_default()
-        .to_owned()
-}
-
 async fn wait_status(stats: u16, server: &str, want: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let s = csv_status(stats, server).await;
+        let s = harness::csv_field(stats, server, "status").await;
         if s == want {
             return;
         }

@@ -8,33 +8,11 @@ mod harness;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Bouncer, BouncerOpts, Pglb, Stack, free_port, http, http_get, http_with};
+use harness::{
+    Bouncer, BouncerOpts, Pglb, Stack, csv_field, free_port, http, http_get, http_with, stats_toml,
+};
 
 const ADMIN: Option<(&str, &str)> = Some(("admin", "s3cret"));
-
-fn stats_toml(port: u16) -> String {
-    format!(
-        "[stats]\nbind = \"127.0.0.1:{port}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
-    )
-}
-
-/// A field of the CSV row `pxname,svname`.
-async fn csv_field(stats: u16, row: &str, column: &str) -> String {
-    let (_, body) = http_get(stats, "/stats;csv").await;
-    let mut lines = body.lines();
-    let header: Vec<&str> = lines
-        .next()
-        .unwrap_or("")
-        .trim_start_matches("# ")
-        .split(',')
-        .collect();
-    let col = header.iter().position(|h| *h == column).expect("column");
-    lines
-        .find(|l| l.starts_with(row))
-        .and_then(|l| l.split(',').nth(col))
-        .unwrap_or_default()
-        .to_owned()
-}
 
 async fn wait_until<F, Fut>(what: &str, limit: Duration, mut ok: F)
 where
@@ -81,14 +59,11 @@ async fn reloads_keep_maxconn_leastconn_and_drain_for_older_sessions() {
     let (port, stats) = (free_port(), free_port());
     let config = |weight: u32| {
         let w = format!("maxconn = 4\nweight = {weight}");
-        format!(
-            "{}\n{}",
-            Pglb::config(
-                port,
-                "maxconn = 10\n[listen.timeouts]\nqueue = \"200ms\"",
-                &servers_with(&stack, &[&w, "maxconn = 4", "maxconn = 4"])
-            ),
-            stats_toml(stats)
+        Pglb::config_with_stats(
+            port,
+            "maxconn = 10\n[listen.timeouts]\nqueue = \"200ms\"",
+            &servers_with(&stack, &[&w, "maxconn = 4", "maxconn = 4"]),
+            stats,
         )
     };
     let pglb = Pglb::start(&config(100), port);
@@ -108,8 +83,8 @@ async fn reloads_keep_maxconn_leastconn_and_drain_for_older_sessions() {
         );
     }
     assert_eq!(held.len(), 10, "listen maxconn 10 holds across reloads");
-    assert_eq!(csv_field(stats, "postgres,FRONTEND", "scur").await, "10");
-    assert_eq!(csv_field(stats, "postgres,FRONTEND", "slim").await, "10");
+    assert_eq!(csv_field(stats, "FRONTEND", "scur").await, "10");
+    assert_eq!(csv_field(stats, "FRONTEND", "slim").await, "10");
     let per = clients_per_bouncer(&stack).await;
     assert_eq!(per.iter().sum::<usize>(), 10, "{per:?}");
     assert!(per.iter().all(|&n| n <= 4), "server maxconn 4: {per:?}");
@@ -117,7 +92,7 @@ async fn reloads_keep_maxconn_leastconn_and_drain_for_older_sessions() {
     // A reload that changes pgb1's weight, then a drain of pgb1: its older sessions end.
     pglb.reload(&config(50));
     pglb.wait_log(&["configuration reloaded"], 4, Duration::from_secs(5));
-    assert_eq!(csv_field(stats, "postgres,pgb1", "weight").await, "50");
+    assert_eq!(csv_field(stats, "pgb1", "weight").await, "50");
     harness::admin_action(stats, "pgb1", "drain").await;
     let on_pgb1 = per[0];
     assert!(on_pgb1 > 0);
@@ -138,7 +113,7 @@ async fn reloads_keep_maxconn_leastconn_and_drain_for_older_sessions() {
     // A lowered maxconn applies to the next client at once.
     drop(held);
     wait_until("sessions closed", Duration::from_secs(5), || async {
-        csv_field(stats, "postgres,FRONTEND", "scur").await == "0"
+        csv_field(stats, "FRONTEND", "scur").await == "0"
     })
     .await;
     pglb.reload(&config(50).replace("maxconn = 10", "maxconn = 2"));
@@ -290,23 +265,9 @@ async fn when_every_server_refuses_psql_gets_the_last_servers_own_error() {
         );
         occupants.push(harness::connect_dsn(&dsn).await.expect("direct"));
     }
-    let servers: String = bouncers
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            format!(
-                "[[listen.server]]\nname = \"pgb{}\"\naddr = \"{}\"\n",
-                i + 1,
-                b.addr()
-            )
-        })
-        .collect();
+    let servers = harness::servers_toml(&bouncers);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, "", &servers),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, "", &servers, stats);
     let pglb = Pglb::start(&config, port);
     let out = Command::new("psql")
         .arg(pglb.dsn())
@@ -400,11 +361,7 @@ async fn unknown_key_cancels_are_rate_limited_known_ones_never() {
     use tokio::io::AsyncWriteExt;
     let stack = Stack::start(3);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, "", &stack.servers_toml()),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     let victim = pglb.connect().await.expect("connect");
     let t0 = Instant::now();
@@ -499,11 +456,7 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
     use base64::Engine as _;
     let stack = Stack::start(1);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, "", &stack.servers_toml()),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
     let _pglb = Pglb::start(&config, port);
     let basic = format!(
         "Basic {}",
@@ -536,10 +489,7 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
     )
     .await;
     assert_eq!(code, 415, "JSON as text/plain is not taken");
-    assert_eq!(
-        csv_field(stats, "postgres,pgb1", "status").await,
-        "no check"
-    );
+    assert_eq!(csv_field(stats, "pgb1", "status").await, "no check");
 
     // The dashboard's own origin, and tools that send no Origin, still work; the scheme
     // name is case-insensitive.
@@ -552,7 +502,7 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
     ];
     let (code, _, _) = http_with(stats, "POST", "/stats", &same, form).await;
     assert_eq!(code, 303);
-    assert_eq!(csv_field(stats, "postgres,pgb1", "status").await, "MAINT");
+    assert_eq!(csv_field(stats, "pgb1", "status").await, "MAINT");
     let (code, _, _) = http(
         stats,
         "POST",

@@ -42,21 +42,11 @@ fn node(stack: &Stack, name: &str, port: u16, stats: u16, peer: (&str, u16)) -> 
 }
 
 async fn status(stats: u16, server: &str) -> String {
-    let (_, csv) = http_get(stats, "/stats;csv").await;
-    csv.lines()
-        .find(|l| l.starts_with(&format!("postgres,{server},")))
-        .and_then(|l| l.split(',').nth(17))
-        .unwrap_or_default()
-        .to_owned()
+    harness::csv_field(stats, server, "status").await
 }
 
 async fn weight(stats: u16, server: &str) -> String {
-    let (_, csv) = http_get(stats, "/stats;csv").await;
-    csv.lines()
-        .find(|l| l.starts_with(&format!("postgres,{server},")))
-        .and_then(|l| l.split(',').nth(18))
-        .unwrap_or_default()
-        .to_owned()
+    harness::csv_field(stats, server, "weight").await
 }
 
 /// Waits until `f` holds; returns how long it took.

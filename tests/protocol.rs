@@ -8,12 +8,6 @@ use std::time::{Duration, Instant};
 
 use harness::{Bouncer, BouncerOpts, Pglb, Stack, db_error, free_port};
 
-fn stats_toml(port: u16) -> String {
-    format!(
-        "[stats]\nbind = \"127.0.0.1:{port}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
     let stack = Stack::start(3);
@@ -66,11 +60,7 @@ async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
 async fn drain_waits_for_the_transaction_then_closes_with_57p01() {
     let stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, "", &stack.servers_toml()),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     let client = pglb.connect().await.expect("connect");
     let on = if stack.bouncers[0].app_clients().await == 1 {
@@ -131,11 +121,7 @@ async fn pgbench_tpcb_while_draining_loses_no_transaction() {
     let stack = Stack::start(3);
     stack.pg.pgbench_init();
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, "", &stack.servers_toml()),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     // -C: a connection per transaction, as a pool that reconnects after a drain would.
     let bench = harness::pgbench(port, &["-n", "-C", "-c", "6", "-j", "2", "-T", "8"]).output();
@@ -226,11 +212,7 @@ async fn idle_and_drain_deadlines_close_sessions_with_their_reason() {
     let (port, stats) = (free_port(), free_port());
     let timeouts =
         "[listen.timeouts]\nclient = \"1500ms\"\nserver = \"1500ms\"\ndrain = \"500ms\"\n";
-    let config = format!(
-        "{}\n{}",
-        Pglb::config(port, timeouts, &stack.servers_toml()),
-        stats_toml(stats)
-    );
+    let config = Pglb::config_with_stats(port, timeouts, &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
 
     // Idle past the limit: closed. Busy for longer than the limit: kept.

@@ -1,7 +1,7 @@
 //! The runtime API's commands, in HAProxy's syntax and wording: each returns the text
 //! of its answer (the connection adds the empty line that ends it).
 
-use crate::admin::{self, Action, AdminError};
+use crate::admin::{self, Action};
 use crate::state::Admin;
 use crate::stats::csv::{self, Filter};
 
@@ -166,33 +166,41 @@ fn weight(ctx: &Context, target: &str, w: &str) -> String {
     }
 }
 
-/// `enable server` leaves maintenance; a drained server stays drained.
-fn enable_server(ctx: &Context, target_text: &str) -> String {
+/// Runs `f` on `backend/server`, or answers HAProxy's complaint.
+fn with_server(
+    ctx: &Context,
+    target_text: &str,
+    f: impl FnOnce(&crate::state::ServerState) -> String,
+) -> String {
     let (b, s) = match target(target_text) {
         Ok(t) => t,
         Err(e) => return e,
     };
     match admin::find(&ctx.process.listens(), b, s) {
-        Ok((_, server)) if server.admin() != Admin::Maint => String::new(),
-        Ok(_) => act(ctx, target_text, Action::Set(Admin::Ready)),
+        Ok((_, server)) => f(&server),
         Err(e) => format!("{}\n", e.cli()),
     }
 }
 
+/// `enable server` leaves maintenance; a drained server stays drained.
+fn enable_server(ctx: &Context, target_text: &str) -> String {
+    with_server(ctx, target_text, |server| {
+        if server.admin() == Admin::Maint {
+            act(ctx, target_text, Action::Set(Admin::Ready))
+        } else {
+            String::new()
+        }
+    })
+}
+
 fn get_weight(ctx: &Context, target_text: &str) -> String {
-    let (b, s) = match target(target_text) {
-        Ok(t) => t,
-        Err(e) => return e,
-    };
-    match admin::find(&ctx.process.listens(), b, s) {
-        Ok((_, server)) => format!(
+    with_server(ctx, target_text, |server| {
+        format!(
             "{} (initial {})\n",
             server.base_weight(),
             server.cfg().weight
-        ),
-        Err(e @ AdminError::NoSuchListen(_)) => format!("{}\n", e.cli()),
-        Err(e) => format!("{}\n", e.cli()),
-    }
+        )
+    })
 }
 
 /// `show stat [<iid> <type> <sid>] [typed]`.

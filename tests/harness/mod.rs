@@ -583,17 +583,7 @@ impl Stack {
 
     /// `[[listen.server]]` entries pgb1..pgbN for a pglb config.
     pub fn servers_toml(&self) -> String {
-        self.bouncers
-            .iter()
-            .enumerate()
-            .map(|(i, b)| {
-                format!(
-                    "[[listen.server]]\nname = \"pgb{}\"\naddr = \"{}\"\n",
-                    i + 1,
-                    b.addr()
-                )
-            })
-            .collect()
+        servers_toml(&self.bouncers)
     }
 }
 
@@ -666,6 +656,20 @@ impl Pglb {
     pub fn config(port: u16, listen_extra: &str, servers_toml: &str) -> String {
         format!(
             "[global]\nmaxconn = 5000\ngrace = \"5s\"\nlinger = \"100ms\"\n\n[[listen]]\nname = \"postgres\"\nbind = \"127.0.0.1:{port}\"\n{listen_extra}\n{servers_toml}"
+        )
+    }
+
+    /// `config` with `[stats]` on `stats` and the tests' admin credentials.
+    pub fn config_with_stats(
+        port: u16,
+        listen_extra: &str,
+        servers_toml: &str,
+        stats: u16,
+    ) -> String {
+        format!(
+            "{}\n{}",
+            Pglb::config(port, listen_extra, servers_toml),
+            stats_toml(stats)
         )
     }
 
@@ -987,4 +991,47 @@ pub fn raise_fd_limit() -> u64 {
         libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
     }
     lim.rlim_cur
+}
+
+/// `[[listen.server]]` entries pgb1..pgbN for `bouncers`.
+pub fn servers_toml(bouncers: &[Bouncer]) -> String {
+    bouncers
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                "[[listen.server]]\nname = \"pgb{}\"\naddr = \"{}\"\n",
+                i + 1,
+                b.addr()
+            )
+        })
+        .collect()
+}
+
+/// `[stats]` on `port` with the tests' admin credentials (admin / s3cret).
+pub fn stats_toml(port: u16) -> String {
+    format!(
+        "[stats]\nbind = \"127.0.0.1:{port}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n"
+    )
+}
+
+/// A field of the stats CSV: the row whose svname is `svname` (listen `postgres`), the
+/// column named `column` (empty when either is missing).
+pub async fn csv_field(stats: u16, svname: &str, column: &str) -> String {
+    let (_, body) = http_get(stats, "/stats;csv").await;
+    let mut lines = body.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("# ")
+        .split(',')
+        .collect();
+    let Some(col) = header.iter().position(|h| *h == column) else {
+        return String::new();
+    };
+    lines
+        .find(|l| l.starts_with(&format!("postgres,{svname},")))
+        .and_then(|l| l.split(',').nth(col))
+        .unwrap_or_default()
+        .to_owned()
 }
