@@ -263,7 +263,7 @@ async fn when_every_server_refuses_psql_gets_the_last_servers_own_error() {
             harness::APP_PASSWORD,
             harness::APP_DB
         );
-        occupants.push(harness::connect_dsn(&dsn).await.expect("direct"));
+        occupants.push(harness::connect_dsn_patiently(&dsn).await.expect("direct"));
     }
     let servers = harness::servers_toml(&bouncers);
     let (port, stats) = (free_port(), free_port());

@@ -176,7 +176,7 @@ async fn a_pgbouncer_refusing_the_startup_is_skipped_silently() {
         harness::APP_PASSWORD,
         harness::APP_DB
     );
-    let _occupant = harness::connect_dsn(&dsn)
+    let _occupant = harness::connect_dsn_patiently(&dsn)
         .await
         .expect("direct connection to pgb1");
     let servers = format!(

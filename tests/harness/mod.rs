@@ -713,6 +713,22 @@ pub async fn connect_dsn(dsn: &str) -> Result<tokio_postgres::Client, tokio_post
     Ok(client)
 }
 
+/// `connect_dsn`, retried for up to 3 s: for a PgBouncer with a tiny `max_client_conn`,
+/// whose only place may still be held for a moment by the probe that saw it listen.
+pub async fn connect_dsn_patiently(
+    dsn: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        match connect_dsn(dsn).await {
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// The SQLSTATE and message of a tokio-postgres error, if the server sent one.
 pub fn db_error(e: &tokio_postgres::Error) -> Option<(String, String)> {
     e.as_db_error()
