@@ -50,11 +50,16 @@ fn leastconn(cands: &[Candidate], st: &mut BalanceState) -> Option<usize> {
     let n = cands.len();
     let start = st.rotor % n;
     st.rotor = st.rotor.wrapping_add(1);
-    // Compare (cur+1)/weight by cross-multiplying: exact, no floats.
-    let load = |c: &Candidate| ((c.cur as u128 + 1) * 1_000_000) / c.weight as u128;
+    // Compare (cur+1)/weight by cross-multiplying: (a+1)*wb < (b+1)*wa, exact, no
+    // floats, no rounding. min_by keeps the first of equals: the rotor's choice.
+    let lighter = |a: &&Candidate, b: &&Candidate| {
+        let left = (a.cur as u128 + 1) * u128::from(b.weight);
+        let right = (b.cur as u128 + 1) * u128::from(a.weight);
+        left.cmp(&right)
+    };
     (0..n)
         .map(|k| &cands[(start + k) % n])
-        .min_by_key(|c| load(c))
+        .min_by(lighter)
         .map(|c| c.idx)
 }
 

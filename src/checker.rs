@@ -404,6 +404,11 @@ mod tests {
         // Gap i follows result i: UP settled → interval 2s; failing → fastinter 500ms;
         // settled DOWN → downinter 5s; rising → fastinter. Each ±10 % jitter.
         let expected = [2000, 2000, 500, 500, 5000, 5000, 500, 2000];
+        assert!(
+            gaps.len() >= expected.len(),
+            "only {} checks in 30 s: {gaps:?}",
+            calls.len()
+        );
         for (i, (&gap, &want)) in gaps.iter().zip(&expected).enumerate() {
             assert!(
                 gap.abs_diff(want) <= want / 10 + 1,

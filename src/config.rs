@@ -262,8 +262,6 @@ pub enum OnMarkedDown {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Server {
     pub name: String,
-    /// As written, for logs and the stats page.
-    pub addr_text: String,
     pub addr: SocketAddr,
     pub weight: u32,
     /// 0 means unlimited.
@@ -731,7 +729,6 @@ fn validate(file: raw::File, at: &Locator) -> Result<Config, ConfigError> {
             )?;
             servers.push(Server {
                 name: sname,
-                addr_text: s.addr.get_ref().clone(),
                 addr,
                 weight: s.weight.into_inner(),
                 maxconn: s.maxconn,

@@ -6,6 +6,8 @@
 //! shared by everything;
 //! [`checker`] (with [`probe`] and [`health`]) keeps it truthful.
 
+#![forbid(unsafe_code)]
+
 pub mod accept;
 pub mod balance;
 pub mod cancel;
@@ -36,8 +38,8 @@ pub use config::Config;
 pub use daemon::run;
 pub mod admin;
 pub mod alerts;
-pub mod backend;
 pub mod http;
 pub mod peers;
+pub mod scanner;
 pub mod stats;
 pub mod webclient;

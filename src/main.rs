@@ -1,5 +1,7 @@
 //! The `pglb` binary: parse arguments, set up logging and signals, run the daemon.
 
+#![forbid(unsafe_code)]
+
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -221,7 +221,6 @@ pub(crate) mod tests {
     pub(crate) fn server(name: &str, maxconn: usize, backup: bool) -> Server {
         Server {
             name: name.into(),
-            addr_text: "127.0.0.1:1".into(),
             addr: "127.0.0.1:1".parse().expect("addr"),
             weight: 100,
             maxconn,

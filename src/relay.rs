@@ -25,10 +25,10 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::io::poll_read_buf;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
-use crate::backend::Scanner;
 use crate::cancel::Registry;
 use crate::client::Client;
 use crate::counters::{Counter, StripedCounter, lock};
+use crate::scanner::Scanner;
 use crate::startup::CancelKey;
 use crate::state::SESSION_SIGNALS;
 

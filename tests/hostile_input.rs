@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use pglb::backend::Scanner;
+use pglb::scanner::Scanner;
 use pglb::startup::{self, Packet, StartupError};
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestRunner};

@@ -639,9 +639,10 @@ impl Pglb {
             },
             port,
         };
-        // Ready once it logged "listening" (a probe connection would count as a client).
+        // Ready once a listen logged that it accepts (a probe connection would count as a
+        // client; "stats listening" comes earlier, before the first checks).
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !p.log().contains("listening") {
+        while !p.log().contains("INFO pglb::daemon: listening listen=") {
             assert!(
                 Instant::now() < deadline,
                 "pglb did not start listening on port {port}: {}",
