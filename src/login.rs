@@ -336,3 +336,225 @@ fn error_text(message: &[u8]) -> String {
         .unwrap_or("ErrorResponse")
         .to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    //! In-process tests of the login phase against small fake servers on loopback: no
+    //! PostgreSQL needed, and tokio's paused clock makes the timeouts instant.
+    use super::*;
+    use crate::pick::tests::{listen_cfg, server};
+    use crate::startup::{CancelKey, StartupMessage};
+    use tokio::net::TcpListener;
+
+    /// What a fake server does with each connection.
+    #[derive(Clone, Copy)]
+    enum Fake {
+        /// Reads the StartupMessage, answers an ErrorResponse.
+        Refuse(&'static str),
+        /// Reads the StartupMessage, answers AuthenticationOk.
+        Accept,
+        /// Reads whatever comes, never answers.
+        Hang,
+        /// Closes as soon as the SSLRequest arrives.
+        CloseOnSsl,
+        /// Answers the SSLRequest `N`, then behaves as `Accept`.
+        DeclineSsl,
+    }
+
+    const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
+
+    async fn fake(behavior: Fake) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 1024];
+                    match behavior {
+                        Fake::Hang => {
+                            let _ = s.read(&mut buf).await;
+                            std::future::pending::<()>().await;
+                        }
+                        Fake::CloseOnSsl => {
+                            let _ = s.read(&mut buf).await;
+                        }
+                        Fake::Refuse(msg) => {
+                            let _ = s.read(&mut buf).await;
+                            let e = crate::refusal::error_response("FATAL", "08P01", msg);
+                            let _ = s.write_all(&e).await;
+                        }
+                        Fake::Accept | Fake::DeclineSsl => {
+                            let n = s.read(&mut buf).await.unwrap_or(0);
+                            if matches!(behavior, Fake::DeclineSsl) && n == 8 {
+                                let _ = s.write_all(b"N").await;
+                                let _ = s.read(&mut buf).await;
+                            }
+                            let _ = s.write_all(&AUTH_OK).await;
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// A listen over the fakes, in order (balance "first").
+    fn listen(addrs: &[std::net::SocketAddr]) -> Arc<ListenState> {
+        let servers = addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let mut s = server(&format!("s{}", i + 1), 0, false);
+                s.addr = *a;
+                s
+            })
+            .collect();
+        let mut cfg = listen_cfg(servers, Duration::from_secs(1));
+        cfg.balance = crate::config::Balance::First;
+        cfg.timeouts.login = Duration::from_secs(5);
+        cfg.timeouts.startup = Duration::from_secs(5);
+        Arc::new(ListenState::new(
+            1,
+            cfg,
+            crate::events::channel(),
+            Default::default(),
+        ))
+    }
+
+    /// A connected client socket pair: pglb's side and the test's.
+    async fn client() -> (Client, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let peer = TcpStream::connect(l.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (mine, _) = l.accept().await.expect("accept");
+        (Client::Plain(mine), peer)
+    }
+
+    fn startup() -> Hello {
+        let mut body = 0x0003_0000u32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0\0");
+        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        p.extend(body);
+        match crate::startup::decode(Bytes::from(p)) {
+            Ok(crate::startup::Packet::Startup(m)) => Hello::Startup(m),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn ssl() -> Hello {
+        Hello::Ssl(Bytes::from_static(&[0, 0, 0, 8, 4, 210, 22, 47]))
+    }
+
+    fn opened_on(r: &Result<Opened, Failed>) -> String {
+        match r {
+            Ok(o) => o.slot.server().name.clone(),
+            Err(Failed::Refused(r)) => format!("refused: {}", r.message()),
+            Err(Failed::Cancel(_)) => "cancel".into(),
+            Err(Failed::Done) => "done".into(),
+        }
+    }
+
+    async fn received(peer: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        peer.read_exact(&mut got)
+            .await
+            .expect("bytes for the client");
+        got
+    }
+
+    #[tokio::test]
+    async fn a_refusing_server_is_skipped_and_the_next_one_answers() {
+        let l = listen(&[
+            fake(Fake::Refuse("no more connections allowed")).await,
+            fake(Fake::Accept).await,
+        ]);
+        let (mut c, mut peer) = client().await;
+        let mut hello = startup();
+        let r = open(&mut c, &l, &mut hello).await;
+        assert_eq!(opened_on(&r), "s2");
+        assert_eq!(
+            received(&mut peer, 9).await,
+            AUTH_OK,
+            "only the answering server's bytes"
+        );
+        assert_eq!(l.servers()[0].counters.wredis.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_server_costs_at_most_the_login_timeout() {
+        let l = listen(&[fake(Fake::Hang).await, fake(Fake::Accept).await]);
+        let (mut c, _peer) = client().await;
+        let t0 = tokio::time::Instant::now();
+        let r = open(&mut c, &l, &mut startup()).await;
+        assert_eq!(opened_on(&r), "s2");
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_every_server_refusing_the_client_gets_the_last_ones_error() {
+        let l = listen(&[
+            fake(Fake::Refuse("first")).await,
+            fake(Fake::Refuse("last words")).await,
+        ]);
+        let (mut c, _peer) = client().await;
+        match open(&mut c, &l, &mut startup()).await {
+            Err(Failed::Refused(r @ Refusal::ServerRefused { .. })) => {
+                assert_eq!(r.kind(), "server-refused");
+                assert!(r.message().starts_with("last words"), "{}", r.message());
+                assert_eq!(r.sqlstate(), "08P01");
+            }
+            other => panic!("{}", opened_on(&other)),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_closing_on_the_sslrequest_is_replayed_and_n_sent_once() {
+        let l = listen(&[fake(Fake::CloseOnSsl).await, fake(Fake::DeclineSsl).await]);
+        let (mut c, mut peer) = client().await;
+        let mut hello = ssl();
+        let talk = tokio::spawn(async move {
+            let n = received(&mut peer, 1).await;
+            if let Hello::Startup(StartupMessage { raw, .. }) = startup() {
+                peer.write_all(&raw).await.expect("startup");
+            }
+            let ok = received(&mut peer, 9).await;
+            (n, ok)
+        });
+        let r = open(&mut c, &l, &mut hello).await;
+        assert_eq!(opened_on(&r), "s2");
+        let (n, ok) = talk.await.expect("client side");
+        assert_eq!((n, ok), (b"N".to_vec(), AUTH_OK.to_vec()));
+        assert!(
+            matches!(hello, Hello::Startup(_)),
+            "the client went on in plaintext"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_after_a_declined_sslrequest_is_handed_back_for_routing() {
+        let l = listen(&[fake(Fake::DeclineSsl).await]);
+        let (mut c, mut peer) = client().await;
+        let key = CancelKey {
+            pid: 77,
+            secret: Bytes::from_static(&[1, 2, 3, 4]),
+        };
+        let packet = key.to_packet();
+        let talk = tokio::spawn(async move {
+            let n = received(&mut peer, 1).await;
+            peer.write_all(&packet).await.expect("cancel");
+            n
+        });
+        match open(&mut c, &l, &mut ssl()).await {
+            Err(Failed::Cancel(got)) => assert_eq!(got, key),
+            other => panic!("{}", opened_on(&other)),
+        }
+        assert_eq!(talk.await.expect("client"), b"N", "one N, the server's");
+        assert_eq!(l.servers()[0].sessions(), 0, "the place was given back");
+    }
+}

@@ -478,4 +478,39 @@ mod tests {
         client.read_exact(&mut answer).await.expect("answer");
         assert_eq!(&answer, b"N");
     }
+
+    #[tokio::test]
+    async fn after_a_declined_sslrequest_every_legal_packet_order_is_read() {
+        let startup = startup_packet(0x0003_0000, &[("user", "app")]);
+        let cancel = CancelKey {
+            pid: 9,
+            secret: Bytes::from_static(&[5, 6, 7, 8]),
+        }
+        .to_packet();
+        let gss = vec![0, 0, 0, 8, 4, 210, 22, 48];
+        let ssl = vec![0, 0, 0, 8, 4, 210, 22, 47];
+        // (what the client sends, is it a cancel, the `N`s pglb must write)
+        let cases: [(Vec<u8>, Option<bool>, usize); 5] = [
+            (startup.clone(), Some(false), 0),
+            (cancel.clone(), Some(true), 0),
+            ([gss.clone(), startup.clone()].concat(), Some(false), 1),
+            ([gss.clone(), cancel.clone()].concat(), Some(true), 1),
+            (ssl.clone(), None, 0),
+        ];
+        for (sent, cancel_expected, ns) in cases {
+            let (mut client, mut server) = tokio::io::duplex(4096);
+            client.write_all(&sent).await.expect("write");
+            let got = read_after_ssl_refused(&mut server).await;
+            match (got, cancel_expected) {
+                (Ok(AfterSsl::Cancel(_)), Some(true)) | (Ok(AfterSsl::Startup(_)), Some(false)) => {
+                }
+                (Err(StartupError::Malformed(_)), None) => {}
+                (other, want) => panic!("{other:?}, expected cancel={want:?}"),
+            }
+            drop(server);
+            let mut answers = Vec::new();
+            client.read_to_end(&mut answers).await.expect("read");
+            assert_eq!(answers, vec![b'N'; ns], "only the requested answers");
+        }
+    }
 }
