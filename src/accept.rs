@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use crate::cancel::Registry;
 use crate::counters::Gate;
 use crate::refusal::Refusal;
 use crate::session::{self, Admission, Incoming};
@@ -34,6 +35,9 @@ pub struct Shared {
     pub close_sessions: CancellationToken,
     /// Where sessions run.
     pub workers: Arc<Pool>,
+    /// Cancel keys of live sessions: one registry for the process (a cancel may come in
+    /// through any listen).
+    pub cancels: Arc<Registry>,
 }
 
 impl Shared {
@@ -42,9 +46,11 @@ impl Shared {
         tracker: TaskTracker,
         close_sessions: CancellationToken,
         workers: Arc<Pool>,
+        cancels: Arc<Registry>,
     ) -> Self {
         Shared {
             global,
+            cancels,
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             tracker,
             close_sessions,
@@ -117,7 +123,8 @@ pub async fn accept_loop(
             }
         };
         let load = shared.workers.enter(worker);
-        let session = session::serve(tcp, peer, listen, admission, close, load);
+        let cancels = Arc::clone(&shared.cancels);
+        let session = session::serve(tcp, peer, listen, admission, close, load, cancels);
         // On this worker's own handle, tokio queues the task locally (no wake-up).
         shared
             .tracker

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::events::Event;
+use crate::peers::Peers;
 use crate::pick;
 use crate::state::{Admin, ListenState, OpVersion, Process, ServerState};
 
@@ -130,6 +131,7 @@ pub fn find(
 /// sentence saying what changed (also logged).
 pub fn run(
     process: &Process,
+    peers: &Peers,
     state_file: Option<&Path>,
     b: &str,
     s: &str,
@@ -140,8 +142,8 @@ pub fn run(
     if shared_with_peers(action) {
         // The newest action wins on every node of the pair.
         let (_, server) = find(&listens, b, s)?;
-        server.stamp(&process.peers.node);
-        process.peers.changed();
+        server.stamp(&peers.node);
+        peers.changed();
     }
     save_or_warn(state_file, &listens);
     Ok(sentence)

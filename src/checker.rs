@@ -353,12 +353,7 @@ mod tests {
         let mut cfg = crate::pick::tests::listen_cfg(vec![server], Duration::from_secs(1));
         cfg.name = "pg".into();
         cfg.fallback_to_primary = true;
-        Arc::new(ListenState::new(
-            1,
-            cfg,
-            crate::events::channel(),
-            Default::default(),
-        ))
+        Arc::new(ListenState::new(1, cfg, crate::events::channel()))
     }
 
     /// Scripted probe: returns the next result and records when it was called.

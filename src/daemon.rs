@@ -80,6 +80,8 @@ struct Daemon {
     /// The runtime API socket and its role ("socket" for Unix, "socket_tcp").
     socket_handover: Option<(&'static str, std::os::fd::OwnedFd)>,
     binary: upgrade::Binary,
+    /// The other nodes of the pair.
+    peers: Arc<peers::Peers>,
 }
 
 /// How the main loop ended.
@@ -100,7 +102,7 @@ pub async fn run<S: Future<Output = ()>>(
     let mut inherited = upgrade::Inherited::from_env();
     let events = events::channel();
     let cancels = Arc::new(cancel::Registry::new(config.global.unknown_cancels));
-    let listens = reload::apply(&[], &config.listens, &events, &cancels).listens;
+    let listens = reload::apply(&[], &config.listens, &events).listens;
     startup_warnings(&config);
     let listeners = bind_listens(&listens, &mut inherited)?;
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
@@ -109,14 +111,15 @@ pub async fn run<S: Future<Output = ()>>(
     let process = Arc::new(Process::new(
         listens.clone(),
         config.global.maxconn,
-        peers::Peers::new(&config),
         Arc::clone(&control.workers),
     ));
-    take_operator_state(&process, &inherited).await;
+    let peers = Arc::new(peers::Peers::new(&config));
+    take_operator_state(&peers, &process, &inherited).await;
     let stop_http = CancellationToken::new();
     let (stats_handover, socket_handover) = start_stats(
         &config,
         &process,
+        &peers,
         &mut inherited,
         control.workers.len(),
         &stop_http,
@@ -139,6 +142,7 @@ pub async fn run<S: Future<Output = ()>>(
             tracker.clone(),
             close_sessions.clone(),
             Arc::clone(&control.workers),
+            Arc::clone(&cancels),
         ),
         config,
         config_path: control.config_path.clone(),
@@ -153,6 +157,7 @@ pub async fn run<S: Future<Output = ()>>(
         stats_handover,
         socket_handover,
         binary,
+        peers,
     };
     for l in &listens {
         checker::spawn(l, &daemon.checks, daemon.checks_thread.handle());
@@ -163,8 +168,9 @@ pub async fn run<S: Future<Output = ()>>(
     for (listener, l) in listeners.into_iter().zip(&listens) {
         daemon.serve(listener, l);
     }
-    if !daemon.process.peers.list.is_empty() {
-        tokio::spawn(peers::run(Arc::clone(&daemon.process), stop_http.clone()));
+    if !daemon.peers.list.is_empty() {
+        let (peers, process) = (Arc::clone(&daemon.peers), Arc::clone(&daemon.process));
+        tokio::spawn(peers::run(peers, process, stop_http.clone()));
     }
     notify(&format!(
         "READY=1\nSTATUS=serving {} listen(s)",
@@ -224,19 +230,23 @@ fn bind_listens(
 }
 
 /// The previous process's operator state (an upgrade), then the pair's newest (peers).
-async fn take_operator_state(process: &Process, inherited: &upgrade::Inherited) {
+async fn take_operator_state(
+    peers: &peers::Peers,
+    process: &Process,
+    inherited: &upgrade::Inherited,
+) {
     if let Some(state) = &inherited.state
         && let Ok(msg) = serde_json::from_str::<peers::StateMessage>(state)
     {
-        let n = peers::merge(process, &msg);
+        let n = peers::merge(peers, process, &msg);
         info!(
             servers = n,
             "operator state taken over from the previous process"
         );
     }
-    if !process.peers.list.is_empty() {
+    if !peers.list.is_empty() {
         // Before serving: the pair's newest operator state (bounded: 1 s per peer).
-        peers::pull(process).await;
+        peers::pull(peers, process).await;
     }
 }
 
@@ -250,6 +260,7 @@ type Handovers = (
 fn start_stats(
     config: &Config,
     process: &Arc<Process>,
+    peers: &Arc<peers::Peers>,
     inherited: &mut upgrade::Inherited,
     threads: usize,
     stop: &CancellationToken,
@@ -265,7 +276,11 @@ fn start_stats(
     let stats_handover = std_listener.try_clone().ok();
     let listener = tokio::net::TcpListener::from_std(std_listener)?;
     info!(bind = %stats.bind, uri = %stats.uri, admin = stats.auth.is_some(), "stats listening");
-    let ctx = Arc::new(http::Context::new(stats.clone(), Arc::clone(process)));
+    let ctx = Arc::new(http::Context::new(
+        stats.clone(),
+        Arc::clone(process),
+        Arc::clone(peers),
+    ));
     tokio::spawn(http::serve(listener, ctx, stop.clone()));
     let Some(spec) = &stats.socket else {
         return Ok((stats_handover, None));
@@ -285,6 +300,7 @@ fn start_stats(
     let socket_handover = socket.handover();
     let ctx = Arc::new(runtime_api::Context {
         process: Arc::clone(process),
+        peers: Arc::clone(peers),
         state_file: stats.state_file.clone(),
         threads,
     });
@@ -366,7 +382,8 @@ impl Daemon {
         {
             sockets.push(((*role).into(), fd));
         }
-        let state = serde_json::to_string(&peers::state(&self.process)).unwrap_or_default();
+        let state =
+            serde_json::to_string(&peers::state(&self.peers, &self.process)).unwrap_or_default();
         let args = vec![
             "--config".to_owned(),
             self.config_path.display().to_string(),
@@ -552,7 +569,7 @@ impl Daemon {
         self.process.gate.set_limit(config.global.maxconn);
         self.cancels.set_limits(config.global.unknown_cancels);
         let old = self.process.listens();
-        let applied = reload::apply(&old, &config.listens, &self.events, &self.cancels);
+        let applied = reload::apply(&old, &config.listens, &self.events);
 
         // Listens gone, or moved to another address: stop accepting there.
         let (mut added, mut removed) = (0, 0);

@@ -73,15 +73,18 @@ pub const RENDERS_PER_SECOND: u32 = 50;
 pub struct Context {
     pub cfg: config::Stats,
     pub process: Arc<Process>,
+    /// The other nodes of the pair: operator actions go to them too.
+    pub peers: Arc<peers::Peers>,
     connections: Arc<Semaphore>,
     renders: Pacer,
 }
 
 impl Context {
-    pub fn new(cfg: config::Stats, process: Arc<Process>) -> Self {
+    pub fn new(cfg: config::Stats, process: Arc<Process>, peers: Arc<peers::Peers>) -> Self {
         Context {
             cfg,
             process,
+            peers,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             renders: Pacer::new(RENDERS_PER_SECOND),
         }
@@ -257,7 +260,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             Ok(()) => text(
                 StatusCode::OK,
                 "application/json",
-                serde_json::to_string(&peers::state(&ctx.process)).unwrap_or_default(),
+                serde_json::to_string(&peers::state(&ctx.peers, &ctx.process)).unwrap_or_default(),
             ),
             Err(r) => r,
         },
@@ -484,7 +487,14 @@ fn run_action(
     action: Action,
     peer: SocketAddr,
 ) -> Result<String, AdminError> {
-    let sentence = admin::run(&ctx.process, ctx.cfg.state_file.as_deref(), b, s, action)?;
+    let sentence = admin::run(
+        &ctx.process,
+        &ctx.peers,
+        ctx.cfg.state_file.as_deref(),
+        b,
+        s,
+        action,
+    )?;
     debug!(client = %peer, "{sentence}");
     Ok(sentence)
 }
@@ -574,7 +584,7 @@ async fn peer_state(ctx: &Context, req: Request<Incoming>) -> Resp {
     };
     match serde_json::from_slice::<peers::StateMessage>(&raw) {
         Ok(msg) => {
-            let applied = peers::merge(&ctx.process, &msg);
+            let applied = peers::merge(&ctx.peers, &ctx.process, &msg);
             json(StatusCode::OK, serde_json::json!({"applied": applied}))
         }
         Err(e) => json(
@@ -586,8 +596,7 @@ async fn peer_state(ctx: &Context, req: Request<Incoming>) -> Resp {
 
 /// The dashboard's peers table: name, URL, status.
 fn peer_rows(ctx: &Context) -> Vec<(String, String, String)> {
-    ctx.process
-        .peers
+    ctx.peers
         .list
         .iter()
         .map(|p| {

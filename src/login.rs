@@ -414,12 +414,7 @@ mod tests {
         cfg.balance = crate::config::Balance::First;
         cfg.timeouts.login = Duration::from_secs(5);
         cfg.timeouts.startup = Duration::from_secs(5);
-        Arc::new(ListenState::new(
-            1,
-            cfg,
-            crate::events::channel(),
-            Default::default(),
-        ))
+        Arc::new(ListenState::new(1, cfg, crate::events::channel()))
     }
 
     /// A connected client socket pair: pglb's side and the test's.

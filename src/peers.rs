@@ -117,15 +117,15 @@ impl Peers {
 }
 
 /// This node's operator state, every server.
-pub fn state(process: &Process) -> StateMessage {
+pub fn state(peers: &Peers, process: &Process) -> StateMessage {
     StateMessage {
-        node: process.peers.node.clone(),
+        node: peers.node.clone(),
         servers: crate::admin::entries(&process.listens(), false),
     }
 }
 
 /// Applies what is newer than ours in a peer's state; returns how many servers changed.
-pub fn merge(process: &Process, msg: &StateMessage) -> usize {
+pub fn merge(peers: &Peers, process: &Process, msg: &StateMessage) -> usize {
     let listens = process.listens();
     let mut applied = 0;
     for e in &msg.servers {
@@ -154,21 +154,20 @@ pub fn merge(process: &Process, msg: &StateMessage) -> usize {
         applied += 1;
     }
     if applied > 0 {
-        crate::admin::save_or_warn(process.peers.state_file.as_deref(), &listens);
+        crate::admin::save_or_warn(peers.state_file.as_deref(), &listens);
     }
     applied
 }
 
 /// At start, before reporting ready: the newest operator state of every peer that
 /// answers within a second.
-pub async fn pull(process: &Process) {
+pub async fn pull(peers: &Peers, process: &Process) {
     let client = client();
-    let peers = &process.peers;
     for peer in &peers.list {
         let url = format!("{}/api/peer/state", peer.cfg.url);
         match get(&client, &url, peers.auth.as_deref()).await {
             Ok(msg) => {
-                let n = merge(process, &msg);
+                let n = merge(peers, process, &msg);
                 info!(peer = %peer.cfg.name, applied = n, "operator state taken from peer at start");
                 note(peer, Ok(()));
             }
@@ -182,23 +181,29 @@ pub async fn pull(process: &Process) {
 
 /// Pushes this node's operator state to every peer until `stop`: after each local
 /// action, every few seconds, and again after a failure.
-pub async fn run(process: Arc<Process>, stop: CancellationToken) {
+pub async fn run(peers: Arc<Peers>, process: Arc<Process>, stop: CancellationToken) {
     let client = client();
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..process.peers.list.len() {
-        let (process, client, stop) = (Arc::clone(&process), client.clone(), stop.clone());
-        tasks.spawn(async move { push_loop(&process, i, &client, &stop).await });
+    for i in 0..peers.list.len() {
+        let (peers, process) = (Arc::clone(&peers), Arc::clone(&process));
+        let (client, stop) = (client.clone(), stop.clone());
+        tasks.spawn(async move { push_loop(&peers, &process, i, &client, &stop).await });
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn push_loop(process: &Process, i: usize, client: &WebClient, stop: &CancellationToken) {
-    let peers = &process.peers;
+async fn push_loop(
+    peers: &Peers,
+    process: &Process,
+    i: usize,
+    client: &WebClient,
+    stop: &CancellationToken,
+) {
     let peer = &peers.list[i];
     let mut changed = peers.changed.subscribe();
     let url = format!("{}/api/peer/state", peer.cfg.url);
     loop {
-        let body = serde_json::to_vec(&state(process)).unwrap_or_default();
+        let body = serde_json::to_vec(&state(peers, process)).unwrap_or_default();
         let result = post(client, &url, peers.auth.as_deref(), body).await;
         let wait = if result.is_ok() { REFRESH } else { RETRY };
         if let Err(e) = &result

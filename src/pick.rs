@@ -280,7 +280,6 @@ pub(crate) mod tests {
             1,
             listen_cfg(servers, queue),
             crate::events::channel(),
-            Default::default(),
         ))
     }
 

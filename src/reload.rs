@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use tokio::sync::broadcast;
 
-use crate::cancel::Registry;
 use crate::config::Listen;
 use crate::events::Event;
 use crate::state::ListenState;
@@ -23,7 +22,6 @@ pub fn apply(
     old: &[Arc<ListenState>],
     configs: &[Listen],
     events: &broadcast::Sender<Event>,
-    cancels: &Arc<Registry>,
 ) -> Applied {
     let listens = configs
         .iter()
@@ -35,12 +33,7 @@ pub fn apply(
                     l.reconfigure(iid, cfg.clone());
                     Arc::clone(l)
                 }
-                None => Arc::new(ListenState::new(
-                    iid,
-                    cfg.clone(),
-                    events.clone(),
-                    Arc::clone(cancels),
-                )),
+                None => Arc::new(ListenState::new(iid, cfg.clone(), events.clone())),
             }
         })
         .collect::<Vec<_>>();
@@ -74,8 +67,7 @@ mod tests {
     #[test]
     fn servers_keep_their_state_by_name_removed_ones_linger() {
         let events = crate::events::channel();
-        let cancels = Arc::new(Registry::default());
-        let first = apply(&[], &listens(A), &events, &cancels);
+        let first = apply(&[], &listens(A), &events);
         let l = Arc::clone(&first.listens[0]);
         let a = Arc::clone(&l.servers()[0]);
         let b = Arc::clone(&l.servers()[1]);
@@ -86,7 +78,7 @@ mod tests {
             "addr = \"127.0.0.1:12\"",
             "addr = \"127.0.0.1:12\"\nweight = 50",
         ) + "[[listen.server]]\nname = \"c\"\naddr = \"127.0.0.1:13\"\n";
-        let second = apply(&first.listens, &listens(&text), &events, &cancels);
+        let second = apply(&first.listens, &listens(&text), &events);
         assert!(
             Arc::ptr_eq(&second.listens[0], &l),
             "the listen keeps its identity"
@@ -106,7 +98,7 @@ mod tests {
             .split("[[listen.server]]\nname = \"b\"")
             .next()
             .unwrap_or(A);
-        let third = apply(&second.listens, &listens(only_a), &events, &cancels);
+        let third = apply(&second.listens, &listens(only_a), &events);
         assert!(third.removed.is_empty());
         assert_eq!(l.servers().len(), 1);
         assert!(b.is_removed() && !b.usable());
@@ -114,7 +106,7 @@ mod tests {
 
         // A listen no longer configured drains.
         let other = A.replace("name = \"pg\"", "name = \"pg2\"");
-        let fourth = apply(&third.listens, &listens(&other), &events, &cancels);
+        let fourth = apply(&third.listens, &listens(&other), &events);
         assert_eq!(fourth.removed.len(), 1);
         assert!(a.is_removed());
         assert!(!Arc::ptr_eq(&fourth.listens[0], &l));

@@ -12,6 +12,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::cancel::Registry;
 use crate::client::Client;
 use crate::counters::{Counter, Pass, raise_max};
 use crate::login::{self, Failed, Opened};
@@ -62,6 +63,8 @@ pub enum Incoming {
 struct Established {
     client: Client,
     opened: Opened,
+    /// Where the session's cancel key is registered (one registry for the process).
+    cancels: Arc<Registry>,
     _passes: [Pass; 2],
     _current: Current,
 }
@@ -80,6 +83,7 @@ pub fn serve(
     admission: Admission,
     stop: CancellationToken,
     load: Load,
+    cancels: Arc<Registry>,
 ) -> impl Future<Output = ()> {
     let accepted = Instant::now();
     let opening = Box::pin(establish(
@@ -88,6 +92,7 @@ pub fn serve(
         Arc::clone(&listen),
         admission,
         accepted,
+        cancels,
     ));
     async move {
         let _load = load;
@@ -105,6 +110,7 @@ async fn establish(
     listen: Arc<ListenState>,
     admission: Admission,
     accepted: Instant,
+    cancels: Arc<Registry>,
 ) -> Option<Established> {
     let tcp = match tcp {
         Incoming::Here(tcp) => tcp,
@@ -119,14 +125,14 @@ async fn establish(
     // 1. Startup: what does the client want? (TLS is set up here when pglb terminates it.)
     let (mut client, mut hello) = Box::pin(negotiate(tcp, peer, &listen)).await?;
     if let Hello::Cancel(key) = &hello {
-        Box::pin(cancel(client, peer, &listen, key)).await;
+        Box::pin(cancel(client, peer, &listen, &cancels, key)).await;
         return None;
     }
     let passes = match admission {
         Admission::Admitted(passes) => passes,
         Admission::Refused(refusal, _answering) => {
             listen.counters.denied.inc();
-            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            refuse(client, peer, &listen, &cancels, hello, refusal, accepted).await;
             return None;
         }
     };
@@ -138,16 +144,17 @@ async fn establish(
         Ok(opened) => Some(Established {
             client,
             opened,
+            cancels,
             _passes: passes,
             _current: current,
         }),
         Err(Failed::Refused(refusal)) => {
-            refuse(client, peer, &listen, hello, refusal, accepted).await;
+            refuse(client, peer, &listen, &cancels, hello, refusal, accepted).await;
             None
         }
         Err(Failed::Cancel(key)) => {
             drop(current);
-            Box::pin(cancel(client, peer, &listen, &key)).await;
+            Box::pin(cancel(client, peer, &listen, &cancels, &key)).await;
             None
         }
         Err(Failed::Done) => None,
@@ -156,8 +163,14 @@ async fn establish(
 
 /// Routes a CancelRequest, then ends its connection as PostgreSQL does: once the cancel
 /// was passed on, with a TLS close_notify when TLS was used.
-async fn cancel(mut client: Client, peer: SocketAddr, listen: &Arc<ListenState>, key: &CancelKey) {
-    match cancel::route(listen, &listen.cancels, key, peer.ip()).await {
+async fn cancel(
+    mut client: Client,
+    peer: SocketAddr,
+    listen: &Arc<ListenState>,
+    registry: &Registry,
+    key: &CancelKey,
+) {
+    match cancel::route(listen, registry, key, peer.ip()).await {
         cancel::Routed::Owner(addr) => {
             info!(client = %peer, listen = %listen.name, pid = key.pid, server = %addr, "cancel request routed to the session's server")
         }
@@ -202,7 +215,7 @@ async fn relay_and_log(
     let tracker = opened
         .startup
         .as_ref()
-        .map(|_| relay::Tracker::new(Some((Arc::clone(&listen.cancels), srv.cfg().addr))));
+        .map(|_| relay::Tracker::new(Some((Arc::clone(&session.cancels), srv.cfg().addr))));
     let ends = srv.session_signals();
     let _listed = srv.list_session(peer);
     for times in [&srv.counters.times, &listen.counters.times] {
@@ -227,7 +240,7 @@ async fn relay_and_log(
     outcome.to_server += opened.to_server;
     outcome.to_client += opened.to_client;
     if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
-        listen.cancels.remove(&key);
+        session.cancels.remove(&key);
     }
     if matches!(outcome.end, relay::End::Drained) {
         // At a transaction boundary: say why, so pools reconnect elsewhere.
@@ -375,6 +388,7 @@ async fn refuse(
     mut client: Client,
     peer: SocketAddr,
     listen: &Arc<ListenState>,
+    registry: &Registry,
     hello: Hello,
     refusal: Refusal,
     accepted: Instant,
@@ -399,7 +413,7 @@ async fn refuse(
             match timeout(left, read).await.ok().flatten() {
                 Some(AfterSsl::Startup(m)) => Some(m),
                 Some(AfterSsl::Cancel(key)) => {
-                    cancel(client, peer, listen, &key).await;
+                    cancel(client, peer, listen, registry, &key).await;
                     return;
                 }
                 None => None,

@@ -580,8 +580,6 @@ pub struct ListenState {
     pub started: Instant,
     /// Where server state changes are published (logs, stats, alerts).
     pub events: broadcast::Sender<Event>,
-    /// Cancel keys of live sessions, shared by every listen.
-    pub cancels: Arc<crate::cancel::Registry>,
     /// "No server available" was announced: the next server UP announces the recovery.
     pub no_server_announced: AtomicBool,
     /// UP/DOWN history of the listen as a whole (the BACKEND row).
@@ -606,12 +604,7 @@ pub struct BackendStatus {
 }
 
 impl ListenState {
-    pub fn new(
-        iid: u32,
-        cfg: config::Listen,
-        events: broadcast::Sender<Event>,
-        cancels: Arc<crate::cancel::Registry>,
-    ) -> Self {
+    pub fn new(iid: u32, cfg: config::Listen, events: broadcast::Sender<Event>) -> Self {
         let servers: Vec<_> = cfg
             .servers
             .iter()
@@ -629,7 +622,6 @@ impl ListenState {
             counters: ListenCounters::default(),
             started: Instant::now(),
             events,
-            cancels,
             no_server_announced: AtomicBool::new(false),
             backend: Mutex::new(BackendHealth {
                 up: false,
@@ -798,23 +790,15 @@ pub struct Process {
     pub reload_error: Mutex<Option<String>>,
     /// Cleared when shutdown begins: `/health` then reports 503.
     pub serving: AtomicBool,
-    /// The other pglb nodes, to which operator actions are passed on.
-    pub peers: Arc<crate::peers::Peers>,
     /// The worker threads, for their session counts.
     workers: Arc<Pool>,
 }
 
 impl Process {
-    pub fn new(
-        listens: Vec<Arc<ListenState>>,
-        maxconn: usize,
-        peers: crate::peers::Peers,
-        workers: Arc<Pool>,
-    ) -> Self {
+    pub fn new(listens: Vec<Arc<ListenState>>, maxconn: usize, workers: Arc<Pool>) -> Self {
         Process {
             listens: RwLock::new(Arc::new(listens)),
             gate: Gate::new(maxconn),
-            peers: Arc::new(peers),
             workers,
             started: Instant::now(),
             reload_error: Mutex::new(None),

@@ -143,7 +143,14 @@ fn act(ctx: &Context, target_text: &str, action: Action) -> String {
         Ok(t) => t,
         Err(e) => return e,
     };
-    match admin::run(&ctx.process, ctx.state_file.as_deref(), b, s, action) {
+    match admin::run(
+        &ctx.process,
+        &ctx.peers,
+        ctx.state_file.as_deref(),
+        b,
+        s,
+        action,
+    ) {
         Ok(_) => String::new(),
         Err(e) => format!("{}\n", e.cli()),
     }

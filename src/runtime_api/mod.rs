@@ -39,6 +39,8 @@ const PROMPT: &str = "> ";
 /// What the commands act on.
 pub struct Context {
     pub process: Arc<Process>,
+    /// The other nodes of the pair: operator actions go to them too.
+    pub peers: Arc<crate::peers::Peers>,
     /// Where operator actions are saved (the dashboard's `[stats] state_file`).
     pub state_file: Option<PathBuf>,
     /// Worker threads, for `show info`.
