@@ -350,7 +350,7 @@ impl Daemon {
             };
             let path = self.config_path.clone();
             match request {
-                Request::Reload if !self.binary.replaced() => self.reload(&path),
+                Request::Reload if !self.binary.replaced() => self.reload(&path).await,
                 _ => {
                     if self.upgrade().await {
                         return Ending::HandedOver;
@@ -530,9 +530,16 @@ impl Daemon {
     /// Re-reads the configuration. Invalid: the running one stays, and the error is
     /// logged and shown (stats page, /health). Valid: listens and servers are added,
     /// changed and removed without touching a running session.
-    fn reload(&mut self, path: &std::path::Path) {
+    async fn reload(&mut self, path: &std::path::Path) {
         notify("RELOADING=1\nSTATUS=reloading");
-        match self.try_reload(path) {
+        // Reading the file resolves server names and loads certificates: off this thread,
+        // which also serves the stats port and /health (a slow resolver must not stall it).
+        let file = path.to_owned();
+        let loaded = tokio::task::spawn_blocking(move || Config::load(&file))
+            .await
+            .map_err(|e| format!("reload task failed: {e}"))
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match loaded.and_then(|config| self.try_reload(config)) {
             Ok(summary) => {
                 *lock(&self.process.reload_error) = None;
                 info!("configuration reloaded from {}: {summary}", path.display());
@@ -546,8 +553,7 @@ impl Daemon {
         }
     }
 
-    fn try_reload(&mut self, path: &std::path::Path) -> Result<String, String> {
-        let config = Config::load(path).map_err(|e| e.to_string())?;
+    fn try_reload(&mut self, config: Config) -> Result<String, String> {
         if config.global.threads != self.config.global.threads {
             warn!("global threads changes take effect at the next restart");
         }
