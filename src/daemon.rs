@@ -187,8 +187,14 @@ pub async fn run<S: Future<Output = ()>>(
     }
     daemon.checks.cancel();
     stop_http.cancel();
-    // Alerts still queued go out now (bounded); any that cannot are logged as lost.
-    stop_alerts.cancel();
+    flush_alerts(alerter, &stop_alerts).await;
+    info!("pglb stopped");
+    Ok(())
+}
+
+/// Alerts still queued go out now (bounded); any that cannot are logged as lost.
+async fn flush_alerts(alerter: Option<tokio::task::JoinHandle<()>>, stop: &CancellationToken) {
+    stop.cancel();
     if let Some(alerter) = alerter
         && tokio::time::timeout(alerts::SHUTDOWN_FLUSH + CLOSE_WAIT, alerter)
             .await
@@ -196,8 +202,6 @@ pub async fn run<S: Future<Output = ()>>(
     {
         warn!("alerter did not finish: queued alerts lost");
     }
-    info!("pglb stopped");
-    Ok(())
 }
 
 /// How long a start waits for the first check of every server before taking clients.

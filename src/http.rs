@@ -282,40 +282,7 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
             }
             api_action(ctx, req, peer).await
         }
-        (&Method::GET, _) if on_page => {
-            let options: Vec<&str> = path[uri.len()..]
-                .split(';')
-                .chain(query.split(['&', ';']))
-                .collect();
-            if options.contains(&"csv") {
-                text(
-                    StatusCode::OK,
-                    "text/csv; charset=utf-8",
-                    stats::csv::render(&stats::snapshot(&ctx.process)),
-                )
-            } else {
-                let notice =
-                    options
-                        .iter()
-                        .find_map(|o| o.strip_prefix("st="))
-                        .map(|st| match st {
-                            "DONE" => "Action processed successfully.",
-                            _ => "The action could not be processed.",
-                        });
-                let page = html::Page {
-                    uri,
-                    refresh: ctx.cfg.refresh,
-                    admin: ctx.cfg.auth.is_some(),
-                    notice,
-                    peers: peer_rows(ctx),
-                };
-                text(
-                    StatusCode::OK,
-                    "text/html; charset=utf-8",
-                    html::render(&stats::snapshot(&ctx.process), &page),
-                )
-            }
-        }
+        (&Method::GET, _) if on_page => stats_page(ctx, &path[uri.len()..], &query),
         (&Method::POST, p) if p == uri => {
             if let Err(r) = authorize(ctx, &req).and_then(|()| same_origin(&req)) {
                 return r;
@@ -328,6 +295,40 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
         ),
         _ => plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
     }
+}
+
+/// The dashboard or, with the `csv` option (`;csv`, `?csv`, `?stats;csv`, `/;csv`), the
+/// CSV. `rest` is the path after the stats uri.
+fn stats_page(ctx: &Context, rest: &str, query: &str) -> Resp {
+    let uri = ctx.cfg.uri.as_str();
+    let options: Vec<&str> = rest.split(';').chain(query.split(['&', ';'])).collect();
+    let snap = stats::snapshot(&ctx.process);
+    if options.contains(&"csv") {
+        return text(
+            StatusCode::OK,
+            "text/csv; charset=utf-8",
+            stats::csv::render(&snap),
+        );
+    }
+    let notice = options
+        .iter()
+        .find_map(|o| o.strip_prefix("st="))
+        .map(|st| match st {
+            "DONE" => "Action processed successfully.",
+            _ => "The action could not be processed.",
+        });
+    let page = html::Page {
+        uri,
+        refresh: ctx.cfg.refresh,
+        admin: ctx.cfg.auth.is_some(),
+        notice,
+        peers: peer_rows(ctx),
+    };
+    text(
+        StatusCode::OK,
+        "text/html; charset=utf-8",
+        html::render(&snap, &page),
+    )
 }
 
 /// `/health`: 200 while pglb serves (it accepts clients and answers them, with an

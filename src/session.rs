@@ -244,33 +244,60 @@ async fn relay_and_log(
     }
     if matches!(outcome.end, relay::End::Drained) {
         // At a transaction boundary: say why, so pools reconnect elsewhere.
-        let message = if state::STOPPING.load(Relaxed) {
-            "pglb is shutting down; reconnect to continue".to_owned()
-        } else {
-            format!(
-                "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
-                srv.name, listen.name
-            )
-        };
-        let _ = timeout(Duration::from_secs(1), async {
-            let _ = client
-                .write_all(&refusal::error_response("FATAL", "57P01", &message))
-                .await;
-            let _ = opened.server.write_all(&[b'X', 0, 0, 0, 4]).await;
-        })
-        .await;
+        say_drained(client, &mut opened.server, &srv.name, &listen.name).await;
     }
 
     // 4. One line per finished session.
-    let params = opened.startup.as_ref();
     let total = accepted.elapsed();
     for times in [&srv.counters.times, &listen.counters.times] {
         times.total.add(total.as_millis() as u64);
     }
+    log_closed(
+        peer,
+        listen,
+        &srv.name,
+        opened,
+        &outcome,
+        total,
+        client.is_tls(),
+    );
+}
+
+/// Tells a client drained at a transaction boundary why its session ends (so pools
+/// reconnect elsewhere), and the server that the session is over.
+async fn say_drained(client: &mut Client, server: &mut TcpStream, srv: &str, listen: &str) {
+    let message = if state::STOPPING.load(Relaxed) {
+        "pglb is shutting down; reconnect to continue".to_owned()
+    } else {
+        format!(
+            "pglb: server '{}' of listen '{}' is being drained; reconnect to continue",
+            srv, listen
+        )
+    };
+    let _ = timeout(Duration::from_secs(1), async {
+        let _ = client
+            .write_all(&refusal::error_response("FATAL", "57P01", &message))
+            .await;
+        let _ = server.write_all(&[b'X', 0, 0, 0, 4]).await;
+    })
+    .await;
+}
+
+/// The one log line of a finished session.
+fn log_closed(
+    peer: SocketAddr,
+    listen: &ListenState,
+    server: &str,
+    opened: &Opened,
+    outcome: &relay::Outcome,
+    total: Duration,
+    tls: bool,
+) {
+    let params = opened.startup.as_ref();
     info!(
         client = %peer,
         listen = %listen.name,
-        server = %srv.name,
+        server = %server,
         wait_ms = opened.wait.as_millis() as u64,
         connect_ms = opened.connect.as_millis() as u64,
         total_ms = total.as_millis() as u64,
@@ -281,7 +308,7 @@ async fn relay_and_log(
         user = params.and_then(|p| p.param("user")).as_deref().unwrap_or("-"),
         database = params.and_then(|p| p.param("database")).as_deref().unwrap_or("-"),
         application_name = params.and_then(|p| p.param("application_name")).as_deref().unwrap_or("-"),
-        tls = if client.is_tls() { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
+        tls = if tls { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
         cancel = if params.is_none() { "best-effort" } else { "routed" },
         "session closed"
     );
