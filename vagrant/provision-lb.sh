@@ -57,4 +57,4 @@ systemctl enable pglb keepalived
 systemctl restart pglb
 systemctl restart keepalived
 systemctl --no-pager --lines=0 status pglb keepalived
-curl -fsS -m 2 http://127.0.0.1:8404/health || echo "pglb not healthy yet (are the db VM's PgBouncers up?)"
+curl -fsS -m 2 "http://127.0.0.1:8404/health?servers" || echo "pglb has no PgBouncer UP yet (are the db VM's PgBouncers up?)"
