@@ -678,7 +678,8 @@ impl Pglb {
         std::fs::read_to_string(self.dir.path().join("pglb.log")).unwrap_or_default()
     }
 
-    /// Waits until `count` log lines contain all of `needles`; returns the log.
+    /// Waits until `count` log lines contain all of `needles`; returns the log. Fails the
+    /// test when they do not appear within `limit`.
     pub fn wait_log(&self, needles: &[&str], count: usize, limit: Duration) -> String {
         let deadline = Instant::now() + limit;
         loop {
@@ -687,9 +688,13 @@ impl Pglb {
                 .lines()
                 .filter(|l| needles.iter().all(|n| l.contains(n)))
                 .count();
-            if n >= count || Instant::now() > deadline {
+            if n >= count {
                 return log;
             }
+            assert!(
+                Instant::now() < deadline,
+                "expected {count} log line(s) with {needles:?} within {limit:?}, saw {n}:\n{log}"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
