@@ -1522,6 +1522,26 @@ fn scenario(lab: &mut Lab) {
     let log = std::fs::read_to_string(&lab.nodes[master].pglb.as_ref().expect("pglb").log)
         .unwrap_or_default();
     assert!(log.contains("upgrade: the new process serves"), "{log}");
+    // The successor is this test's too, though no guard holds it: stop it by its pid.
+    let successor: Option<i32> = log
+        .lines()
+        .find(|l| l.contains("new process started on the same sockets"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok());
+    let pid = successor.expect("the successor's pid in the log");
+    signal(pid, libc::SIGTERM);
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if running() {
+        signal(pid, libc::SIGKILL);
+    }
 }
 
 /// One runtime-API-like admin action through the JSON API of `node`'s pglb.
