@@ -54,13 +54,14 @@ impl Dispatch {
     /// on a replica listen, healthy primaries (when `fallback_to_primary`).
     fn find(&mut self, listen: &ListenState, exclude: &[Arc<ServerState>]) -> Found {
         let servers = listen.servers();
-        let fallback = listen.cfg().fallback_to_primary;
+        let cfg = listen.cfg();
+        let fallback = cfg.fallback_to_primary;
         let tiers: [&dyn Fn(&ServerState) -> bool; 3] = [
             &|s| !s.is_backup() && s.usable(),
             &|s| s.is_backup() && s.usable(),
             &|s| fallback && s.weight() > 0 && !s.is_removed() && s.fallback_ok.load(Relaxed),
         ];
-        let algo = listen.cfg().balance;
+        let algo = cfg.balance;
         for tier in tiers {
             let usable = servers
                 .iter()

@@ -1523,25 +1523,8 @@ fn scenario(lab: &mut Lab) {
         .unwrap_or_default();
     assert!(log.contains("upgrade: the new process serves"), "{log}");
     // The successor is this test's too, though no guard holds it: stop it by its pid.
-    let successor: Option<i32> = log
-        .lines()
-        .find(|l| l.contains("new process started on the same sockets"))
-        .and_then(|l| l.split("pid=").nth(1))
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok());
-    let pid = successor.expect("the successor's pid in the log");
-    signal(pid, libc::SIGTERM);
-    let running = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
-    };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while running() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if running() {
-        signal(pid, libc::SIGKILL);
-    }
+    let pid = harness::successor_pid(&log).expect("the successor's pid in the log");
+    harness::stop_pid(pid);
 }
 
 /// One runtime-API-like admin action through the JSON API of `node`'s pglb.

@@ -256,19 +256,7 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
 
     // The new process serves on its own and stops cleanly.
     let text = read_log();
-    let new_pid: i32 = text
-        .split("upgrade: new process started on the same sockets pid=")
-        .nth(1)
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .or_else(|| {
-            text.lines()
-                .find(|l| l.contains("new process started"))
-                .and_then(|l| l.split("pid=").nth(1))
-                .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|p| p.parse().ok())
-        })
-        .expect("the new pid in the log");
+    let new_pid = harness::successor_pid(&text).expect("the new pid in the log");
     assert!(
         text.contains("listening socket taken over from the previous process"),
         "{text}"
@@ -290,18 +278,7 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
         .expect("the new process serves");
     c.simple_query("SELECT 1").await.expect("query");
     drop(c);
-    // SAFETY: a signal to the process this test's pglb started.
-    unsafe { libc::kill(new_pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    // Gone, or a zombie waiting for whoever adopted it.
-    let running = || {
-        std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
-            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
-    };
-    while running() {
-        assert!(Instant::now() < deadline, "new process did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(harness::stop_pid(new_pid), "new process did not stop");
 }
 
 /// The runtime API's Unix socket survives an upgrade (SIGUSR2): the successor serves the
@@ -361,20 +338,6 @@ fn sigusr2_hands_the_unix_runtime_socket_to_the_new_process() {
         "# name\npostgres\n\n",
         "the new process answers on it"
     );
-    let pid: i32 = read_log()
-        .lines()
-        .find(|l| l.contains("new process started"))
-        .and_then(|l| l.split("pid=").nth(1))
-        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|p| p.parse().ok())
-        .expect("new pid");
-    // SAFETY: a signal to the process this test's pglb started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
-    {
-        assert!(Instant::now() < deadline, "new process did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let pid = harness::successor_pid(&read_log()).expect("new pid");
+    assert!(harness::stop_pid(pid), "new process did not stop");
 }

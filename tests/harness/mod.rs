@@ -1057,3 +1057,34 @@ pub async fn csv_field(stats: u16, svname: &str, column: &str) -> String {
         .unwrap_or_default()
         .to_owned()
 }
+
+/// The pid of the process an upgrade started, from the old process's log.
+pub fn successor_pid(log: &str) -> Option<i32> {
+    log.lines()
+        .find(|l| l.contains("new process started on the same sockets"))
+        .and_then(|l| l.split("pid=").nth(1))
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+}
+
+/// Stops a process this test started but holds no guard for (an upgrade's successor):
+/// SIGTERM, then SIGKILL after 10 s. True when it stopped on SIGTERM. A zombie waiting for
+/// whoever adopted it counts as stopped.
+pub fn stop_pid(pid: i32) -> bool {
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
+    };
+    // SAFETY: signals to a process this test started.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if running() {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        return false;
+    }
+    true
+}
