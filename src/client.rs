@@ -5,9 +5,18 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::timeout;
 use tokio_rustls::server::TlsStream;
+use tracing::{debug, warn};
+
+use crate::counters::Counter;
+use crate::refusal::Refusal;
+use crate::startup::StartupError;
+use crate::state::ListenState;
 
 pub enum Client {
     Plain(TcpStream),
@@ -15,6 +24,33 @@ pub enum Client {
 }
 
 impl Client {
+    /// Sends a refusal as the client's ErrorResponse and closes. Best effort: the client
+    /// may be gone already.
+    pub(crate) async fn refuse(&mut self, refusal: &Refusal) {
+        let bytes = refusal.to_error_response();
+        let _ = timeout(Duration::from_secs(1), async {
+            self.write_all(&bytes).await?;
+            self.shutdown().await
+        })
+        .await;
+    }
+
+    /// Answers a malformed startup packet with the error it deserves (counted and
+    /// logged); a client that left gets nothing.
+    pub(crate) async fn refuse_bad_startup(&mut self, listen: &ListenState, e: StartupError) {
+        if matches!(e, StartupError::Closed | StartupError::Io(_)) {
+            debug!(listen = %listen.name, "client left during startup");
+            return;
+        }
+        listen.counters.ereq.inc();
+        warn!(listen = %listen.name, error = %e, "bad startup packet");
+        let refusal = Refusal::BadStartup {
+            sqlstate: e.sqlstate(),
+            message: e.to_string(),
+        };
+        self.refuse(&refusal).await;
+    }
+
     pub fn is_tls(&self) -> bool {
         matches!(self, Client::Tls(_))
     }

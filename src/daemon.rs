@@ -24,7 +24,8 @@ use crate::notify::notify;
 use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
 use crate::{
-    admin, alerts, cancel, checker, events, http, net, peers, pick, reload, runtime_api, upgrade,
+    alerts, cancel, checker, events, http, net, operator_state, peers, pick, reload, runtime_api,
+    upgrade,
 };
 
 /// Extra time given to sessions to unwind once told to close.
@@ -106,7 +107,7 @@ pub async fn run<S: Future<Output = ()>>(
     startup_warnings(&config);
     let listeners = bind_listens(&listens, &mut inherited)?;
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
-        admin::load(path, &listens);
+        operator_state::load(path, &listens);
     }
     let process = Arc::new(Process::new(
         listens.clone(),

@@ -21,6 +21,7 @@ pub mod health;
 pub mod login;
 pub mod net;
 pub mod notify;
+pub mod operator_state;
 pub mod pick;
 pub mod probe;
 pub mod refusal;

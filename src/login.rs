@@ -231,7 +231,7 @@ async fn attempt(
             Ok(Ok(AfterSsl::Startup(m))) => *hello = Hello::Startup(m),
             Ok(Ok(AfterSsl::Cancel(key))) => return Attempt::End(Failed::Cancel(key)),
             Ok(Err(e)) => {
-                crate::session::bad_startup(client, listen, e).await;
+                client.refuse_bad_startup(listen, e).await;
                 return Attempt::End(Failed::Done);
             }
             Err(_) => {
@@ -240,7 +240,7 @@ async fn attempt(
                     listen: listen.name.clone(),
                     timeout: cfg.timeouts.startup,
                 };
-                crate::session::send_refusal(client, &refusal).await;
+                client.refuse(&refusal).await;
                 return Attempt::End(Failed::Done);
             }
         }

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 
 use crate::config;
 use crate::counters::lock;
-use crate::state::Process;
+use crate::state::{self, Process};
 use crate::webclient::{WebClient, client};
 
 /// How long a peer may take to answer.
@@ -77,7 +77,7 @@ pub struct PeerStatus {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateMessage {
     pub node: String,
-    pub servers: Vec<crate::admin::Entry>,
+    pub servers: Vec<crate::operator_state::Entry>,
 }
 
 impl Peers {
@@ -120,7 +120,7 @@ impl Peers {
 pub fn state(peers: &Peers, process: &Process) -> StateMessage {
     StateMessage {
         node: peers.node.clone(),
-        servers: crate::admin::entries(&process.listens(), false),
+        servers: crate::operator_state::entries(&process.listens(), false),
     }
 }
 
@@ -129,7 +129,7 @@ pub fn merge(peers: &Peers, process: &Process, msg: &StateMessage) -> usize {
     let listens = process.listens();
     let mut applied = 0;
     for e in &msg.servers {
-        let Ok((listen, server)) = crate::admin::find(&listens, &e.listen, &e.server) else {
+        let Some((listen, server)) = state::find_server(&listens, &e.listen, &e.server) else {
             continue;
         };
         if e.version <= server.op_version() {
@@ -154,7 +154,7 @@ pub fn merge(peers: &Peers, process: &Process, msg: &StateMessage) -> usize {
         applied += 1;
     }
     if applied > 0 {
-        crate::admin::save_or_warn(peers.state_file.as_deref(), &listens);
+        crate::operator_state::save_or_warn(peers.state_file.as_deref(), &listens);
     }
     applied
 }

@@ -2,26 +2,15 @@
 //! queue until one frees a place. A [`Slot`] is a session's place on a server; dropping
 //! it frees the place and hands it to the first waiter.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
 use tokio::sync::oneshot;
 
-use crate::balance::{self, BalanceState, Candidate};
+use crate::balance::{self, Candidate};
 use crate::counters::{Counter, raise_max};
 use crate::refusal::Refusal;
-use crate::state::{ListenState, ServerState};
-
-/// Per-listen dispatch state, guarded by the listen's mutex. Held only for a few
-/// comparisons per pick: never across an await. (The session counts live on the servers,
-/// changed only under this lock.)
-#[derive(Debug)]
-pub struct Dispatch {
-    balance: BalanceState,
-    /// Clients waiting for a place, oldest first.
-    queue: VecDeque<oneshot::Sender<Slot>>,
-}
+use crate::state::{Dispatch, ListenState, ServerState};
 
 /// What a pick found.
 enum Found {
@@ -32,98 +21,74 @@ enum Found {
     Nothing,
 }
 
-impl Dispatch {
-    pub fn new(servers: usize) -> Self {
-        Dispatch {
-            balance: BalanceState::new(servers),
-            queue: VecDeque::new(),
+/// Active servers first; backups only when no active server is usable at all; last, on a
+/// replica listen, healthy primaries (when `fallback_to_primary`). Called with the
+/// listen's dispatch lock held.
+fn find(d: &mut Dispatch, listen: &ListenState, exclude: &[Arc<ServerState>]) -> Found {
+    let servers = listen.servers();
+    let cfg = listen.cfg();
+    let fallback = cfg.fallback_to_primary;
+    let tiers: [&dyn Fn(&ServerState) -> bool; 3] = [
+        &|s| !s.is_backup() && s.usable(),
+        &|s| s.is_backup() && s.usable(),
+        &|s| fallback && s.weight() > 0 && !s.is_removed() && s.fallback_ok.load(Relaxed),
+    ];
+    for tier in tiers {
+        let usable = servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| tier(s) && !exclude.iter().any(|x| Arc::ptr_eq(x, s)));
+        let mut any = false;
+        let cands: Vec<Candidate> = usable
+            .inspect(|_| any = true)
+            .filter(|(_, s)| s.has_room())
+            .map(|(idx, s)| Candidate {
+                idx,
+                cur: s.sessions(),
+                weight: s.weight(),
+            })
+            .collect();
+        if let Some(idx) = balance::pick(cfg.balance, &cands, &mut d.balance) {
+            return Found::Server(Arc::clone(&servers[idx]));
+        }
+        if any {
+            return Found::Full;
         }
     }
+    Found::Nothing
+}
 
-    /// A reload replaced the server list: positions changed, the balancer starts over.
-    pub fn servers_replaced(&mut self, servers: usize) {
-        self.balance = BalanceState::new(servers);
-    }
+/// Counts a session on `server` (dispatch lock held).
+fn count_in(server: &ServerState) {
+    let now = server.add_session(1);
+    raise_max(&server.counters.smax, now);
+    server.note_session();
+}
 
-    /// Waiters still waiting (some may have timed out but not yet been pruned).
-    pub fn queued(&self) -> usize {
-        self.queue.iter().filter(|w| !w.is_closed()).count()
-    }
-
-    /// Active servers first; backups only when no active server is usable at all; last,
-    /// on a replica listen, healthy primaries (when `fallback_to_primary`).
-    fn find(&mut self, listen: &ListenState, exclude: &[Arc<ServerState>]) -> Found {
-        let servers = listen.servers();
-        let cfg = listen.cfg();
-        let fallback = cfg.fallback_to_primary;
-        let tiers: [&dyn Fn(&ServerState) -> bool; 3] = [
-            &|s| !s.is_backup() && s.usable(),
-            &|s| s.is_backup() && s.usable(),
-            &|s| fallback && s.weight() > 0 && !s.is_removed() && s.fallback_ok.load(Relaxed),
-        ];
-        let algo = cfg.balance;
-        for tier in tiers {
-            let usable = servers
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| tier(s) && !exclude.iter().any(|x| Arc::ptr_eq(x, s)));
-            let mut any = false;
-            let cands: Vec<Candidate> = usable
-                .inspect(|_| any = true)
-                .filter(|(_, s)| s.has_room())
-                .map(|(idx, s)| Candidate {
-                    idx,
-                    cur: s.sessions(),
-                    weight: s.weight(),
-                })
-                .collect();
-            if let Some(idx) = balance::pick(algo, &cands, &mut self.balance) {
-                return Found::Server(Arc::clone(&servers[idx]));
-            }
-            if any {
-                return Found::Full;
-            }
+/// Hands free places to waiters, oldest first. When no server is usable any more,
+/// waiters are released with nothing (they report "no server available").
+fn serve_queue(d: &mut Dispatch, listen: &ListenState) {
+    while let Some(waiter) = d.queue.pop_front() {
+        if waiter.is_closed() {
+            continue;
         }
-        Found::Nothing
-    }
-
-    fn take(&mut self, listen: &Arc<ListenState>, server: Arc<ServerState>) -> Slot {
-        let now = server.add_session(1);
-        raise_max(&server.counters.smax, now);
-        server.note_session();
-        Slot {
-            listen: Arc::clone(listen),
-            server,
-            counted: true,
-        }
-    }
-
-    /// Hands free places to waiters, oldest first. When no server is usable any more,
-    /// waiters are released with nothing (they report "no server available").
-    fn serve_queue(&mut self, listen: &Arc<ListenState>) {
-        while let Some(waiter) = self.queue.pop_front() {
-            if waiter.is_closed() {
-                continue;
+        match find(d, listen, &[]) {
+            Found::Server(server) => {
+                count_in(&server);
+                if let Err(server) = waiter.send(server) {
+                    // The waiter gave up meanwhile: give the place back; the loop goes
+                    // on serving (the lock is held, so no re-entry).
+                    server.add_session(-1);
+                }
             }
-            match self.find(listen, &[]) {
-                Found::Server(server) => {
-                    let slot = self.take(listen, server);
-                    if let Err(mut slot) = waiter.send(slot) {
-                        // The waiter gave up meanwhile: give the place back; the loop
-                        // goes on serving (the lock is held, so no re-entry).
-                        slot.server.add_session(-1);
-                        slot.counted = false;
-                    }
-                }
-                Found::Full => {
-                    self.queue.push_front(waiter);
-                    return;
-                }
-                Found::Nothing => {
-                    drop(waiter);
-                    self.queue.clear();
-                    return;
-                }
+            Found::Full => {
+                d.queue.push_front(waiter);
+                return;
+            }
+            Found::Nothing => {
+                drop(waiter);
+                d.queue.clear();
+                return;
             }
         }
     }
@@ -134,8 +99,6 @@ impl Dispatch {
 pub struct Slot {
     listen: Arc<ListenState>,
     server: Arc<ServerState>,
-    /// False once the place was given back by other means (a waiter that left).
-    counted: bool,
 }
 
 impl Slot {
@@ -146,13 +109,28 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if !self.counted {
-            return;
-        }
-        let listen = Arc::clone(&self.listen);
-        let mut d = listen.dispatch();
+        let mut d = self.listen.dispatch();
         self.server.add_session(-1);
-        d.serve_queue(&listen);
+        serve_queue(&mut d, &self.listen);
+    }
+}
+
+/// A client in the queue. A place sent to it is counted on its server already: when the
+/// client leaves between that send and its receive, dropping the waiter frees the place.
+struct Waiter {
+    listen: Arc<ListenState>,
+    rx: oneshot::Receiver<Arc<ServerState>>,
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        self.rx.close();
+        if let Ok(server) = self.rx.try_recv() {
+            drop(Slot {
+                listen: Arc::clone(&self.listen),
+                server,
+            });
+        }
     }
 }
 
@@ -162,16 +140,20 @@ pub async fn acquire(
     listen: &Arc<ListenState>,
     exclude: &[Arc<ServerState>],
 ) -> Result<Slot, Refusal> {
-    let waiter = {
+    let mut waiter = {
         let mut d = listen.dispatch();
         // Newcomers queue behind earlier waiters rather than overtaking them.
         let found = if d.queued() > 0 {
             Found::Full
         } else {
-            d.find(listen, exclude)
+            find(&mut d, listen, exclude)
         };
         match found {
-            Found::Server(server) => return Ok(d.take(listen, server)),
+            Found::Server(server) => {
+                count_in(&server);
+                let listen = Arc::clone(listen);
+                return Ok(Slot { listen, server });
+            }
             Found::Nothing => {
                 return Err(Refusal::NoServer {
                     listen: listen.name.clone(),
@@ -181,13 +163,19 @@ pub async fn acquire(
                 let (tx, rx) = oneshot::channel();
                 d.queue.push_back(tx);
                 raise_max(&listen.counters.qmax, d.queue.len());
-                rx
+                Waiter {
+                    listen: Arc::clone(listen),
+                    rx,
+                }
             }
         }
     };
     let wait = listen.cfg().timeouts.queue;
-    match tokio::time::timeout(wait, waiter).await {
-        Ok(Ok(slot)) => Ok(slot),
+    match tokio::time::timeout(wait, &mut waiter.rx).await {
+        Ok(Ok(server)) => Ok(Slot {
+            listen: Arc::clone(listen),
+            server,
+        }),
         Ok(Err(_)) => Err(Refusal::NoServer {
             listen: listen.name.clone(),
         }),
@@ -203,7 +191,7 @@ pub async fn acquire(
 
 /// Re-runs the queue after servers changed (came up, weight raised, went down).
 pub fn servers_changed(listen: &Arc<ListenState>) {
-    listen.dispatch().serve_queue(listen);
+    serve_queue(&mut listen.dispatch(), listen);
 }
 
 /// Queue length now, for stats.
@@ -356,6 +344,21 @@ pub(crate) mod tests {
             "no place leaked to the waiter that left"
         );
         assert!(acquire(&l, &[]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_left_after_being_served_gives_the_place_back() {
+        // The place is counted and sent, but the waiter is gone before it reads it.
+        let l = listen(&[1], &[false], Duration::from_secs(60));
+        let held = acquire(&l, &[]).await.expect("slot");
+        let l2 = Arc::clone(&l);
+        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| name(&s)) });
+        tokio::task::yield_now().await;
+        drop(held);
+        assert_eq!(sessions(&l), vec![1], "counted for the waiter");
+        waiter.abort();
+        assert!(waiter.await.is_err(), "aborted before it ran again");
+        assert_eq!(sessions(&l), vec![0], "no place leaked");
     }
 
     #[tokio::test]

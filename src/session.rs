@@ -365,7 +365,7 @@ async fn negotiate(
             sqlstate: "08P01",
             message: "SSLRequest inside TLS".into(),
         };
-        send_refusal(&mut client, &refusal).await;
+        client.refuse(&refusal).await;
         return None;
     }
     Some((client, hello))
@@ -393,7 +393,7 @@ async fn read_hello(
                 sqlstate: e.sqlstate(),
                 message: e.to_string(),
             };
-            send_refusal(client, &refusal).await;
+            client.refuse(&refusal).await;
             None
         }
         Err(_) => {
@@ -402,7 +402,7 @@ async fn read_hello(
                 listen: listen.name.clone(),
                 timeout: t.startup,
             };
-            send_refusal(client, &refusal).await;
+            client.refuse(&refusal).await;
             None
         }
     }
@@ -459,31 +459,6 @@ async fn refuse(
         "session refused"
     );
     if startup.is_some() {
-        send_refusal(&mut client, &refusal).await;
+        client.refuse(&refusal).await;
     }
-}
-
-/// Answers a malformed packet with the error it deserves.
-pub(crate) async fn bad_startup(client: &mut Client, listen: &ListenState, e: StartupError) {
-    if matches!(e, StartupError::Closed | StartupError::Io(_)) {
-        debug!(listen = %listen.name, "client left during startup");
-        return;
-    }
-    listen.counters.ereq.inc();
-    warn!(listen = %listen.name, error = %e, "bad startup packet");
-    let refusal = Refusal::BadStartup {
-        sqlstate: e.sqlstate(),
-        message: e.to_string(),
-    };
-    send_refusal(client, &refusal).await;
-}
-
-pub(crate) async fn send_refusal(client: &mut Client, refusal: &Refusal) {
-    let bytes = refusal.to_error_response();
-    // Best effort: the client may already be gone.
-    let _ = timeout(Duration::from_secs(1), async {
-        client.write_all(&bytes).await?;
-        client.shutdown().await
-    })
-    .await;
 }

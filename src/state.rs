@@ -5,7 +5,7 @@
 //! the same drain, maint and shutdown-sessions. The proxy path, the health checker, the
 //! admin actions and the stats all read and update these structures; nothing keeps a copy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{
     AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed,
@@ -13,15 +13,15 @@ use std::sync::atomic::{
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Instant;
 
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
+use crate::balance::BalanceState;
 use crate::config;
 pub use crate::counters::lock;
 use crate::counters::{Counter, Gate, Rate, SessionTimes, StripedCounter, unix_now};
 use crate::events::Event;
 use crate::health::Health;
-use crate::pick::Dispatch;
 use crate::workers::Pool;
 
 fn read<T: Clone>(l: &RwLock<T>) -> T {
@@ -561,6 +561,40 @@ impl ListenCounters {
     }
 }
 
+/// The listen and the server of these names, when both exist.
+pub fn find_server(
+    listens: &[Arc<ListenState>],
+    listen: &str,
+    server: &str,
+) -> Option<(Arc<ListenState>, Arc<ServerState>)> {
+    let l = listens.iter().find(|l| l.name == listen)?;
+    Some((Arc::clone(l), l.server(server)?))
+}
+
+/// The balancer's memory and the clients waiting for a place, oldest first; `pick`
+/// works on it under the listen's lock, held for a few comparisons and never across an
+/// await. (The session counts live on the servers, changed only under this lock.)
+#[derive(Debug)]
+pub(crate) struct Dispatch {
+    pub(crate) balance: BalanceState,
+    /// Each waiter is sent the server whose place was counted for it.
+    pub(crate) queue: VecDeque<oneshot::Sender<Arc<ServerState>>>,
+}
+
+impl Dispatch {
+    fn new(servers: usize) -> Self {
+        Dispatch {
+            balance: BalanceState::new(servers),
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// Waiters still waiting (some may have timed out but not yet been pruned).
+    pub(crate) fn queued(&self) -> usize {
+        self.queue.iter().filter(|w| !w.is_closed()).count()
+    }
+}
+
 /// A listen: its configuration, its servers, and the dispatcher that hands out places.
 #[derive(Debug)]
 pub struct ListenState {
@@ -722,7 +756,8 @@ impl ListenState {
                 lingering.push(Arc::clone(old));
             }
         }
-        dispatch.servers_replaced(next.len());
+        // Positions changed: the balancer starts over.
+        dispatch.balance = BalanceState::new(next.len());
         write(&self.servers, Arc::new(next));
         write(&self.cfg, Arc::new(cfg));
     }
