@@ -69,14 +69,6 @@ impl Registry {
     pub fn get(&self, key: &CancelKey) -> Option<SocketAddr> {
         lock(&self.keys).get(key).copied()
     }
-
-    pub fn len(&self) -> usize {
-        lock(&self.keys).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Where a cancel went.

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use socket2::{Domain, SockRef, Socket, TcpKeepalive, Type};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Keepalive probes find dead peers (a VM gone, a cable pulled) long before idle timeouts.
 fn keepalive() -> TcpKeepalive {
@@ -19,12 +19,6 @@ fn keepalive() -> TcpKeepalive {
 pub fn tune(stream: &TcpStream) -> io::Result<()> {
     stream.set_nodelay(true)?;
     SockRef::from(stream).set_tcp_keepalive(&keepalive())
-}
-
-/// A listening socket with SO_REUSEADDR and the configured backlog, on the current
-/// runtime.
-pub fn bind(addr: SocketAddr, backlog: u32) -> io::Result<TcpListener> {
-    TcpListener::from_std(bind_std(addr, backlog)?)
 }
 
 /// A non-blocking listening socket not yet tied to a runtime: each worker takes its own
@@ -75,7 +69,8 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_inherit_relay_options() {
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let listener = bind_std("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let listener = tokio::net::TcpListener::from_std(listener).expect("runtime");
         let addr = listener.local_addr().expect("addr");
         let _client = TcpStream::connect(addr).await.expect("connect");
         let (accepted, _) = listener.accept().await.expect("accept");

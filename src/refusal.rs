@@ -42,8 +42,6 @@ pub enum Refusal {
         sqlstate: &'static str,
         message: String,
     },
-    /// pglb is stopping.
-    ShuttingDown,
 }
 
 impl Refusal {
@@ -60,7 +58,6 @@ impl Refusal {
             Refusal::ServerRefused { .. } => "",
             Refusal::BadStartup { sqlstate, .. } => sqlstate,
             // admin_shutdown.
-            Refusal::ShuttingDown => "57P01",
         }
     }
 
@@ -100,7 +97,6 @@ impl Refusal {
                 "{} (from server '{server}')",
                 field(response, b'M').unwrap_or("ErrorResponse")
             ),
-            Refusal::ShuttingDown => "pglb is shutting down".to_owned(),
         }
     }
 
@@ -114,7 +110,6 @@ impl Refusal {
             Refusal::StartupTimeout { .. } => "startup-timeout",
             Refusal::ServerRefused { .. } => "server-refused",
             Refusal::BadStartup { .. } => "bad-startup",
-            Refusal::ShuttingDown => "shutdown",
         }
     }
 
