@@ -64,7 +64,6 @@ impl CancelKey {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StartupMessage {
-    pub version: (u16, u16),
     /// The packet as received, forwarded unchanged to the server. Its parameters were
     /// checked when it was decoded and are read from it on demand: a session keeps only
     /// these bytes, not a map of strings, for its whole life.
@@ -72,6 +71,15 @@ pub struct StartupMessage {
 }
 
 impl StartupMessage {
+    /// The protocol version the client asked for (3.0, or 3.2 from libpq 18).
+    pub fn version(&self) -> (u16, u16) {
+        let at = |i: usize| {
+            let b = self.raw.get(i..i + 2).unwrap_or(&[0, 0]);
+            u16::from_be_bytes([b[0], b[1]])
+        };
+        (at(4), at(6))
+    }
+
     /// A parameter's value (the last one when the client sent it twice, as PostgreSQL
     /// reads it); bytes that are not UTF-8 are shown as U+FFFD.
     pub fn param(&self, key: &str) -> Option<Cow<'_, str>> {
@@ -214,10 +222,7 @@ fn decode_startup(packet: Bytes, code: u32) -> Result<Packet, StartupError> {
     if startup.parameters.get("user").is_none_or(|u| u.is_empty()) {
         return Err(StartupError::NoUser);
     }
-    Ok(Packet::Startup(StartupMessage {
-        version: (major, minor),
-        raw: packet,
-    }))
+    Ok(Packet::Startup(StartupMessage { raw: packet }))
 }
 
 /// Parameters are NUL-terminated name/value pairs; an empty name ends the list and must
@@ -333,7 +338,7 @@ mod tests {
                     ("database".into(), "db".into())
                 ]
             );
-            assert_eq!(m.version, (3, (version & 0xffff) as u16));
+            assert_eq!(m.version(), (3, (version & 0xffff) as u16));
             assert_eq!(&m.raw[..], &p[..], "raw bytes are kept for forwarding");
         }
     }
