@@ -42,7 +42,11 @@ fn bad_configs_are_refused_with_file_line_and_reason() {
             "duplicate server name \"pgb1\"",
         ),
         ("bad_address.toml", 7, "needs a port"),
-        ("bad_duration.toml", 5, "invalid duration \"five seconds\""),
+        (
+            "bad_duration.toml",
+            5,
+            "string \"five seconds\", expected a duration",
+        ),
         (
             "example_password.toml",
             13,

@@ -14,7 +14,8 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// A configuration error, already located in its file.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", place(.file, *.line))]
 pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based line; 0 when the error concerns the file as a whole (unreadable).
@@ -22,16 +23,13 @@ pub struct ConfigError {
     pub reason: String,
 }
 
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            0 => write!(f, "{}: {}", self.file.display(), self.reason),
-            n => write!(f, "{}:{n}: {}", self.file.display(), self.reason),
-        }
+/// `file:line`, or the file alone for an error about the whole file.
+fn place(file: &Path, line: usize) -> String {
+    match line {
+        0 => file.display().to_string(),
+        n => format!("{}:{n}", file.display()),
     }
 }
-
-impl std::error::Error for ConfigError {}
 
 /// The validated configuration the daemon runs on.
 #[derive(Debug, Clone)]
@@ -173,18 +171,43 @@ impl fmt::Debug for Tls {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+/// A listen's `[listen.timeouts]`, read as written (every key optional) and checked by
+/// `validate` (none may be 0).
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Timeouts {
+    #[serde(with = "humantime_serde")]
     pub connect: Duration,
+    #[serde(with = "humantime_serde")]
     pub client: Duration,
+    #[serde(with = "humantime_serde")]
     pub server: Duration,
     /// The wait for a server's first answer (to the StartupMessage or SSLRequest): a
     /// server that accepts the connection but does not answer is given up on after this.
+    #[serde(with = "humantime_serde")]
     pub login: Duration,
+    #[serde(with = "humantime_serde")]
     pub queue: Duration,
+    #[serde(with = "humantime_serde")]
     pub startup: Duration,
     /// How long a drained session may stay busy before it is closed anyway.
+    #[serde(with = "humantime_serde")]
     pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let s = Duration::from_secs;
+        Timeouts {
+            connect: s(5),
+            client: s(30 * 60),
+            server: s(30 * 60),
+            login: s(5),
+            queue: s(30),
+            startup: s(10),
+            drain: s(300),
+        }
+    }
 }
 
 /// How a server's health is checked.
@@ -274,19 +297,6 @@ pub struct Server {
 
 mod raw;
 mod validate;
-
-/// A duration written as "5s", "30m", "250ms", "1h 30m".
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HumanDuration(pub Duration);
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
-    }
-}
 
 impl Config {
     /// Reads, parses and validates `path`.
@@ -409,7 +419,7 @@ backup = true
         assert_eq!(e.line, 20, "{e}");
         let e = error_of(&GOOD.replace("\"250ms\"", "\"soon\""));
         assert_eq!(e.line, 10, "{e}");
-        assert!(e.reason.contains("invalid duration"), "{e}");
+        assert!(e.reason.contains("expected a duration"), "{e}");
         let e = error_of(&GOOD.replace("maxconn = 100", "maxconn = 0"));
         assert_eq!(e.line, 3, "{e}");
         let e = error_of(&GOOD.replace("maxconn = 100", "maxconn = 100\nthreads = 0"));

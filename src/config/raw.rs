@@ -28,8 +28,8 @@ pub struct Stats {
     pub bind: Spanned<String>,
     #[serde(default = "default_uri")]
     pub uri: Spanned<String>,
-    #[serde(default = "default_refresh")]
-    pub refresh: HumanDuration,
+    #[serde(default = "default_refresh", with = "humantime_serde")]
+    pub refresh: Duration,
     pub auth: Option<StatsAuth>,
     pub state_file: Option<PathBuf>,
     pub socket: Option<Spanned<String>>,
@@ -39,8 +39,8 @@ pub struct Stats {
 fn default_uri() -> Spanned<String> {
     Spanned::new(0..0, "/stats".into())
 }
-fn default_refresh() -> HumanDuration {
-    HumanDuration(Duration::from_secs(5))
+fn default_refresh() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Deserialize)]
@@ -54,20 +54,22 @@ pub struct StatsAuth {
 #[serde(deny_unknown_fields)]
 pub struct Alerts {
     pub webhook_url: Spanned<String>,
-    #[serde(default = "default_coalesce")]
-    pub coalesce: HumanDuration,
+    #[serde(default = "default_coalesce", with = "humantime_serde")]
+    pub coalesce: Duration,
 }
 
-fn default_coalesce() -> HumanDuration {
-    HumanDuration(Duration::from_secs(10))
+fn default_coalesce() -> Duration {
+    Duration::from_secs(10)
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Global {
     pub maxconn: Spanned<usize>,
-    pub grace: HumanDuration,
-    pub linger: HumanDuration,
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
     pub log_level: String,
     pub threads: Option<Spanned<usize>>,
     pub node: Option<String>,
@@ -79,10 +81,10 @@ impl Default for Global {
     fn default() -> Self {
         Global {
             maxconn: Spanned::new(0..0, 20_000),
-            grace: HumanDuration(Duration::from_secs(30)),
+            grace: Duration::from_secs(30),
             // The shipped keepalived checks every 1 s with fall 1 and a 2 s timeout,
             // then moves the VIP in ~0.2 s: 3 s covers a check that was just run.
-            linger: HumanDuration(Duration::from_secs(3)),
+            linger: Duration::from_secs(3),
             log_level: "info".into(),
             threads: None,
             node: None,
@@ -128,10 +130,14 @@ pub struct TlsTable {
 pub struct CheckTable {
     #[serde(rename = "type")]
     pub kind: Option<CheckKind>,
-    pub interval: Option<HumanDuration>,
-    pub fastinter: Option<HumanDuration>,
-    pub downinter: Option<HumanDuration>,
-    pub timeout: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub fastinter: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub downinter: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
     pub rise: Option<Spanned<u32>>,
     pub fall: Option<Spanned<u32>>,
     pub user: Option<String>,
@@ -182,33 +188,6 @@ fn default_retries() -> u32 {
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct Timeouts {
-    pub connect: HumanDuration,
-    pub client: HumanDuration,
-    pub server: HumanDuration,
-    pub login: HumanDuration,
-    pub queue: HumanDuration,
-    pub startup: HumanDuration,
-    pub drain: HumanDuration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        let s = |secs| HumanDuration(Duration::from_secs(secs));
-        Timeouts {
-            connect: s(5),
-            client: s(30 * 60),
-            server: s(30 * 60),
-            login: s(5),
-            queue: s(30),
-            startup: s(10),
-            drain: s(300),
-        }
-    }
-}
-
-#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Server {
     pub name: Spanned<String>,
@@ -223,8 +202,8 @@ pub struct Server {
     pub check: Option<CheckTable>,
     #[serde(default = "default_on_marked_down")]
     pub on_marked_down: OnMarkedDown,
-    #[serde(default)]
-    pub slowstart: Option<HumanDuration>,
+    #[serde(default, with = "humantime_serde")]
+    pub slowstart: Option<Duration>,
 }
 
 fn default_on_marked_down() -> OnMarkedDown {

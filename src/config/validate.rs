@@ -82,8 +82,8 @@ fn validate_global(g: raw::Global, at: &Locator) -> Result<Global, ConfigError> 
     }
     Ok(Global {
         maxconn: g.maxconn.into_inner(),
-        grace: g.grace.0,
-        linger: g.linger.0.min(g.grace.0),
+        grace: g.grace,
+        linger: g.linger.min(g.grace),
         log_level: g.log_level,
         threads,
         node: g.node.unwrap_or_else(crate::webclient::hostname),
@@ -131,7 +131,7 @@ fn validate_listen(spanned: Spanned<raw::Listen>, at: &Locator) -> Result<Listen
             format!("listen '{name}' has no [[listen.server]]"),
         ));
     }
-    let timeouts = validate_timeouts(&l.timeouts, &name, span.start, at)?;
+    let timeouts = validate_timeouts(l.timeouts, &name, span.start, at)?;
     let listen_check = l.check.as_ref().map(|c| c.get_ref().clone());
     let check_line = l
         .check
@@ -225,25 +225,25 @@ fn validate_server(
         backup: s.backup,
         check,
         on_marked_down: s.on_marked_down,
-        slowstart: s.slowstart.map(|d| d.0).unwrap_or(Duration::ZERO),
+        slowstart: s.slowstart.unwrap_or(Duration::ZERO),
     })
 }
 
 /// Every timeout must be more than 0 (a zero would refuse everyone at once).
 fn validate_timeouts(
-    t: &raw::Timeouts,
+    t: Timeouts,
     listen: &str,
     line_at: usize,
     at: &Locator,
 ) -> Result<Timeouts, ConfigError> {
     for (key, d) in [
-        ("connect", t.connect.0),
-        ("client", t.client.0),
-        ("server", t.server.0),
-        ("login", t.login.0),
-        ("queue", t.queue.0),
-        ("startup", t.startup.0),
-        ("drain", t.drain.0),
+        ("connect", t.connect),
+        ("client", t.client),
+        ("server", t.server),
+        ("login", t.login),
+        ("queue", t.queue),
+        ("startup", t.startup),
+        ("drain", t.drain),
     ] {
         if d.is_zero() {
             return Err(at.error(
@@ -252,15 +252,7 @@ fn validate_timeouts(
             ));
         }
     }
-    Ok(Timeouts {
-        connect: t.connect.0,
-        client: t.client.0,
-        server: t.server.0,
-        login: t.login.0,
-        queue: t.queue.0,
-        startup: t.startup.0,
-        drain: t.drain.0,
-    })
+    Ok(t)
 }
 
 fn validate_stats(
@@ -302,7 +294,7 @@ fn validate_stats(
     Ok(Stats {
         bind,
         uri,
-        refresh: st.refresh.0,
+        refresh: st.refresh,
         socket: socket_spec(st.socket.as_ref(), st.socket_mode.as_ref(), at)?,
         auth: match st.auth {
             None => None,
@@ -322,7 +314,7 @@ fn validate_alerts(a: raw::Alerts, at: &Locator) -> Result<Alerts, ConfigError> 
     }
     Ok(Alerts {
         webhook_url: url,
-        coalesce: a.coalesce.0,
+        coalesce: a.coalesce,
     })
 }
 
@@ -382,15 +374,13 @@ fn resolve_check(
     } else {
         CheckKind::None
     });
-    let d = |v: Option<HumanDuration>, default_ms: u64| {
-        v.map(|h| h.0).unwrap_or(Duration::from_millis(default_ms))
-    };
+    let d = |v: Option<Duration>, default_ms: u64| v.unwrap_or(Duration::from_millis(default_ms));
     let interval = d(c.interval, 2000);
     let check = Check {
         kind,
         interval,
-        fastinter: c.fastinter.map(|h| h.0).unwrap_or(interval),
-        downinter: c.downinter.map(|h| h.0).unwrap_or(interval),
+        fastinter: c.fastinter.unwrap_or(interval),
+        downinter: c.downinter.unwrap_or(interval),
         timeout: d(c.timeout, 1000),
         rise: c.rise.as_ref().map(|r| *r.get_ref()).unwrap_or(2),
         fall: c.fall.as_ref().map(|f| *f.get_ref()).unwrap_or(3),
