@@ -28,6 +28,21 @@ use crate::{
     upgrade,
 };
 
+/// Why a reload left the running configuration in place.
+#[derive(Debug, thiserror::Error)]
+enum ReloadError {
+    #[error("{0}")]
+    Config(crate::config::ConfigError),
+    #[error("reload task failed: {0}")]
+    Task(tokio::task::JoinError),
+    #[error("listen '{listen}': cannot bind {addr}: {source}")]
+    Bind {
+        listen: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
@@ -540,10 +555,10 @@ impl Daemon {
         // Reading the file resolves server names and loads certificates: off this thread,
         // which also serves the stats port and /health (a slow resolver must not stall it).
         let file = path.to_owned();
-        let loaded = tokio::task::spawn_blocking(move || Config::load(&file))
-            .await
-            .map_err(|e| format!("reload task failed: {e}"))
-            .and_then(|r| r.map_err(|e| e.to_string()));
+        let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
+            Ok(loaded) => loaded.map_err(ReloadError::Config),
+            Err(e) => Err(ReloadError::Task(e)),
+        };
         match loaded.and_then(|config| self.try_reload(config)) {
             Ok(summary) => {
                 *lock(&self.process.reload_error) = None;
@@ -552,13 +567,13 @@ impl Daemon {
             }
             Err(e) => {
                 error!("reload failed, keeping the running configuration: {e}");
-                *lock(&self.process.reload_error) = Some(e.clone());
+                *lock(&self.process.reload_error) = Some(e.to_string());
                 notify(&format!("READY=1\nSTATUS=serving; last reload failed: {e}"));
             }
         }
     }
 
-    fn try_reload(&mut self, config: Config) -> Result<String, String> {
+    fn try_reload(&mut self, config: Config) -> Result<String, ReloadError> {
         if config.global.threads != self.config.global.threads {
             warn!("global threads changes take effect at the next restart");
         }
@@ -570,8 +585,12 @@ impl Daemon {
         for l in &config.listens {
             let moved = self.served.get(&l.name).is_none_or(|s| s.bind != l.bind);
             if moved {
-                let listener = net::bind_std(l.bind, l.backlog)
-                    .map_err(|e| format!("listen '{}': cannot bind {}: {e}", l.name, l.bind))?;
+                let listener =
+                    net::bind_std(l.bind, l.backlog).map_err(|source| ReloadError::Bind {
+                        listen: l.name.clone(),
+                        addr: l.bind,
+                        source,
+                    })?;
                 fresh.push((l.name.clone(), listener));
             }
         }

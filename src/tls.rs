@@ -2,7 +2,7 @@
 //! directly (PostgreSQL 17's `sslnegotiation=direct`, ALPN `postgresql`), and then sees
 //! the session in plaintext like any other.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
@@ -18,24 +18,49 @@ pub const ALPN: &[u8] = b"postgresql";
 /// First byte of a TLS handshake record: what a direct-TLS client sends first.
 pub const HANDSHAKE: u8 = 0x16;
 
-/// Builds an acceptor from PEM files; errors name the file and what is wrong with it.
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, String> {
+/// Why certificate and key cannot serve TLS; each names the file and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read certificate file {}: {source}", .file.display())]
+    ReadCert {
+        file: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("no certificate in {}", .0.display())]
+    NoCert(PathBuf),
+    #[error("cannot read a private key from {}: {source}", .file.display())]
+    ReadKey {
+        file: PathBuf,
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("certificate and key do not fit together: {0}")]
+    Mismatch(rustls::Error),
+}
+
+/// Builds an acceptor from PEM files.
+pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
+    let read_cert = |source| TlsError::ReadCert {
+        file: cert.to_owned(),
+        source,
+    };
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("cannot read certificate file {}: {e}", cert.display()))?
+        .map_err(read_cert)?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("invalid certificate in {}: {e}", cert.display()))?;
+        .map_err(read_cert)?;
     if certs.is_empty() {
-        return Err(format!("no certificate in {}", cert.display()));
+        return Err(TlsError::NoCert(cert.to_owned()));
     }
-    let key = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|source| TlsError::ReadKey {
+        file: key.to_owned(),
+        source,
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Mismatch)?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| format!("certificate and key do not fit together: {e}"))?;
+        .map_err(TlsError::Mismatch)?;
     // Clients that offer ALPN must offer "postgresql"; libpq before 17 offers none.
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
