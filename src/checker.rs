@@ -233,27 +233,41 @@ fn announce(
             r.detail
         ),
     }
-    if !alert {
-        side_effects(listen, server, t);
-        return;
+    if alert {
+        alert_server(listen, server, before, reason, &r.detail);
+        alert_listen(listen, server, t, active + backup);
     }
-    let to = server.health().status_text();
+    side_effects(listen, server, t);
+}
+
+/// The server's own change, for the alerter and the stats.
+fn alert_server(
+    listen: &ListenState,
+    server: &ServerState,
+    before: &str,
+    reason: &str,
+    detail: &str,
+) {
     publish(
         listen,
         Event {
             listen: listen.name.clone(),
             server: Some(server.name.clone()),
             from: before.to_owned(),
-            to,
-            reason: if r.detail.is_empty() {
+            to: server.health().status_text(),
+            reason: if detail.is_empty() {
                 reason.to_owned()
             } else {
-                format!("{reason}: {}", r.detail)
+                format!("{reason}: {detail}")
             },
             at: SystemTime::now(),
         },
     );
-    let listen_event = |from: &str, to: &str, reason: String| Event {
+}
+
+/// The listen as a whole: its last server went down, or it has one again.
+fn alert_listen(listen: &ListenState, server: &ServerState, t: Transition, up: usize) {
+    let event = |from: &str, to: &str, reason: String| Event {
         listen: listen.name.clone(),
         server: None,
         from: from.into(),
@@ -262,32 +276,19 @@ fn announce(
         at: SystemTime::now(),
     };
     match t {
-        Transition::WentDown if active + backup == 0 => {
+        Transition::WentDown if up == 0 => {
             error!("listen '{}' has no server available!", listen.name);
             listen.no_server_announced.store(true, Relaxed);
-            publish(
-                listen,
-                listen_event(
-                    "available",
-                    "no server available",
-                    format!("last server {} went down", server.name),
-                ),
-            );
+            let reason = format!("last server {} went down", server.name);
+            publish(listen, event("available", "no server available", reason));
         }
         Transition::WentUp if listen.no_server_announced.swap(false, Relaxed) => {
             info!("listen '{}' has servers again", listen.name);
-            publish(
-                listen,
-                listen_event(
-                    "no server available",
-                    "available",
-                    format!("server {} is UP", server.name),
-                ),
-            );
+            let reason = format!("server {} is UP", server.name);
+            publish(listen, event("no server available", "available", reason));
         }
         _ => {}
     }
-    side_effects(listen, server, t);
 }
 
 fn publish(listen: &ListenState, event: Event) {

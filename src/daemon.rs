@@ -140,14 +140,7 @@ pub async fn run<S: Future<Output = ()>>(
         control.workers.len(),
         &stop_http,
     )?;
-    let stop_alerts = CancellationToken::new();
-    let alerter = config.alerts.as_ref().map(|a| {
-        tokio::spawn(alerts::run(
-            a.clone(),
-            events.subscribe(),
-            stop_alerts.clone(),
-        ))
-    });
+    let (alerter, stop_alerts) = start_alerts(&config, &events);
 
     anyhow::ensure!(!control.workers.is_empty(), "no worker to run sessions on");
     let tracker = TaskTracker::new();
@@ -175,26 +168,9 @@ pub async fn run<S: Future<Output = ()>>(
         binary,
         peers,
     };
-    for l in &listens {
-        checker::spawn(l, &daemon.checks, daemon.checks_thread.handle());
-    }
-    // Clients are taken once every server has had its first check (bounded): a
-    // restarted or upgraded pglb does not turn clients away while it learns who is UP.
-    checker::first_round(&listens, FIRST_CHECKS).await;
-    for (listener, l) in listeners.into_iter().zip(&listens) {
-        daemon.serve(listener, l);
-    }
-    if !daemon.peers.list.is_empty() {
-        let (peers, process) = (Arc::clone(&daemon.peers), Arc::clone(&daemon.process));
-        tokio::spawn(peers::run(peers, process, stop_http.clone()));
-    }
-    notify(&format!(
-        "READY=1\nSTATUS=serving {} listen(s)",
-        listens.len()
-    ));
-    if inherited.is_upgrade() {
-        upgrade::announce_ready();
-    }
+    daemon
+        .start_serving(&listens, listeners, &stop_http, &inherited)
+        .await;
 
     let ending = daemon.main_loop(control.shutdown, control.requests).await;
     match ending {
@@ -206,6 +182,19 @@ pub async fn run<S: Future<Output = ()>>(
     flush_alerts(alerter, &stop_alerts).await;
     info!("pglb stopped");
     Ok(())
+}
+
+/// The alerter, when alerts are configured, and the token that stops it.
+fn start_alerts(
+    config: &Config,
+    events: &broadcast::Sender<Event>,
+) -> (Option<tokio::task::JoinHandle<()>>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let alerter = config
+        .alerts
+        .as_ref()
+        .map(|a| tokio::spawn(alerts::run(a.clone(), events.subscribe(), stop.clone())));
+    (alerter, stop)
 }
 
 /// Alerts still queued go out now (bounded); any that cannot are logged as lost.
@@ -356,6 +345,36 @@ fn low_port_hint(addr: SocketAddr) -> &'static str {
 }
 
 impl Daemon {
+    /// Starts the checks, waits (bounded) for every server's first one, then takes
+    /// clients: a restarted or upgraded pglb does not turn clients away while it learns
+    /// who is UP. Then the pair's exchange, and readiness for systemd and a predecessor.
+    async fn start_serving(
+        &mut self,
+        listens: &[Arc<ListenState>],
+        listeners: Vec<std::net::TcpListener>,
+        stop_http: &CancellationToken,
+        inherited: &upgrade::Inherited,
+    ) {
+        for l in listens {
+            checker::spawn(l, &self.checks, self.checks_thread.handle());
+        }
+        checker::first_round(listens, FIRST_CHECKS).await;
+        for (listener, l) in listeners.into_iter().zip(listens) {
+            self.serve(listener, l);
+        }
+        if !self.peers.list.is_empty() {
+            let (peers, process) = (Arc::clone(&self.peers), Arc::clone(&self.process));
+            tokio::spawn(peers::run(peers, process, stop_http.clone()));
+        }
+        notify(&format!(
+            "READY=1\nSTATUS=serving {} listen(s)",
+            listens.len()
+        ));
+        if inherited.is_upgrade() {
+            upgrade::announce_ready();
+        }
+    }
+
     /// Serves until a stop signal or a successful upgrade.
     async fn main_loop<S: Future<Output = ()>>(
         &mut self,

@@ -441,6 +441,7 @@ pin_project_lite::pin_project! {
     /// just this state: the two pumps, one timer, and a wait on each signal. (An `async
     /// fn` with `select!` kept about twice as much per session: copies of its arguments
     /// and a future per branch.)
+    #[project = RunProj]
     struct Run<'a, R1, W1, R2, W2> {
         up: Pump<'a, R1, W1>,
         down: Pump<'a, R2, W2>,
@@ -507,96 +508,18 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin> Fut
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
         let mut this = self.project();
         let end = loop {
-            // The tokens need a look only when one was cancelled since the last look, or
-            // when they hold an outdated waker.
-            let sent = SESSION_SIGNALS.load(Acquire);
-            let new_waker = !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-            if new_waker || sent != *this.signals_seen {
-                *this.signals_seen = sent;
-                if new_waker {
-                    *this.waker = Some(cx.waker().clone());
-                }
-                if this.shutdown.as_mut().poll(cx).is_ready() {
-                    break End::Shutdown;
-                }
-                if this.kill.as_mut().poll(cx).is_ready() {
-                    break End::ServerDown;
-                }
-                if this.drain_deadline.is_none() && this.drain.as_mut().poll(cx).is_ready() {
-                    *this.drain_deadline = Some(Instant::now() + *this.drain_after);
-                    if let Some(t) = this.tracker {
-                        t.draining.store(true, Relaxed);
-                    }
-                }
+            if let Some(end) = this.poll_signals(cx) {
+                break end;
             }
-
-            let (tracker, epoch) = (*this.tracker, *this.epoch);
-            if !*this.up_done {
-                match this.up.poll(cx, tracker, epoch) {
-                    // The client half-closed: the server may still answer.
-                    Poll::Ready(PumpEnd::Eof) => {
-                        *this.up_done = true;
-                        continue;
-                    }
-                    Poll::Ready(PumpEnd::ReadError(e)) => break End::ClientError(e),
-                    Poll::Ready(PumpEnd::WriteError(e)) => break End::ServerError(e),
-                    Poll::Ready(PumpEnd::Drained) => break End::Drained,
-                    Poll::Pending => {}
-                }
+            match this.poll_pumps(cx) {
+                Turn::End(end) => break end,
+                Turn::Again => continue,
+                Turn::Waiting => {}
             }
-            match this.down.poll(cx, tracker, epoch) {
-                Poll::Ready(PumpEnd::Eof) if *this.up_done => break End::ClientClosed,
-                // The server closed: the client's half is finished too.
-                Poll::Ready(PumpEnd::Eof) => break End::ServerClosed,
-                Poll::Ready(PumpEnd::ReadError(e)) => break End::ServerError(e),
-                Poll::Ready(PumpEnd::WriteError(e)) => break End::ClientError(e),
-                Poll::Ready(PumpEnd::Drained) => break End::Drained,
-                Poll::Pending => {}
-            }
-
-            // Both directions wait: arm the timer for the nearest deadline. Idle means no
-            // bytes either way; the side quiet the longest is blamed and its limit applies.
-            let (lc, ls) = (this.up.last_read, this.down.last_read);
-            let (quiet_since, limit, timeout_end) = if lc <= ls {
-                (ls, this.idle.client, End::ClientTimeout)
-            } else {
-                (lc, this.idle.server, End::ServerTimeout)
-            };
-            let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
-            let quiet_check = this.drain_deadline.is_some()
-                && tracker.is_some()
-                && *this.drain_checked != Some((lc, ls));
-            let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
-            let mut wake = idle_at;
-            if quiet_check {
-                wake = wake.min(quiet_at);
-            }
-            if let Some(at) = *this.drain_deadline {
-                wake = wake.min(at);
-            }
-            // Moved earlier at once; moved later only once it fired (activity pushes the
-            // idle deadline on every message, and a reset is not free): a timer that fires
-            // early finds nothing due and is re-armed here.
-            let armed = this.timer.deadline();
-            if wake < armed || (wake > armed && this.timer.is_elapsed()) {
-                this.timer.as_mut().reset(wake);
-            }
-            if this.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
-            // A deadline passed with no bytes moved since it was computed.
-            let now = Instant::now();
-            if this.drain_deadline.is_some_and(|at| now >= at) {
-                break End::DrainTimeout;
-            }
-            if quiet_check && now >= quiet_at {
-                *this.drain_checked = Some((lc, ls));
-                if tracker.is_some_and(Tracker::idle) {
-                    break End::Drained;
-                }
-            }
-            if now >= idle_at {
-                break timeout_end;
+            match this.poll_deadlines(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(end)) => break end,
+                Poll::Ready(None) => {}
             }
         };
         Poll::Ready(Outcome {
@@ -604,5 +527,118 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin> Fut
             to_client: this.down.moved,
             end,
         })
+    }
+}
+
+/// What one turn of the two pumps came to.
+enum Turn {
+    End(End),
+    /// The client half-closed: turn again with the server's direction only.
+    Again,
+    /// Both directions wait for the sockets.
+    Waiting,
+}
+
+impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
+    RunProj<'_, '_, R1, W1, R2, W2>
+{
+    /// Shutdown, kill and drain. The tokens need a look only when one was cancelled
+    /// since the last look, or when they hold an outdated waker.
+    fn poll_signals(&mut self, cx: &mut Context<'_>) -> Option<End> {
+        let sent = SESSION_SIGNALS.load(Acquire);
+        let new_waker = !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if !new_waker && sent == *self.signals_seen {
+            return None;
+        }
+        *self.signals_seen = sent;
+        if new_waker {
+            *self.waker = Some(cx.waker().clone());
+        }
+        if self.shutdown.as_mut().poll(cx).is_ready() {
+            return Some(End::Shutdown);
+        }
+        if self.kill.as_mut().poll(cx).is_ready() {
+            return Some(End::ServerDown);
+        }
+        if self.drain_deadline.is_none() && self.drain.as_mut().poll(cx).is_ready() {
+            *self.drain_deadline = Some(Instant::now() + *self.drain_after);
+            if let Some(t) = self.tracker {
+                t.draining.store(true, Relaxed);
+            }
+        }
+        None
+    }
+
+    fn poll_pumps(&mut self, cx: &mut Context<'_>) -> Turn {
+        let (tracker, epoch) = (*self.tracker, *self.epoch);
+        if !*self.up_done {
+            match self.up.poll(cx, tracker, epoch) {
+                // The client half-closed: the server may still answer.
+                Poll::Ready(PumpEnd::Eof) => {
+                    *self.up_done = true;
+                    return Turn::Again;
+                }
+                Poll::Ready(PumpEnd::ReadError(e)) => return Turn::End(End::ClientError(e)),
+                Poll::Ready(PumpEnd::WriteError(e)) => return Turn::End(End::ServerError(e)),
+                Poll::Ready(PumpEnd::Drained) => return Turn::End(End::Drained),
+                Poll::Pending => {}
+            }
+        }
+        match self.down.poll(cx, tracker, epoch) {
+            Poll::Ready(PumpEnd::Eof) if *self.up_done => Turn::End(End::ClientClosed),
+            // The server closed: the client's half is finished too.
+            Poll::Ready(PumpEnd::Eof) => Turn::End(End::ServerClosed),
+            Poll::Ready(PumpEnd::ReadError(e)) => Turn::End(End::ServerError(e)),
+            Poll::Ready(PumpEnd::WriteError(e)) => Turn::End(End::ClientError(e)),
+            Poll::Ready(PumpEnd::Drained) => Turn::End(End::Drained),
+            Poll::Pending => Turn::Waiting,
+        }
+    }
+
+    /// Both directions wait: arms the timer for the nearest deadline. Idle means no
+    /// bytes either way; the side quiet the longest is blamed and its limit applies.
+    /// Ready(None): the timer fired with nothing due (turn again).
+    fn poll_deadlines(&mut self, cx: &mut Context<'_>) -> Poll<Option<End>> {
+        let (tracker, epoch) = (*self.tracker, *self.epoch);
+        let (lc, ls) = (self.up.last_read, self.down.last_read);
+        let (quiet_since, limit, timeout_end) = if lc <= ls {
+            (ls, self.idle.client, End::ClientTimeout)
+        } else {
+            (lc, self.idle.server, End::ServerTimeout)
+        };
+        let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
+        let quiet_check = self.drain_deadline.is_some()
+            && tracker.is_some()
+            && *self.drain_checked != Some((lc, ls));
+        let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
+        let mut wake = idle_at;
+        if quiet_check {
+            wake = wake.min(quiet_at);
+        }
+        if let Some(at) = *self.drain_deadline {
+            wake = wake.min(at);
+        }
+        // Moved earlier at once; moved later only once it fired (activity pushes the
+        // idle deadline on every message, and a reset is not free): a timer that fires
+        // early finds nothing due and is re-armed here.
+        let armed = self.timer.deadline();
+        if wake < armed || (wake > armed && self.timer.is_elapsed()) {
+            self.timer.as_mut().reset(wake);
+        }
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // A deadline passed with no bytes moved since it was computed.
+        let now = Instant::now();
+        if self.drain_deadline.is_some_and(|at| now >= at) {
+            return Poll::Ready(Some(End::DrainTimeout));
+        }
+        if quiet_check && now >= quiet_at {
+            *self.drain_checked = Some((lc, ls));
+            if tracker.is_some_and(Tracker::idle) {
+                return Poll::Ready(Some(End::Drained));
+            }
+        }
+        Poll::Ready((now >= idle_at).then_some(timeout_end))
     }
 }

@@ -96,39 +96,10 @@ impl Scanner {
                     if *have == 5 {
                         let kind = buf[0];
                         let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                        if self.frontend {
-                            if matches!(kind, b'Q' | b'S' | b'F') {
-                                seen.requests += 1;
-                            }
-                            self.at = match len {
-                                l if l < 4 => At::Lost,
-                                4 => At::Header {
-                                    buf: [0; 5],
-                                    have: 0,
-                                },
-                                l => At::Skip { left: l - 4 },
-                            };
-                            continue;
-                        }
-                        self.at = match (kind, len) {
-                            (_, l) if l < 4 => At::Lost,
-                            (b'Z', 5) => At::Body {
-                                kind,
-                                want: 1,
-                                buf: Vec::with_capacity(1),
-                            },
-                            (b'Z', _) => At::Lost,
-                            (b'K', l) if (12..=4 + MAX_KEY_BODY).contains(&l) => At::Body {
-                                kind,
-                                want: l - 4,
-                                buf: Vec::with_capacity(l - 4),
-                            },
-                            (b'K', _) => At::Lost,
-                            (_, 4) => At::Header {
-                                buf: [0; 5],
-                                have: 0,
-                            },
-                            (_, l) => At::Skip { left: l - 4 },
+                        self.at = if self.frontend {
+                            frontend_next(kind, len, &mut seen)
+                        } else {
+                            backend_next(kind, len)
                         };
                     }
                 }
@@ -137,10 +108,7 @@ impl Scanner {
                     *left -= take;
                     data = &data[take..];
                     if *left == 0 {
-                        self.at = At::Header {
-                            buf: [0; 5],
-                            have: 0,
-                        };
+                        self.at = NEXT;
                     }
                 }
                 At::Body { kind, want, buf } => {
@@ -148,27 +116,69 @@ impl Scanner {
                     buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if buf.len() == *want {
-                        match *kind {
-                            b'Z' => {
-                                seen.ready = Some(buf[0]);
-                                seen.readies += 1;
-                            }
-                            _ => {
-                                seen.key = Some(CancelKey {
-                                    pid: i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
-                                    secret: Bytes::copy_from_slice(&buf[4..]),
-                                })
-                            }
-                        }
-                        self.at = At::Header {
-                            buf: [0; 5],
-                            have: 0,
-                        };
+                        body_read(*kind, buf, &mut seen);
+                        self.at = NEXT;
                     }
                 }
             }
         }
         seen
+    }
+}
+
+/// Waiting for the next message header.
+const NEXT: At = At::Header {
+    buf: [0; 5],
+    have: 0,
+};
+
+/// After a client message header: counts requests, skips every body.
+fn frontend_next(kind: u8, len: usize, seen: &mut Seen) -> At {
+    if matches!(kind, b'Q' | b'S' | b'F') {
+        seen.requests += 1;
+    }
+    match len {
+        l if l < 4 => At::Lost,
+        4 => NEXT,
+        l => At::Skip { left: l - 4 },
+    }
+}
+
+/// After a server message header: ReadyForQuery and BackendKeyData bodies are read,
+/// others skipped; a length that cannot be right loses the stream.
+fn backend_next(kind: u8, len: usize) -> At {
+    match (kind, len) {
+        (_, l) if l < 4 => At::Lost,
+        (b'Z', 5) => At::Body {
+            kind,
+            want: 1,
+            buf: Vec::with_capacity(1),
+        },
+        (b'Z', _) => At::Lost,
+        (b'K', l) if (12..=4 + MAX_KEY_BODY).contains(&l) => At::Body {
+            kind,
+            want: l - 4,
+            buf: Vec::with_capacity(l - 4),
+        },
+        (b'K', _) => At::Lost,
+        (_, 4) => NEXT,
+        (_, l) => At::Skip { left: l - 4 },
+    }
+}
+
+/// A whole ReadyForQuery or BackendKeyData body.
+fn body_read(kind: u8, buf: &[u8], seen: &mut Seen) {
+    match kind {
+        b'Z' => {
+            seen.ready = Some(buf[0]);
+            seen.readies += 1;
+        }
+        _ => {
+            seen.key = Some(CancelKey {
+                pid: i32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+                secret: Bytes::copy_from_slice(&buf[4..]),
+            })
+        }
     }
 }
 

@@ -99,17 +99,7 @@ fn validate_global(g: raw::Global, at: &Locator) -> Result<Global, ConfigError> 
 fn validate_listen(spanned: Spanned<raw::Listen>, at: &Locator) -> Result<Listen, ConfigError> {
     let span = spanned.span();
     let l = spanned.into_inner();
-    let name = l.name.get_ref().clone();
-    if name.is_empty()
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-    {
-        return Err(at.at(
-            &l.name,
-            format!("listen name {name:?} must be non-empty and use only letters, digits, '-', '_' or '.'"),
-        ));
-    }
+    let name = listen_name(&l.name, at)?;
     let bind: SocketAddr = l.bind.get_ref().parse().map_err(|_| {
         at.at(
             &l.bind,
@@ -142,32 +132,12 @@ fn validate_listen(spanned: Spanned<raw::Listen>, at: &Locator) -> Result<Listen
         .as_ref()
         .and_then(|c| c.fallback_to_primary)
         .unwrap_or(true);
-    let mut server_names = HashSet::new();
-    let mut servers = Vec::new();
-    for spanned in l.server {
-        let name_at = spanned.get_ref().name.span().start;
-        let server = validate_server(spanned, &name, listen_check.as_ref(), check_line, at)?;
-        if !server_names.insert(server.name.clone()) {
-            return Err(at.error(
-                name_at,
-                format!("listen '{name}': duplicate server name {:?}", server.name),
-            ));
-        }
-        servers.push(server);
-    }
-    let tls = match &l.tls {
-        None => None,
-        Some(t) => {
-            let table = t.get_ref();
-            let acceptor = crate::tls::acceptor(&table.cert, &table.key)
-                .map_err(|reason| at.at(t, format!("listen '{name}': tls: {reason}")))?;
-            Some(Tls {
-                cert: table.cert.clone(),
-                key: table.key.clone(),
-                acceptor,
-            })
-        }
-    };
+    let servers = validate_servers(l.server, &name, listen_check.as_ref(), check_line, at)?;
+    let tls = l
+        .tls
+        .as_ref()
+        .map(|t| validate_tls(t, &name, at))
+        .transpose()?;
     Ok(Listen {
         name,
         tls,
@@ -179,6 +149,55 @@ fn validate_listen(spanned: Spanned<raw::Listen>, at: &Locator) -> Result<Listen
         fallback_to_primary,
         timeouts,
         servers,
+    })
+}
+
+/// Names appear in URLs, log lines and the runtime API: keep them plain.
+fn listen_name(name: &Spanned<String>, at: &Locator) -> Result<String, ConfigError> {
+    let text = name.get_ref();
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if text.is_empty() || !text.chars().all(plain) {
+        return Err(at.at(
+            name,
+            format!("listen name {text:?} must be non-empty and use only letters, digits, '-', '_' or '.'"),
+        ));
+    }
+    Ok(text.clone())
+}
+
+/// The servers of listen `name`, unique by name.
+fn validate_servers(
+    raw: Vec<Spanned<raw::Server>>,
+    name: &str,
+    listen_check: Option<&raw::CheckTable>,
+    check_line: usize,
+    at: &Locator,
+) -> Result<Vec<Server>, ConfigError> {
+    let mut names = HashSet::new();
+    let mut servers = Vec::new();
+    for spanned in raw {
+        let name_at = spanned.get_ref().name.span().start;
+        let server = validate_server(spanned, name, listen_check, check_line, at)?;
+        if !names.insert(server.name.clone()) {
+            return Err(at.error(
+                name_at,
+                format!("listen '{name}': duplicate server name {:?}", server.name),
+            ));
+        }
+        servers.push(server);
+    }
+    Ok(servers)
+}
+
+/// Certificate and key are loaded now: a reload with a bad pair keeps the running one.
+fn validate_tls(t: &Spanned<raw::TlsTable>, name: &str, at: &Locator) -> Result<Tls, ConfigError> {
+    let table = t.get_ref();
+    let acceptor = crate::tls::acceptor(&table.cert, &table.key)
+        .map_err(|reason| at.at(t, format!("listen '{name}': tls: {reason}")))?;
+    Ok(Tls {
+        cert: table.cert.clone(),
+        key: table.key.clone(),
+        acceptor,
     })
 }
 

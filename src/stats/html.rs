@@ -233,8 +233,25 @@ fn listen_table(h: &mut String, l: &ListenSnap, page: &Page) {
     );
 }
 
-fn server_row(h: &mut String, l: &ListenSnap, s: &ServerSnap, page: &Page) {
-    let last_chk = match &s.check {
+/// The operator's buttons for one server (only with admin enabled).
+fn admin_cell(h: &mut String, l: &ListenSnap, s: &ServerSnap, page: &Page) {
+    let _ = write!(
+        h,
+        "<td><form method=\"post\" action=\"{uri}\"><input type=\"hidden\" name=\"b\" value=\"{listen}\">\
+         <input type=\"hidden\" name=\"s\" value=\"{name}\">\
+         <button name=\"action\" value=\"ready\">Ready</button><button name=\"action\" value=\"drain\">Drain</button>\
+         <button name=\"action\" value=\"maint\">Maint</button>\
+         <input class=\"w\" name=\"weight\" value=\"{weight}\"><button name=\"action\" value=\"weight\">Set weight</button></form></td>",
+        uri = esc(page.uri),
+        listen = esc(&l.name),
+        name = esc(&s.name),
+        weight = s.weight,
+    );
+}
+
+/// The LastChk cell: the last result and how long it took, details on hover.
+fn last_check_cell(s: &ServerSnap) -> String {
+    match &s.check {
         Some(c) => {
             let code = c
                 .code
@@ -260,7 +277,12 @@ fn server_row(h: &mut String, l: &ListenSnap, s: &ServerSnap, page: &Page) {
         }
         None if s.checked => "INI".into(),
         None => String::new(),
-    };
+    }
+}
+
+fn server_row(h: &mut String, l: &ListenSnap, s: &ServerSnap, page: &Page) {
+    let last_chk = last_check_cell(s);
+    let checked = |v: String| if s.checked { v } else { String::new() };
     let status = if s.checked || s.status != "no check" {
         format!("{} {}", human_duration(s.lastchg), esc(&s.status))
     } else {
@@ -297,35 +319,13 @@ fn server_row(h: &mut String, l: &ListenSnap, s: &ServerSnap, page: &Page) {
         weight = s.weight,
         act = if s.backup { "-" } else { "Y" },
         bck = if s.backup { "Y" } else { "-" },
-        chkfail = if s.checked {
-            s.chkfail.to_string()
-        } else {
-            String::new()
-        },
-        chkdown = if s.checked {
-            s.chkdown.to_string()
-        } else {
-            String::new()
-        },
-        downtime = if s.checked {
-            human_duration(s.downtime)
-        } else {
-            String::new()
-        },
+        // Check counters mean nothing for a server that is not checked.
+        chkfail = checked(s.chkfail.to_string()),
+        chkdown = checked(s.chkdown.to_string()),
+        downtime = checked(human_duration(s.downtime)),
     );
     if page.admin {
-        let _ = write!(
-            h,
-            "<td><form method=\"post\" action=\"{uri}\"><input type=\"hidden\" name=\"b\" value=\"{listen}\">\
-             <input type=\"hidden\" name=\"s\" value=\"{name}\">\
-             <button name=\"action\" value=\"ready\">Ready</button><button name=\"action\" value=\"drain\">Drain</button>\
-             <button name=\"action\" value=\"maint\">Maint</button>\
-             <input class=\"w\" name=\"weight\" value=\"{weight}\"><button name=\"action\" value=\"weight\">Set weight</button></form></td>",
-            uri = esc(page.uri),
-            listen = esc(&l.name),
-            name = esc(&s.name),
-            weight = s.weight,
-        );
+        admin_cell(h, l, s, page);
     }
     h.push_str("</tr>\n");
 }

@@ -35,6 +35,7 @@ type Labels = Vec<(&'static str, String)>;
 #[derive(Debug)]
 struct SnapshotCollector(Snapshot);
 
+#[derive(Clone, Copy)]
 enum Kind {
     Gauge,
     Counter,
@@ -78,286 +79,290 @@ fn server_labels(l: &ListenSnap, s: &ServerSnap) -> Labels {
     vec![("listen", l.name.clone()), ("server", s.name.clone())]
 }
 
+/// A metric family with one series per listen or per server: name, help, type, value.
+type Simple<T> = (&'static str, &'static str, Kind, fn(&T) -> f64);
+
+const LISTEN_FAMILIES: &[Simple<ListenSnap>] = &[
+    (
+        "pglb_listen_current_sessions",
+        "Client sessions open on the listen.",
+        Kind::Gauge,
+        |l| l.scur as f64,
+    ),
+    (
+        "pglb_listen_max_sessions",
+        "Highest concurrent client sessions seen.",
+        Kind::Gauge,
+        |l| l.smax as f64,
+    ),
+    (
+        "pglb_listen_limit_sessions",
+        "Listen maxconn.",
+        Kind::Gauge,
+        |l| l.slim as f64,
+    ),
+    (
+        "pglb_listen_sessions",
+        "Client sessions admitted.",
+        Kind::Counter,
+        |l| l.stot as f64,
+    ),
+    (
+        "pglb_listen_bytes_in",
+        "Bytes from clients.",
+        Kind::Counter,
+        |l| l.bin as f64,
+    ),
+    (
+        "pglb_listen_bytes_out",
+        "Bytes to clients.",
+        Kind::Counter,
+        |l| l.bout as f64,
+    ),
+    (
+        "pglb_listen_current_queue",
+        "Clients waiting for a server slot.",
+        Kind::Gauge,
+        |l| l.qcur as f64,
+    ),
+    (
+        "pglb_cancels_limited",
+        "CancelRequests with a key pglb does not know, dropped by the rate limit.",
+        Kind::Counter,
+        |l| l.cancels_limited as f64,
+    ),
+];
+
+const SERVER_FAMILIES: &[Simple<ServerSnap>] = &[
+    (
+        "pglb_server_up",
+        "1 while the server's health is UP (or it is not checked), whatever the operator \
+         state; pglb_server_status tells DRAIN and MAINT apart.",
+        Kind::Gauge,
+        |s| f64::from(u8::from(s.up)),
+    ),
+    (
+        "pglb_server_check_duration_seconds",
+        "Duration of the last check.",
+        Kind::Gauge,
+        |s| {
+            s.check
+                .as_ref()
+                .map(|c| c.duration_ms as f64 / 1000.0)
+                .unwrap_or(0.0)
+        },
+    ),
+    (
+        "pglb_server_current_sessions",
+        "Sessions on the server now.",
+        Kind::Gauge,
+        |s| s.scur as f64,
+    ),
+    (
+        "pglb_server_max_sessions",
+        "Highest concurrent sessions seen.",
+        Kind::Gauge,
+        |s| s.smax as f64,
+    ),
+    (
+        "pglb_server_sessions",
+        "Sessions assigned to the server.",
+        Kind::Counter,
+        |s| s.stot as f64,
+    ),
+    (
+        "pglb_server_bytes_in",
+        "Bytes sent to the server.",
+        Kind::Counter,
+        |s| s.bin as f64,
+    ),
+    (
+        "pglb_server_bytes_out",
+        "Bytes received from the server.",
+        Kind::Counter,
+        |s| s.bout as f64,
+    ),
+    (
+        "pglb_server_connection_errors",
+        "Failed connection attempts.",
+        Kind::Counter,
+        |s| s.econ as f64,
+    ),
+    (
+        "pglb_server_retry_warnings",
+        "Connection retries after a failure.",
+        Kind::Counter,
+        |s| s.wretr as f64,
+    ),
+    (
+        "pglb_server_redispatch_warnings",
+        "Sessions moved to another server after a failure.",
+        Kind::Counter,
+        |s| s.wredis as f64,
+    ),
+    (
+        "pglb_server_check_failures",
+        "Failed health checks.",
+        Kind::Counter,
+        |s| s.chkfail as f64,
+    ),
+    (
+        "pglb_server_check_up_down",
+        "UP to DOWN transitions.",
+        Kind::Counter,
+        |s| s.chkdown as f64,
+    ),
+    (
+        "pglb_server_downtime_seconds",
+        "Time spent DOWN.",
+        Kind::Counter,
+        |s| s.downtime as f64,
+    ),
+    (
+        "pglb_server_weight",
+        "Effective weight.",
+        Kind::Gauge,
+        |s| f64::from(s.weight),
+    ),
+];
+
 impl Collector for SnapshotCollector {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let s = &self.0;
-        family(
-            &mut enc,
-            "pglb_process_uptime_seconds",
-            "Seconds since pglb started.",
-            Kind::Gauge,
-            vec![(vec![], s.uptime_secs as f64)],
-        )?;
-        family(
-            &mut enc,
-            "pglb_process_current_connections",
-            "Client sessions open in the process.",
-            Kind::Gauge,
-            vec![(vec![], s.current_conns as f64)],
-        )?;
-        family(
-            &mut enc,
-            "pglb_worker_current_sessions",
-            "Client sessions running on each worker thread.",
-            Kind::Gauge,
-            s.worker_sessions
-                .iter()
-                .enumerate()
-                .map(|(n, v)| (vec![("worker", n.to_string())], *v as f64))
-                .collect(),
-        )?;
-        family(
-            &mut enc,
-            "pglb_process_max_connections",
-            "Global maxconn.",
-            Kind::Gauge,
-            vec![(vec![], s.maxconn as f64)],
-        )?;
-        family(
-            &mut enc,
-            "pglb_process_last_reload_success",
-            "1 when the last configuration reload succeeded (or none happened).",
-            Kind::Gauge,
-            vec![(vec![], if s.reload_error.is_some() { 0.0 } else { 1.0 })],
-        )?;
+        encode_process(&mut enc, &self.0)?;
+        encode_listens(&mut enc, &self.0)?;
+        encode_servers(&mut enc, &self.0)
+    }
+}
 
-        let per_listen = |f: fn(&ListenSnap) -> f64| -> Vec<(Labels, f64)> {
-            s.listens.iter().map(|l| (listen_labels(l), f(l))).collect()
-        };
-        family(
-            &mut enc,
-            "pglb_listen_current_sessions",
-            "Client sessions open on the listen.",
-            Kind::Gauge,
-            per_listen(|l| l.scur as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_max_sessions",
-            "Highest concurrent client sessions seen.",
-            Kind::Gauge,
-            per_listen(|l| l.smax as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_limit_sessions",
-            "Listen maxconn.",
-            Kind::Gauge,
-            per_listen(|l| l.slim as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_sessions",
-            "Client sessions admitted.",
-            Kind::Counter,
-            per_listen(|l| l.stot as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_bytes_in",
-            "Bytes from clients.",
-            Kind::Counter,
-            per_listen(|l| l.bin as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_bytes_out",
-            "Bytes to clients.",
-            Kind::Counter,
-            per_listen(|l| l.bout as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_listen_current_queue",
-            "Clients waiting for a server slot.",
-            Kind::Gauge,
-            per_listen(|l| l.qcur as f64),
-        )?;
-        let mut refusals = Vec::new();
-        for l in &s.listens {
-            for (reason, v) in [
-                ("maxconn", l.denied),
-                ("no_server", l.no_server),
-                ("server_refused", l.server_refused),
-                ("queue_timeout", l.queue_timeouts),
-                ("bad_startup", l.ereq),
-            ] {
-                let mut labels = listen_labels(l);
-                labels.push(("reason", reason.to_owned()));
-                refusals.push((labels, v as f64));
-            }
-        }
-        family(
-            &mut enc,
-            "pglb_listen_refused",
-            "Clients refused with an ErrorResponse, by reason.",
-            Kind::Counter,
-            refusals,
-        )?;
-        family(
-            &mut enc,
-            "pglb_cancels_limited",
-            "CancelRequests with a key pglb does not know, dropped by the rate limit.",
-            Kind::Counter,
-            per_listen(|l| l.cancels_limited as f64),
-        )?;
+fn encode_process(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), std::fmt::Error> {
+    let one = |v: f64| vec![(vec![], v)];
+    family(
+        enc,
+        "pglb_process_uptime_seconds",
+        "Seconds since pglb started.",
+        Kind::Gauge,
+        one(s.uptime_secs as f64),
+    )?;
+    family(
+        enc,
+        "pglb_process_current_connections",
+        "Client sessions open in the process.",
+        Kind::Gauge,
+        one(s.current_conns as f64),
+    )?;
+    let workers = s
+        .worker_sessions
+        .iter()
+        .enumerate()
+        .map(|(n, v)| (vec![("worker", n.to_string())], *v as f64))
+        .collect();
+    family(
+        enc,
+        "pglb_worker_current_sessions",
+        "Client sessions running on each worker thread.",
+        Kind::Gauge,
+        workers,
+    )?;
+    family(
+        enc,
+        "pglb_process_max_connections",
+        "Global maxconn.",
+        Kind::Gauge,
+        one(s.maxconn as f64),
+    )?;
+    family(
+        enc,
+        "pglb_process_last_reload_success",
+        "1 when the last configuration reload succeeded (or none happened).",
+        Kind::Gauge,
+        one(if s.reload_error.is_some() { 0.0 } else { 1.0 }),
+    )
+}
 
-        let servers: Vec<(&ListenSnap, &ServerSnap)> = s
+fn encode_listens(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), std::fmt::Error> {
+    for (name, help, kind, value) in LISTEN_FAMILIES {
+        let rows = s
             .listens
             .iter()
-            .flat_map(|l| l.servers.iter().map(move |srv| (l, srv)))
+            .map(|l| (listen_labels(l), value(l)))
             .collect();
-        let per_server = |f: &dyn Fn(&ServerSnap) -> f64| -> Vec<(Labels, f64)> {
-            servers
-                .iter()
-                .map(|(l, srv)| (server_labels(l, srv), f(srv)))
-                .collect()
-        };
-        let mut status = Vec::new();
-        for (l, srv) in &servers {
-            let current = match srv.status.as_str() {
-                "MAINT" => "MAINT",
-                "DRAIN" | "DRAIN (removed)" => "DRAIN",
-                "no check" => "NOCHECK",
-                _ if srv.up => "UP",
-                _ => "DOWN",
-            };
-            for state in ["UP", "DOWN", "DRAIN", "MAINT", "NOCHECK"] {
-                let mut labels = server_labels(l, srv);
-                labels.push(("state", state.to_owned()));
-                status.push((labels, if state == current { 1.0 } else { 0.0 }));
-            }
-        }
-        family(
-            &mut enc,
-            "pglb_server_status",
-            "Current state of the server, one series per state (1 = current).",
-            Kind::Gauge,
-            status,
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_up",
-            "1 while the server's health is UP (or it is not checked), whatever the operator \
-             state; pglb_server_status tells DRAIN and MAINT apart.",
-            Kind::Gauge,
-            per_server(&|srv| f64::from(u8::from(srv.up))),
-        )?;
-        let check_status: Vec<(Labels, f64)> = servers
-            .iter()
-            .filter_map(|(l, srv)| {
-                srv.check.as_ref().map(|c| {
-                    let mut labels = server_labels(l, srv);
-                    labels.push(("code", c.status.to_owned()));
-                    (labels, 1.0)
-                })
-            })
-            .collect();
-        family(
-            &mut enc,
-            "pglb_server_check_status",
-            "Last check status (HAProxy code in the label).",
-            Kind::Gauge,
-            check_status,
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_check_duration_seconds",
-            "Duration of the last check.",
-            Kind::Gauge,
-            per_server(&|srv| {
-                srv.check
-                    .as_ref()
-                    .map(|c| c.duration_ms as f64 / 1000.0)
-                    .unwrap_or(0.0)
-            }),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_current_sessions",
-            "Sessions on the server now.",
-            Kind::Gauge,
-            per_server(&|srv| srv.scur as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_max_sessions",
-            "Highest concurrent sessions seen.",
-            Kind::Gauge,
-            per_server(&|srv| srv.smax as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_sessions",
-            "Sessions assigned to the server.",
-            Kind::Counter,
-            per_server(&|srv| srv.stot as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_bytes_in",
-            "Bytes sent to the server.",
-            Kind::Counter,
-            per_server(&|srv| srv.bin as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_bytes_out",
-            "Bytes received from the server.",
-            Kind::Counter,
-            per_server(&|srv| srv.bout as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_connection_errors",
-            "Failed connection attempts.",
-            Kind::Counter,
-            per_server(&|srv| srv.econ as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_retry_warnings",
-            "Connection retries after a failure.",
-            Kind::Counter,
-            per_server(&|srv| srv.wretr as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_redispatch_warnings",
-            "Sessions moved to another server after a failure.",
-            Kind::Counter,
-            per_server(&|srv| srv.wredis as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_check_failures",
-            "Failed health checks.",
-            Kind::Counter,
-            per_server(&|srv| srv.chkfail as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_check_up_down",
-            "UP to DOWN transitions.",
-            Kind::Counter,
-            per_server(&|srv| srv.chkdown as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_downtime_seconds",
-            "Time spent DOWN.",
-            Kind::Counter,
-            per_server(&|srv| srv.downtime as f64),
-        )?;
-        family(
-            &mut enc,
-            "pglb_server_weight",
-            "Effective weight.",
-            Kind::Gauge,
-            per_server(&|srv| f64::from(srv.weight)),
-        )?;
-        Ok(())
+        family(enc, name, help, *kind, rows)?;
     }
+    let mut refusals = Vec::new();
+    for l in &s.listens {
+        for (reason, v) in [
+            ("maxconn", l.denied),
+            ("no_server", l.no_server),
+            ("server_refused", l.server_refused),
+            ("queue_timeout", l.queue_timeouts),
+            ("bad_startup", l.ereq),
+        ] {
+            let mut labels = listen_labels(l);
+            labels.push(("reason", reason.to_owned()));
+            refusals.push((labels, v as f64));
+        }
+    }
+    family(
+        enc,
+        "pglb_listen_refused",
+        "Clients refused with an ErrorResponse, by reason.",
+        Kind::Counter,
+        refusals,
+    )
+}
+
+fn encode_servers(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), std::fmt::Error> {
+    let servers: Vec<(&ListenSnap, &ServerSnap)> = s
+        .listens
+        .iter()
+        .flat_map(|l| l.servers.iter().map(move |srv| (l, srv)))
+        .collect();
+    let mut status = Vec::new();
+    for (l, srv) in &servers {
+        let current = match srv.status.as_str() {
+            "MAINT" => "MAINT",
+            "DRAIN" | "DRAIN (removed)" => "DRAIN",
+            "no check" => "NOCHECK",
+            _ if srv.up => "UP",
+            _ => "DOWN",
+        };
+        for state in ["UP", "DOWN", "DRAIN", "MAINT", "NOCHECK"] {
+            let mut labels = server_labels(l, srv);
+            labels.push(("state", state.to_owned()));
+            status.push((labels, if state == current { 1.0 } else { 0.0 }));
+        }
+    }
+    family(
+        enc,
+        "pglb_server_status",
+        "Current state of the server, one series per state (1 = current).",
+        Kind::Gauge,
+        status,
+    )?;
+    let check_status = servers
+        .iter()
+        .filter_map(|(l, srv)| {
+            let c = srv.check.as_ref()?;
+            let mut labels = server_labels(l, srv);
+            labels.push(("code", c.status.to_owned()));
+            Some((labels, 1.0))
+        })
+        .collect();
+    family(
+        enc,
+        "pglb_server_check_status",
+        "Last check status (HAProxy code in the label).",
+        Kind::Gauge,
+        check_status,
+    )?;
+    for (name, help, kind, value) in SERVER_FAMILIES {
+        let rows = servers
+            .iter()
+            .map(|(l, srv)| (server_labels(l, srv), value(srv)))
+            .collect();
+        family(enc, name, help, *kind, rows)?;
+    }
+    Ok(())
 }
 
 /// Renders the snapshot as OpenMetrics text.
