@@ -152,3 +152,132 @@ fn admit(listen: &Arc<ListenState>, shared: &Shared) -> Result<Admission, ()> {
         Err(_) => Err(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The whole data path in process (accept → startup → pick → relay) against fake
+    //! PgBouncers on loopback, on a real worker thread.
+    use super::*;
+    use crate::config::CancelLimits;
+    use crate::startup::CancelKey;
+    use crate::testing::{AUTH_OK, Fake, KEY_DATA, READY_IDLE, fake_recording, listen_over};
+    use crate::testing::{query, startup_packet};
+    use crate::workers::Workers;
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+    use tokio::time::timeout;
+
+    /// pglb's accept loop for `listen` on a worker of its own; returns the address
+    /// clients connect to. Keep the workers alive for the test.
+    fn serve(listen: &Arc<ListenState>, global_maxconn: usize) -> (SocketAddr, Workers) {
+        let workers = Workers::start(1).expect("worker");
+        let pool = workers.pool();
+        let listener =
+            crate::net::bind_std("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shared = Shared::new(
+            Gate::new(global_maxconn),
+            TaskTracker::new(),
+            CancellationToken::new(),
+            Arc::clone(&pool),
+            Arc::new(Registry::new(CancelLimits {
+                per_second: 100,
+                per_client: 10,
+            })),
+        );
+        let stop = CancellationToken::new();
+        pool.handle(0)
+            .spawn(accept_loop(listener, 0, Arc::clone(listen), shared, stop));
+        (addr, workers)
+    }
+
+    async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        timeout(Duration::from_secs(5), s.read_exact(&mut got))
+            .await
+            .expect("bytes in time")
+            .expect("bytes");
+        got
+    }
+
+    /// Logs in through pglb: the fake's AuthenticationOk, key and ReadyForQuery arrive.
+    async fn login(addr: SocketAddr) -> TcpStream {
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(&startup_packet("app")).await.expect("startup");
+        let hello = [&AUTH_OK[..], &KEY_DATA, &READY_IDLE].concat();
+        assert_eq!(read_n(&mut c, hello.len()).await, hello);
+        c
+    }
+
+    #[tokio::test]
+    async fn a_client_reaches_its_server_and_bytes_flow_both_ways() {
+        let (pgb, mut first) = fake_recording(Fake::Echo).await;
+        let listen = listen_over(&[pgb]);
+        let (addr, _workers) = serve(&listen, 100);
+        let mut c = login(addr).await;
+        assert_eq!(first.recv().await.expect("startup"), startup_packet("app"));
+        let q = query("SELECT 1");
+        c.write_all(&q).await.expect("query");
+        assert_eq!(read_n(&mut c, q.len()).await, q, "echoed through pglb");
+        assert_eq!(listen.servers()[0].sessions(), 1);
+        assert_eq!(listen.counters.stot.load(Relaxed), 1);
+        drop(c);
+        for _ in 0..100 {
+            if listen.servers()[0].sessions() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(listen.servers()[0].sessions(), 0, "the place is freed");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_request_goes_to_the_server_that_issued_the_key() {
+        let (other, mut at_other) = fake_recording(Fake::Echo).await;
+        let (issuer, mut at_issuer) = fake_recording(Fake::Echo).await;
+        // Balance "first": the session goes to `other` unless it is down.
+        let listen = listen_over(&[other, issuer]);
+        listen.servers()[0].set_up(false);
+        let (addr, _workers) = serve(&listen, 100);
+        let _session = login(addr).await;
+        at_issuer.recv().await.expect("the session's startup");
+        listen.servers()[0].set_up(true);
+        let key = CancelKey {
+            pid: 4242,
+            secret: bytes::Bytes::from_static(&[1, 2, 3, 4]),
+        };
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(&key.to_packet()).await.expect("cancel");
+        let got = timeout(Duration::from_secs(5), at_issuer.recv())
+            .await
+            .expect("in time");
+        assert_eq!(got.expect("cancel"), key.to_packet());
+        assert!(at_other.try_recv().is_err(), "nothing went elsewhere");
+    }
+
+    #[tokio::test]
+    async fn over_maxconn_the_client_hears_why() {
+        let (pgb, _) = fake_recording(Fake::Echo).await;
+        let listen = listen_over(&[pgb]);
+        let (addr, _workers) = serve(&listen, 1);
+        let _held = login(addr).await;
+        let mut c = TcpStream::connect(addr).await.expect("connect");
+        c.write_all(&startup_packet("app")).await.expect("startup");
+        let mut answer = Vec::new();
+        timeout(Duration::from_secs(5), c.read_to_end(&mut answer))
+            .await
+            .expect("in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.first(), Some(&b'E'), "{text}");
+        assert!(text.contains("53300"), "{text}");
+        assert!(text.contains("global maxconn 1"), "{text}");
+        assert_eq!(
+            listen.servers()[0].sessions(),
+            1,
+            "the refused one took no place"
+        );
+    }
+}

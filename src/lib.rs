@@ -31,6 +31,8 @@ pub(crate) mod runtime_api;
 pub(crate) mod session;
 pub mod startup;
 pub(crate) mod state;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod tls;
 pub(crate) mod upgrade;
 pub mod workers;

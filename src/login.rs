@@ -342,97 +342,22 @@ mod tests {
     //! In-process tests of the login phase against small fake servers on loopback: no
     //! PostgreSQL needed, and tokio's paused clock makes the timeouts instant.
     use super::*;
-    use crate::pick::tests::{listen_cfg, server};
     use crate::startup::{CancelKey, StartupMessage};
-    use tokio::net::TcpListener;
-
-    /// What a fake server does with each connection.
-    #[derive(Clone, Copy)]
-    enum Fake {
-        /// Reads the StartupMessage, answers an ErrorResponse.
-        Refuse(&'static str),
-        /// Reads the StartupMessage, answers AuthenticationOk.
-        Accept,
-        /// Reads whatever comes, never answers.
-        Hang,
-        /// Closes as soon as the SSLRequest arrives.
-        CloseOnSsl,
-        /// Answers the SSLRequest `N`, then behaves as `Accept`.
-        DeclineSsl,
-    }
-
-    const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
-
-    async fn fake(behavior: Fake) -> std::net::SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut buf = [0u8; 1024];
-                    match behavior {
-                        Fake::Hang => {
-                            let _ = s.read(&mut buf).await;
-                            std::future::pending::<()>().await;
-                        }
-                        Fake::CloseOnSsl => {
-                            let _ = s.read(&mut buf).await;
-                        }
-                        Fake::Refuse(msg) => {
-                            let _ = s.read(&mut buf).await;
-                            let e = crate::refusal::error_response("FATAL", "08P01", msg);
-                            let _ = s.write_all(&e).await;
-                        }
-                        Fake::Accept | Fake::DeclineSsl => {
-                            let n = s.read(&mut buf).await.unwrap_or(0);
-                            if matches!(behavior, Fake::DeclineSsl) && n == 8 {
-                                let _ = s.write_all(b"N").await;
-                                let _ = s.read(&mut buf).await;
-                            }
-                            let _ = s.write_all(&AUTH_OK).await;
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                });
-            }
-        });
-        addr
-    }
+    use crate::testing::{AUTH_OK, Fake, fake, listen_over, socket_pair, startup_packet};
 
     /// A listen over the fakes, in order (balance "first").
     fn listen(addrs: &[std::net::SocketAddr]) -> Arc<ListenState> {
-        let servers = addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let mut s = server(&format!("s{}", i + 1), 0, false);
-                s.addr = *a;
-                s
-            })
-            .collect();
-        let mut cfg = listen_cfg(servers, Duration::from_secs(1));
-        cfg.balance = crate::config::Balance::First;
-        cfg.timeouts.login = Duration::from_secs(5);
-        cfg.timeouts.startup = Duration::from_secs(5);
-        Arc::new(ListenState::new(1, cfg, crate::events::channel()))
+        listen_over(addrs)
     }
 
     /// A connected client socket pair: pglb's side and the test's.
     async fn client() -> (Client, TcpStream) {
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let peer = TcpStream::connect(l.local_addr().expect("addr"))
-            .await
-            .expect("connect");
-        let (mine, _) = l.accept().await.expect("accept");
+        let (mine, peer) = socket_pair().await;
         (Client::Plain(mine), peer)
     }
 
     fn startup() -> Hello {
-        let mut body = 0x0003_0000u32.to_be_bytes().to_vec();
-        body.extend_from_slice(b"user\0app\0\0");
-        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        p.extend(body);
-        match crate::startup::decode(Bytes::from(p)) {
+        match crate::startup::decode(Bytes::from(startup_packet("app"))) {
             Ok(crate::startup::Packet::Startup(m)) => Hello::Startup(m),
             other => panic!("{other:?}"),
         }

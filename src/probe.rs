@@ -411,3 +411,101 @@ async fn authenticate(check: &Check, conn: &mut Conn<'_>) -> Result<(), ProbeErr
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each check kind against fake servers that answer right, wrong, or not at all.
+    use super::*;
+    use crate::pick::tests::server;
+    use crate::testing::{Fake, fake};
+
+    fn check(kind: CheckKind) -> Check {
+        let mut c = server("s", 0, false).check;
+        c.kind = kind;
+        c.timeout = Duration::from_secs(2);
+        c.user = "pglb_check".into();
+        c.database = "postgres".into();
+        c.query = "SELECT 1".into();
+        c
+    }
+
+    async fn run(kind: CheckKind, behavior: Fake) -> CheckResult {
+        probe(&check(kind), fake(behavior).await).await
+    }
+
+    /// A loopback port nobody listens on.
+    async fn closed_port() -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn tcp_checks_tell_a_listening_port_from_a_closed_one() {
+        assert_eq!(
+            run(CheckKind::Tcp, Fake::Hang).await.status,
+            CheckStatus::L4Ok
+        );
+        let r = probe(&check(CheckKind::Tcp), closed_port().await).await;
+        assert_eq!(r.status, CheckStatus::L4Con);
+        assert_eq!(r.detail, "Connection refused");
+    }
+
+    #[tokio::test]
+    async fn ssl_checks_want_s_or_n() {
+        let r = run(CheckKind::Ssl, Fake::DeclineSsl).await;
+        assert_eq!(
+            (r.status, r.detail.as_str()),
+            (CheckStatus::L6Ok, "SSLRequest answered N")
+        );
+        let r = run(CheckKind::Ssl, Fake::Http).await;
+        assert_eq!(r.status, CheckStatus::L6Rsp);
+        assert!(r.detail.contains("unexpected answer 'H'"), "{}", r.detail);
+        let r = run(CheckKind::Ssl, Fake::CloseOnSsl).await;
+        assert_eq!(r.status, CheckStatus::L6Rsp);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_answers_fails_at_the_check_timeout() {
+        for (kind, status) in [
+            (CheckKind::Ssl, CheckStatus::L6Tout),
+            (CheckKind::Pgsql, CheckStatus::L7Tout),
+            (CheckKind::Query, CheckStatus::L7Tout),
+        ] {
+            let t0 = Instant::now();
+            let r = run(kind, Fake::Hang).await;
+            assert_eq!(r.status, status, "{kind:?}");
+            let waited = t0.elapsed();
+            assert!(
+                waited >= Duration::from_secs(2) && waited < Duration::from_millis(2100),
+                "{kind:?}: {waited:?}"
+            );
+            assert_eq!(r.duration, waited, "the result says how long it took");
+        }
+    }
+
+    #[tokio::test]
+    async fn pgsql_checks_pass_on_an_authentication_request_and_report_errors() {
+        assert_eq!(
+            run(CheckKind::Pgsql, Fake::Accept).await.status,
+            CheckStatus::L7Ok
+        );
+        for kind in [CheckKind::Pgsql, CheckKind::Query] {
+            let r = run(kind, Fake::Refuse("no more connections allowed")).await;
+            assert_eq!(r.status, CheckStatus::L7Sts, "{kind:?}");
+            assert_eq!(r.code.as_deref(), Some("08P01"));
+            assert_eq!(r.detail, "no more connections allowed");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_server_speaking_another_protocol_is_a_bad_response() {
+        for kind in [CheckKind::Pgsql, CheckKind::Query] {
+            let r = run(kind, Fake::Http).await;
+            assert_eq!(r.status, CheckStatus::L7Rsp, "{kind:?}: {}", r.detail);
+        }
+        let r = run(CheckKind::Query, Fake::Close).await;
+        assert_eq!(r.status, CheckStatus::L7Rsp, "{}", r.detail);
+    }
+}

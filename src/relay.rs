@@ -642,3 +642,204 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
         Poll::Ready((now >= idle_at).then_some(timeout_end))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The relay between two loopback socket pairs: no PostgreSQL, paused clock for the
+    //! timeouts.
+    use super::*;
+    use crate::state::end_sessions;
+    use crate::testing::{READY_IDLE, pattern, query, socket_pair};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The far ends the test drives: the client's and the server's.
+    struct Ends {
+        client: TcpStream,
+        server: TcpStream,
+    }
+
+    struct Tokens {
+        shutdown: CancellationToken,
+        kill: CancellationToken,
+        drain: CancellationToken,
+    }
+
+    impl Tokens {
+        fn new() -> Self {
+            Tokens {
+                shutdown: CancellationToken::new(),
+                kill: CancellationToken::new(),
+                drain: CancellationToken::new(),
+            }
+        }
+    }
+
+    const IDLE: Idle = Idle {
+        client: Duration::from_secs(30),
+        server: Duration::from_secs(60),
+    };
+
+    /// Runs a relay between fresh socket pairs; the test gets the far ends and the
+    /// tokens, the relay's outcome comes from the task. (Tests that move bytes run on the
+    /// real clock: a paused clock jumps to the next timer whenever every task waits,
+    /// bytes in flight on loopback included.)
+    async fn start(
+        tracked: bool,
+        tokens: Arc<Tokens>,
+        idle: Idle,
+    ) -> (Ends, tokio::task::JoinHandle<(Outcome, Arc<Tracker>)>) {
+        let (client_side, client) = socket_pair().await;
+        let (mut server_side, server) = socket_pair().await;
+        let task = tokio::spawn(async move {
+            let counters: [StripedCounter; 4] = Default::default();
+            let meters = Meters {
+                to_server: [&counters[0], &counters[1]],
+                to_client: [&counters[2], &counters[3]],
+            };
+            let signals = Signals {
+                shutdown: &tokens.shutdown,
+                kill: &tokens.kill,
+                drain: &tokens.drain,
+                drain_deadline: Duration::from_secs(300),
+            };
+            let tracker = Arc::new(Tracker::new(None));
+            let mut client = Client::Plain(client_side);
+            let t = tracked.then_some(&*tracker);
+            let out = relay(&mut client, &mut server_side, idle, meters, signals, t).await;
+            assert_eq!(counters[0].get(), out.to_server, "meters follow the bytes");
+            assert_eq!(counters[2].get(), out.to_client);
+            (out, tracker)
+        });
+        (Ends { client, server }, task)
+    }
+
+    #[tokio::test]
+    async fn bytes_arrive_unchanged_both_ways_and_a_client_half_close_lets_the_server_finish() {
+        let (mut ends, task) = start(false, Arc::new(Tokens::new()), IDLE).await;
+        let up = pattern(3 << 20, 1);
+        let down = pattern(5 << 20, 2);
+        let (mut cr, mut cw) = ends.client.split();
+        let (mut sr, mut sw) = ends.server.split();
+        let client = async {
+            write_in_pieces(&mut cw, &up, 3).await;
+            cw.shutdown().await.expect("half-close");
+            let mut got = Vec::new();
+            cr.read_to_end(&mut got).await.expect("read");
+            got
+        };
+        let server = async {
+            let mut got = Vec::new();
+            sr.read_to_end(&mut got).await.expect("read until the client's FIN");
+            write_in_pieces(&mut sw, &down, 4).await;
+            sw.shutdown().await.expect("close");
+            got
+        };
+        let (at_client, at_server) = tokio::join!(client, server);
+        assert!(at_server == up, "client → server bytes differ");
+        assert!(at_client == down, "server → client bytes differ");
+        let (out, _) = task.await.expect("relay");
+        assert!(matches!(out.end, End::ClientClosed), "{:?}", out.end);
+        assert_eq!(
+            (out.to_server, out.to_client),
+            (up.len() as u64, down.len() as u64)
+        );
+    }
+
+    /// Writes `data` in uneven pieces, so message and read boundaries never line up.
+    async fn write_in_pieces<W: AsyncWrite + Unpin>(to: &mut W, data: &[u8], seed: u64) {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let n = rng.usize(1..=rest.len().min(70_000));
+            to.write_all(&rest[..n]).await.expect("write");
+            rest = &rest[n..];
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_session_ends_at_the_client_idle_limit() {
+        let (_ends, task) = start(false, Arc::new(Tokens::new()), IDLE).await;
+        let t0 = Instant::now();
+        let (out, _) = task.await.expect("relay");
+        assert!(matches!(out.end, End::ClientTimeout), "{:?}", out.end);
+        let waited = t0.elapsed();
+        assert!(
+            waited >= IDLE.client && waited < IDLE.client + Duration::from_secs(1),
+            "{waited:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn traffic_pushes_the_idle_limit_back() {
+        let idle = Idle {
+            client: Duration::from_millis(300),
+            server: Duration::from_millis(300),
+        };
+        let (mut ends, task) = start(false, Arc::new(Tokens::new()), idle).await;
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            ends.client.write_all(b"x").await.expect("write");
+            let mut b = [0u8; 1];
+            ends.server.read_exact(&mut b).await.expect("relayed");
+            ends.server.write_all(b"y").await.expect("write");
+            ends.client.read_exact(&mut b).await.expect("relayed");
+        }
+        let (out, _) = task.await.expect("relay");
+        assert!(
+            matches!(out.end, End::ClientTimeout | End::ServerTimeout),
+            "{:?}",
+            out.end
+        );
+        let waited = t0.elapsed();
+        assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    }
+
+    #[tokio::test]
+    async fn a_drain_waits_for_the_transaction_to_end_then_closes_at_ready_for_query() {
+        let tokens = Arc::new(Tokens::new());
+        let (mut ends, task) = start(true, Arc::clone(&tokens), IDLE).await;
+        // The login's ReadyForQuery, then a transaction is open ('T').
+        ends.server.write_all(&READY_IDLE).await.expect("write");
+        ends.client.write_all(&query("BEGIN")).await.expect("write");
+        let mut q = vec![0u8; query("BEGIN").len()];
+        ends.server.read_exact(&mut q).await.expect("relayed");
+        ends.server
+            .write_all(&[b'Z', 0, 0, 0, 5, b'T'])
+            .await
+            .expect("write");
+        end_sessions(&tokens.drain);
+        // Past the quiet check (DRAIN_QUIET): busy, so it stays.
+        tokio::time::sleep(DRAIN_QUIET * 2).await;
+        assert!(!task.is_finished(), "inside a transaction: the session stays");
+        ends.client.write_all(&query("COMMIT")).await.expect("write");
+        let mut q = vec![0u8; query("COMMIT").len()];
+        ends.server.read_exact(&mut q).await.expect("relayed");
+        ends.server.write_all(&READY_IDLE).await.expect("write");
+        let (out, tracker) = task.await.expect("relay");
+        assert!(matches!(out.end, End::Drained), "{:?}", out.end);
+        assert!(tracker.idle());
+        // The client got every ReadyForQuery, the last one included.
+        let mut got = vec![0u8; 18];
+        ends.client.read_exact(&mut got).await.expect("bytes");
+        assert_eq!(&got[12..], &READY_IDLE);
+    }
+
+    #[tokio::test]
+    async fn a_server_marked_down_ends_its_sessions() {
+        let tokens = Arc::new(Tokens::new());
+        let (_ends, task) = start(true, Arc::clone(&tokens), IDLE).await;
+        end_sessions(&tokens.kill);
+        let (out, _) = task.await.expect("relay");
+        assert!(matches!(out.end, End::ServerDown), "{:?}", out.end);
+    }
+
+    #[tokio::test]
+    async fn shutdown_ends_a_busy_session() {
+        let tokens = Arc::new(Tokens::new());
+        let (_ends, task) = start(true, Arc::clone(&tokens), IDLE).await;
+        end_sessions(&tokens.shutdown);
+        let (out, _) = task.await.expect("relay");
+        assert!(matches!(out.end, End::Shutdown), "{:?}", out.end);
+    }
+}
