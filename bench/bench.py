@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,15 +103,41 @@ class Workload:
     pgbench_args: list
     per_connection: bool = False
     writes: bool = False
+    # pgbench threads. 2 ("bursty"): two threads multiplex every connection, so one
+    # proxy wake-up serves many sessions. Many ("fleet-shaped"): like many application
+    # processes with a connection each, few sessions per wake-up.
+    threads: int = 2
+
+    @property
+    def fleet(self):
+        return self.threads > 2
 
 
-WORKLOADS = [
-    Workload("select-c8", "select-only -c 8", ["-S", "-c", "8"]),
-    Workload("select-c64", "select-only -c 64", ["-S", "-c", "64"]),
-    Workload("select-c256", "select-only -c 256", ["-S", "-c", "256"]),
-    Workload("tpcb-c32", "TPC-B-like -c 32", ["-c", "32"], writes=True),
-    Workload("connect-c16", "select-only -C -c 16", ["-C", "-S", "-c", "16"], per_connection=True),
-]
+def largest_fleet():
+    """The seed's 10,500 clients where the descriptor limit allows, else what it allows:
+    the proxy holds 2 descriptors per client and pgbench 1, each under the same limit;
+    40 % of the limit leaves room for the proxy's own (8,000 at 20,000 here)."""
+    return min(10_500, int(open_files_limit() * 0.4) // 500 * 500)
+
+
+def workloads_list():
+    big = largest_fleet()
+    return [
+        Workload("select-c8", "select-only -c 8", ["-S", "-c", "8"]),
+        Workload("select-c64", "select-only -c 64", ["-S", "-c", "64"]),
+        Workload("select-c256", "select-only -c 256", ["-S", "-c", "256"]),
+        Workload("tpcb-c32", "TPC-B-like -c 32", ["-c", "32"], writes=True),
+        Workload("connect-c16", "select-only -C -c 16", ["-C", "-S", "-c", "16"],
+                 per_connection=True),
+        Workload("fleet-select-c256", "select-only -c 256 -j 100", ["-S", "-c", "256"],
+                 threads=100),
+        Workload("fleet-select-c1000", "select-only -c 1,000 -j 100", ["-S", "-c", "1000"],
+                 threads=100),
+        Workload(f"fleet-select-c{big}", f"select-only -c {big:,} -j 100",
+                 ["-S", "-c", str(big)], threads=100),
+        Workload("fleet-tpcb-c256", "TPC-B-like -c 256 -j 50", ["-c", "256"], writes=True,
+                 threads=50),
+    ]
 
 TARGETS = ["pglb", "haproxy", "direct"]
 TARGET_NAMES = {"pglb": "pglb", "haproxy": "HAProxy", "direct": "PgBouncer direct"}
@@ -470,8 +497,10 @@ class Run:
     tps: float = float("nan")
     txns: int = 0
     lat_avg_ms: float = float("nan")
+    lat_p50_ms: float = float("nan")
     lat_p99_ms: float = float("nan")
     conn_ms: float = float("nan")
+    rss_kib: float = float("nan")  # the proxy's largest VmRSS during the run
     target_cpu_us: float = float("nan")  # per transaction (= per connection under -C)
     bouncers_cpu_us: float = float("nan")
     noise_cores: float = float("nan")
@@ -480,7 +509,8 @@ class Run:
 
 
 def pgbench_argv(settings, workload, port, log_prefix):
-    return (["pgbench", "-n", "-M", "simple", "-j", "2", "-T", str(settings.duration),
+    return (["pgbench", "-n", "-M", "simple", "-j", str(workload.threads),
+             "-T", str(settings.duration),
              "-h", "127.0.0.1", "-p", str(port), "-U", APP_USER,
              "--log", f"--log-prefix={log_prefix}"] + workload.pgbench_args + [APP_DB])
 
@@ -529,15 +559,17 @@ def run_pgbench(settings, stack, workload, target, round_no):
     argv = pgbench_argv(settings, workload, stack.target_port(target), log_dir / "txn")
     profiler = start_profile(settings, target, target_proc, workload, round_no)
     before = cpu_snapshot(stack, target_proc)
+    rss = RssSampler(target_proc.pid)
     try:
         result = subprocess.run(argv, capture_output=True, text=True, env=client_env(),
-                                timeout=settings.duration * 4 + 120)
+                                timeout=settings.duration * 4 + 180)
     except subprocess.TimeoutExpired:
         finish_profile(settings, profiler, 0)
         run.error = "pgbench did not finish in time (killed)"
         return run
     finally:
         after = cpu_snapshot(stack, target_proc)
+        run.rss_kib = rss.stop()
     parse_pgbench_output(result.stdout, run)
     finish_profile(settings, profiler, run.txns)
     if result.returncode != 0:
@@ -547,6 +579,7 @@ def run_pgbench(settings, stack, workload, target, round_no):
     shutil.rmtree(log_dir, ignore_errors=True)
     if latencies:
         run.lat_avg_ms = sum(latencies) / len(latencies) / 1000
+        run.lat_p50_ms = percentile(latencies, 0.50) / 1000
         run.lat_p99_ms = percentile(latencies, 0.99) / 1000
     if run.txns:
         run.target_cpu_us = (after.target - before.target) / CLK_TCK / run.txns * 1e6
@@ -558,6 +591,27 @@ def run_pgbench(settings, stack, workload, target, round_no):
     if run.txns:
         run.segments = (after.segments - before.segments) / run.txns
     return run
+
+
+class RssSampler:
+    """The largest VmRSS of a process, sampled every 0.5 s on a thread until stop()."""
+
+    def __init__(self, pid):
+        self.pid, self.peak = pid, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, rss_kib(self.pid))
+            if self.done.wait(0.5):
+                return
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(5)
+        return float(self.peak) if self.peak else float("nan")
 
 
 def start_profile(settings, target, target_proc, workload, round_no):
@@ -628,7 +682,10 @@ def describe(run):
 
 
 def run_workloads(settings, stack):
-    workloads = [w for w in WORKLOADS if not settings.workloads or w.key in settings.workloads]
+    workloads = [w for w in workloads_list()
+                 if not settings.workloads or w.key in settings.workloads
+                 or (w.fleet and "fleet" in settings.workloads)
+                 or (not w.fleet and "bursty" in settings.workloads)]
     runs = []
     for round_no in range(1, settings.rounds + 1):
         for workload in workloads:
@@ -746,6 +803,30 @@ def paired_ratio(runs, workload, attr):
     return f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
+def fleet_table(workloads, runs):
+    """Fleet-shaped workloads: many pgbench threads, the latency spread, the time to
+    connect every client, and the proxy's memory while they run."""
+    def med(workload, target, attr):
+        return median([getattr(r, attr) for r in runs
+                       if r.workload == workload.key and r.target == target])
+    three = lambda w, attr, digits: " / ".join(fmt(med(w, t, attr), digits) for t in TARGETS)
+    lines = [
+        "| workload | TPS pglb / HAProxy / direct | TPS pglb/HAProxy (rounds) "
+        "| CPU µs/txn pglb / HAProxy | CPU pglb/HAProxy (rounds) "
+        "| lat p50 ms pglb / HAProxy / direct | lat p99 ms pglb / HAProxy / direct "
+        "| connection ms pglb / HAProxy / direct | RSS MiB pglb / HAProxy |",
+        "|---|---|---:|---|---:|---|---|---|---|",
+    ]
+    for w in workloads:
+        cpu = " / ".join(fmt(med(w, t, "target_cpu_us")) for t in ("pglb", "haproxy"))
+        rss = " / ".join(fmt(med(w, t, "rss_kib") / 1024) for t in ("pglb", "haproxy"))
+        lines.append(
+            f"| {w.label} | {three(w, 'tps', 1)} | {paired_ratio(runs, w, 'tps')} | {cpu} "
+            f"| {paired_ratio(runs, w, 'target_cpu_us')} | {three(w, 'lat_p50_ms', 3)} "
+            f"| {three(w, 'lat_p99_ms', 3)} | {three(w, 'conn_ms', 1)} | {rss} |")
+    return "\n".join(lines)
+
+
 def summary_table(workloads, runs, settings):
     def med(workload, target, attr):
         return median([getattr(r, attr) for r in runs
@@ -820,7 +901,8 @@ def method_notes(settings):
     return "\n".join([
         f"- {settings.rounds} round(s), each workload against pglb, HAProxy, PgBouncer direct in "
         "turn, the order rotated every round (pglb first, then HAProxy first, then direct "
-        f"first, ...); medians over rounds. pgbench -n -M simple -j 2 -T {settings.duration}, "
+        f"first, ...); medians over rounds. pgbench -n -M simple -T {settings.duration}, "
+        "-j 2 in the first table, the -j named in the fleet table; "
         "scale 10. Autovacuum off; after every TPC-B run the database is vacuumed and "
         "checkpointed (outside the measured time), so every run starts from the same tables.",
         "- pglb/HAProxy columns: the ratio within each round (the two runs seconds apart), "
@@ -832,7 +914,9 @@ def method_notes(settings):
         f"- pglb: log_level \"{settings.pglb_log_level}\" (no per-session log line), "
         f"threads = {settings.threads}, tcp check 2s. HAProxy 2.6: nbthread {settings.threads}, "
         "no logging, pgsql-check user app.",
-        "- Latency: per-transaction pgbench --log, p99 = 99th percentile of all transactions.",
+        "- Latency: per-transaction pgbench --log, p50/p99 = percentiles of all transactions. "
+        "Connection ms: pgbench's average connection time (every client connects at the "
+        "start). RSS: the proxy's largest VmRSS during the run (sampled every 0.5 s).",
         "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "
         "Direct column: the PgBouncer's own CPU (there is no proxy).",
         "- noise: CPU-seconds per second used by processes other than PostgreSQL, the "
@@ -849,9 +933,16 @@ def method_notes(settings):
 
 
 def write_report(settings, workloads, runs, memory, elapsed):
-    summary = summary_table(workloads, runs, settings)
+    bursty = [w for w in workloads if not w.fleet]
+    fleet = [w for w in workloads if w.fleet]
+    summary = summary_table(bursty, runs, settings) if bursty else ""
+    errors = "\n".join(f"- run with errors: round {r.round} {r.workload} {r.target}: {r.error}"
+                       for r in runs if r.error and any(w.key == r.workload for w in fleet))
+    fleet_summary = (fleet_table(fleet, runs) + ("\n\n" + errors if errors else "")) if fleet else ""
     mem = memory_table(memory)
     print("\n" + summary + "\n")
+    if fleet_summary:
+        print(fleet_summary + "\n")
     if mem:
         print(mem + "\n")
     settings.out.parent.mkdir(parents=True, exist_ok=True)
@@ -860,7 +951,10 @@ def write_report(settings, workloads, runs, memory, elapsed):
                 f"{time.strftime('%Y-%m-%d %H:%M %Z')}, {os.cpu_count()} CPUs, "
                 f"{'quick' if settings.quick else 'default'} settings, "
                 f"{elapsed / 60:.1f} min. {versions(settings)}.\n\n"
-                f"## Throughput, latency, CPU (medians)\n\n{summary}\n\n")
+                f"## Throughput, latency, CPU (medians), pgbench -j 2\n\n{summary}\n\n")
+        if fleet_summary:
+            f.write("## Fleet-shaped: many pgbench threads (medians)\n\n"
+                    f"{fleet_summary}\n\n")
         if mem:
             f.write(f"## Memory per idle client\n\n{mem}\n\n")
         f.write(f"## Method\n\n{method_notes(settings)}\n\n## Every run\n\n{runs_table(runs)}\n")

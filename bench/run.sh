@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark: pglb vs HAProxy vs one PgBouncer directly, on loopback (127.0.0.1 only).
 #
-#   bash bench/run.sh                 # default: 5 rounds x 9 s runs, memory at 2,000 and 12,000 clients
+#   bash bench/run.sh                 # default: 5 rounds x 9 s runs, memory at 2,000 and 12,000 clients (~35 min)
 #   BENCH_QUICK=1 bash bench/run.sh   # smoke run, ~2 min: 1 round x 5 s, memory at 2,000 clients
 #
 # Sets up PostgreSQL 15, three PgBouncers, pglb and HAProxy in a temporary directory (as
@@ -17,6 +17,10 @@
 #   BENCH_MEMORY_CLIENTS=a,b  idle-client counts for the memory table (default 2000,12000,
 #                             quick 2000; 0 skips it)
 #   BENCH_WORKLOADS=k,...     only these: select-c8 select-c64 select-c256 tpcb-c32 connect-c16
+#                             (pgbench -j 2), fleet-select-c256 fleet-select-c1000
+#                             fleet-select-c<N> fleet-tpcb-c256 (-j 50-100; N = 8000 under a
+#                             20,000-descriptor limit, 10500 where it allows); "bursty" or
+#                             "fleet" name a whole group
 #   BENCH_PGLB=path           use this pglb binary instead of building target/release/pglb
 #   BENCH_PGLB_LOG_LEVEL=lvl  pglb log_level (default warn: no per-session line, like HAProxy here)
 #   BENCH_THREADS=N           pglb threads and HAProxy nbthread (default 2, one per core here)
