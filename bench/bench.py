@@ -465,6 +465,7 @@ class CpuSnapshot:
     children_s: float
     self_s: float
     segments: int
+    switches: int
 
 
 def tcp_segments():
@@ -483,7 +484,20 @@ def cpu_snapshot(stack, target_proc):
         at=time.monotonic(), target=process_ticks(target_proc.pid), bouncers=bouncers,
         ours=proxies + bouncers + postgres_ticks(stack), busy=busy_ticks(),
         children_s=kids.ru_utime + kids.ru_stime, self_s=me.ru_utime + me.ru_stime,
-        segments=tcp_segments())
+        segments=tcp_segments(), switches=context_switches(target_proc.pid))
+
+
+def context_switches(pid):
+    """Voluntary + involuntary context switches of every thread of a process."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.endswith("ctxt_switches:") or "ctxt_switches:" in line:
+                    total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
 
 
 # ---------------------------------------------------------------- pgbench runs
@@ -505,6 +519,7 @@ class Run:
     bouncers_cpu_us: float = float("nan")
     noise_cores: float = float("nan")
     segments: float = float("nan")  # TCP segments sent on the machine per transaction
+    switches: float = float("nan")  # the proxy's context switches per transaction
     error: str = ""
 
 
@@ -521,6 +536,9 @@ def parse_pgbench_output(text, run):
         return float(m.group(1)) if m else float("nan")
     run.tps = number(r"^tps = ([0-9.]+)")
     run.conn_ms = number(r"^average connection time = ([0-9.]+) ms")
+    if run.conn_ms != run.conn_ms:
+        # Without -C pgbench reports the time to open every client's connection.
+        run.conn_ms = number(r"^initial connection time = ([0-9.]+) ms")
     processed = re.search(r"number of transactions actually processed: (\d+)", text)
     run.txns = int(processed.group(1)) if processed else 0
     failed = re.search(r"number of failed transactions: (\d+)", text)
@@ -590,6 +608,7 @@ def run_pgbench(settings, stack, workload, target, round_no):
     run.noise_cores = max(0.0, (after.busy - before.busy) / CLK_TCK - ours) / wall
     if run.txns:
         run.segments = (after.segments - before.segments) / run.txns
+        run.switches = (after.switches - before.switches) / run.txns
     return run
 
 
@@ -677,6 +696,7 @@ def describe(run):
     text = (f"{run.workload:<12} {run.target:<8} tps={run.tps:9.1f} avg={run.lat_avg_ms:7.3f}ms "
             f"p99={run.lat_p99_ms:7.3f}ms cpu={run.target_cpu_us:6.1f}us/txn "
             f"bouncers={run.bouncers_cpu_us:6.1f}us/txn segs={run.segments:5.1f}/txn "
+            f"cs={run.switches:5.2f}/txn "
             f"noise={run.noise_cores:.2f} cores")
     return text + (f"  ERROR: {run.error}" if run.error else "")
 
@@ -875,12 +895,14 @@ def memory_table(results):
 
 def runs_table(runs):
     lines = ["| round | workload | target | TPS | txns | lat avg ms | lat p99 ms "
-             "| target CPU µs/txn | PgBouncers CPU µs/txn | TCP segments/txn | noise, cores | error |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| target CPU µs/txn | PgBouncers CPU µs/txn | TCP segments/txn "
+             "| proxy context switches/txn | noise, cores | error |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         lines.append(f"| {r.round} | {r.workload} | {r.target} | {fmt(r.tps)} | {r.txns} "
                      f"| {fmt(r.lat_avg_ms, 3)} | {fmt(r.lat_p99_ms, 3)} | {fmt(r.target_cpu_us)} "
-                     f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.segments)} | {fmt(r.noise_cores, 2)} "
+                     f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.segments)} | {fmt(r.switches, 2)} "
+                     f"| {fmt(r.noise_cores, 2)} "
                      f"| {r.error} |")
     return "\n".join(lines)
 
@@ -915,8 +937,8 @@ def method_notes(settings):
         f"threads = {settings.threads}, tcp check 2s. HAProxy 2.6: nbthread {settings.threads}, "
         "no logging, pgsql-check user app.",
         "- Latency: per-transaction pgbench --log, p50/p99 = percentiles of all transactions. "
-        "Connection ms: pgbench's average connection time (every client connects at the "
-        "start). RSS: the proxy's largest VmRSS during the run (sampled every 0.5 s).",
+        "Connection ms: pgbench's initial connection time (every client connects at the "
+        "start, each pgbench thread its own in turn). RSS: the proxy's largest VmRSS during the run (sampled every 0.5 s).",
         "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "
         "Direct column: the PgBouncer's own CPU (there is no proxy).",
         "- noise: CPU-seconds per second used by processes other than PostgreSQL, the "

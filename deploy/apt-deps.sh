@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs, through apt, the Debian 12 packages that pglb's tests and demo run for real:
 # PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test);
-# for tests/deploy_files.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
+# for tests/deploy_*.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
 # python3-yaml (docker-compose.yml), systemd (systemd-analyze security); for
-# tests/failover.rs: keepalived, curl, iproute2 (ip netns); and cargo-deb
+# tests/failover_*.rs: keepalived, curl, iproute2 (ip netns); and cargo-deb
 # (the Debian package), from crates.io; psycopg 3 with the libpq 18 its wheel bundles
 # (tests/modern_cancel.rs: libpq 17+'s cancel API), from PyPI.
 # haproxy and linux-perf are for bench/ (the comparison and profiles).
@@ -16,7 +16,7 @@ if [ "${1:-}" != "--demo" ]; then
   # prometheus (its promtool) lints /metrics; haproxy is also the CSV reference.
   packages+=(chromium keepalived ruby python3-yaml systemd haproxy linux-perf curl iproute2
     socat hatop tmux prometheus)
-  # cargo-deb builds the .deb (tests/deploy_files.rs); compiled from crates.io, ~1.5 min once.
+  # cargo-deb builds the .deb (tests/deploy_debian.rs); compiled from crates.io, ~1.5 min once.
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb"
     cargo install cargo-deb --locked --quiet

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get, open_fds, rss_kib};
+use harness::{ConfigText, Pglb, Stack, free_port, http_get, open_fds, rss_kib};
 
 /// CPU seconds (user + system) the process has used.
 fn cpu_secs(pid: u32) -> f64 {
@@ -44,12 +44,13 @@ async fn five_thousand_silent_connections_do_not_delay_a_real_client() {
     let stack = Stack::start(1);
     let port = free_port();
     // Production-like limits: the silent connections count against maxconn, as in HAProxy.
-    let config = Pglb::config(
+    let config = ConfigText::new(Pglb::config(
         port,
         "[listen.timeouts]\nstartup = \"3s\"\n",
         &stack.servers_toml(),
-    )
-    .replace("maxconn = 5000", "maxconn = 20000");
+    ))
+    .set("global", "maxconn", 20000)
+    .build();
     let pglb = Pglb::start(&config, port);
     let pid = pglb.proc.pid();
     let baseline = median_login(&pglb).await;
@@ -182,8 +183,9 @@ async fn a_client_that_stops_reading_does_not_make_pglb_buffer() {
 async fn global_maxconn_refuses_then_recovers() {
     let stack = Stack::start(1);
     let port = free_port();
-    let config =
-        Pglb::config(port, "", &stack.servers_toml()).replace("maxconn = 5000", "maxconn = 3");
+    let config = ConfigText::new(Pglb::config(port, "", &stack.servers_toml()))
+        .set("global", "maxconn", 3)
+        .build();
     let pglb = Pglb::start(&config, port);
     let mut held = Vec::new();
     for _ in 0..3 {

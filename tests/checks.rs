@@ -4,7 +4,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{APP_PASSWORD, APP_USER, BouncerOpts, Pglb, Postgres, Stack, free_port};
+use harness::{APP_PASSWORD, APP_USER, BouncerOpts, ConfigText, Pglb, Postgres, Stack, free_port};
 
 /// Fast intervals so transitions happen within a second or two.
 fn check_toml(kind: &str, extra: &str) -> String {
@@ -182,7 +182,9 @@ async fn query_checks_log_in_with_scram_and_md5() {
 
         // A wrong password keeps the server DOWN, with PgBouncer's reason.
         let port = free_port();
-        let bad = check_toml("query", "").replace(APP_PASSWORD, "wrong");
+        let bad = ConfigText::new(check_toml("query", ""))
+            .set("listen.check", "password", "wrong")
+            .build();
         let pglb = Pglb::start(&Pglb::config(port, &bad, &stack.servers_toml()), port);
         tokio::time::sleep(Duration::from_millis(800)).await;
         let err = pglb.connect().await.expect_err("no server is UP");
@@ -258,10 +260,11 @@ async fn connection_errors_on_live_traffic_mark_down_before_the_checks_do() {
     let mut stack = Stack::start(3);
     let port = free_port();
     // Checks every 10 s: fall × interval would take 30 s to notice.
-    let check = check_toml("tcp", "error_limit = 2")
-        .replace("interval = \"300ms\"", "interval = \"10s\"")
-        .replace("fastinter = \"100ms\"", "fastinter = \"10s\"")
-        .replace("downinter = \"300ms\"", "downinter = \"10s\"");
+    let check = ConfigText::new(check_toml("tcp", "error_limit = 2"))
+        .set("listen.check", "interval", "10s")
+        .set("listen.check", "fastinter", "10s")
+        .set("listen.check", "downinter", "10s")
+        .build();
     let pglb = Pglb::start(&Pglb::config(port, &check, &stack.servers_toml()), port);
     wait_for(&pglb, "is UP", 3, Duration::from_secs(5));
     stack.bouncers[0].kill();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
-use harness::{Pglb, Stack, free_port, http_get};
+use harness::{Pglb, Proc, Stack, free_port, http_get};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -19,7 +19,7 @@ const CHECK: &str = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfasti
 
 /// Headless Chromium with a DevTools port, stopped by pid when dropped.
 struct Browser {
-    proc: Option<std::process::Child>,
+    _proc: Proc,
     _profile: tempfile::TempDir,
     port: u16,
 }
@@ -31,26 +31,28 @@ impl Browser {
             .into_iter()
             .find(|p| std::path::Path::new(p).exists())
             .expect("chromium is not installed: run deploy/apt-deps.sh");
-        let child = Command::new(binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--window-size=1500,700",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start chromium");
+        let proc = Proc::spawn(
+            Command::new(binary)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--window-size=1500,700",
+                    "--remote-debugging-address=127.0.0.1",
+                    "--remote-debugging-port=0",
+                ])
+                .arg(format!("--user-data-dir={}", profile.path().display()))
+                .arg("about:blank")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+            "chromium",
+            libc::SIGKILL,
+        );
         // Chromium writes the port it chose into the profile directory.
         let port_file = profile.path().join("DevToolsActivePort");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -68,18 +70,9 @@ impl Browser {
             std::thread::sleep(Duration::from_millis(100));
         };
         Browser {
-            proc: Some(child),
+            _proc: proc,
             _profile: profile,
             port,
-        }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.proc.take() {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }

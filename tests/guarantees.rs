@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{
-    Bouncer, BouncerOpts, Pglb, Stack, csv_field, free_port, http, http_get, http_with, stats_toml,
+    Bouncer, BouncerOpts, ConfigText, Pglb, Stack, csv_field, free_port, http, http_get, http_with,
+    stats_toml,
 };
 
 const ADMIN: Option<(&str, &str)> = Some(("admin", "s3cret"));
@@ -116,7 +117,11 @@ async fn reloads_keep_maxconn_leastconn_and_drain_for_older_sessions() {
         csv_field(stats, "FRONTEND", "scur").await == "0"
     })
     .await;
-    pglb.reload(&config(50).replace("maxconn = 10", "maxconn = 2"));
+    pglb.reload(
+        &ConfigText::new(config(50))
+            .set("listen", "maxconn", 2)
+            .build(),
+    );
     pglb.wait_log(&["configuration reloaded"], 5, Duration::from_secs(5));
     let mut again = Vec::new();
     let mut refused = 0;

@@ -10,21 +10,14 @@ use std::collections::BTreeSet;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get, http_with};
+use harness::{Pglb, Proc, Stack, free_port, http_get, http_with};
 
 const DIFFERENCES: &str = include_str!("fixtures/haproxy_csv_differences.txt");
 
 /// HAProxy 2.6 in front of the same servers, as the production stack runs it.
 struct Haproxy {
-    child: std::process::Child,
+    _proc: Proc,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn haproxy(port: u16, stats: u16, stack: &Stack) -> Haproxy {
@@ -49,20 +42,25 @@ fn haproxy(port: u16, stats: u16, stack: &Stack) -> Haproxy {
     );
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, cfg).expect("haproxy.cfg");
-    let child = Command::new("/usr/sbin/haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy (deploy/apt-deps.sh installs it)");
+    let proc = Proc::spawn(
+        Command::new("/usr/sbin/haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        "haproxy (deploy/apt-deps.sh installs it)",
+        libc::SIGKILL,
+    );
     harness::wait_listening(
         std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
         "haproxy",
         Duration::from_secs(5),
     );
-    Haproxy { child, _dir: dir }
+    Haproxy {
+        _proc: proc,
+        _dir: dir,
+    }
 }
 
 /// (header, rows by svname kind: FRONTEND, BACKEND, or "server").

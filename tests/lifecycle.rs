@@ -7,12 +7,13 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get};
+use harness::{ConfigText, Pglb, Stack, free_port, http_get};
 
 fn config(port: u16, stats: u16, stack: &Stack, linger: &str) -> String {
-    Pglb::config(port, "", &stack.servers_toml())
-        .replace("linger = \"100ms\"", &format!("linger = \"{linger}\""))
-        .replace("grace = \"5s\"", "grace = \"30s\"")
+    ConfigText::new(Pglb::config(port, "", &stack.servers_toml()))
+        .set("global", "linger", linger)
+        .set("global", "grace", "30s")
+        .build()
         + &format!("\n[stats]\nbind = \"127.0.0.1:{stats}\"\n")
 }
 
@@ -101,12 +102,13 @@ fn a_descriptor_limit_below_maxconn_is_warned_about_at_start() {
     let config = dir.path().join("pglb.toml");
     std::fs::write(
         &config,
-        Pglb::config(
+        ConfigText::new(Pglb::config(
             port,
             "",
             "[[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:1\"\n",
-        )
-        .replace("maxconn = 5000", "maxconn = 1000"),
+        ))
+        .set("global", "maxconn", 1000)
+        .build(),
     )
     .expect("config");
     let log = dir.path().join("log");

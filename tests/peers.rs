@@ -7,7 +7,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get};
+use harness::{ConfigText, Pglb, Stack, free_port, http_get};
 
 struct Node {
     pglb: Option<Pglb>,
@@ -19,12 +19,13 @@ struct Node {
 
 fn node(stack: &Stack, name: &str, port: u16, stats: u16, peer: (&str, u16)) -> Node {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = Pglb::config(
+    let config = ConfigText::new(Pglb::config(
         port,
         "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nrise = 1",
         &stack.servers_toml(),
-    )
-    .replace("[global]\n", &format!("[global]\nnode = \"{name}\"\n"))
+    ))
+    .set("global", "node", name)
+    .build()
         + &format!(
             "\n[stats]\nbind = \"127.0.0.1:{stats}\"\nstate_file = \"{}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n\n\
              [[peer]]\nname = \"{}\"\nurl = \"http://127.0.0.1:{}\"\n",

@@ -5,7 +5,7 @@ mod harness;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, db_error, free_port};
+use harness::{ConfigText, Pglb, Stack, db_error, edit, free_port};
 
 async fn clients_per_bouncer(stack: &Stack) -> Vec<usize> {
     let mut counts = Vec::new();
@@ -48,10 +48,10 @@ async fn leastconn_spreads_idle_clients_evenly() {
 async fn weights_shift_the_split() {
     let stack = Stack::start(3);
     let port = free_port();
-    let servers = stack.servers_toml().replacen(
+    let servers = edit(
+        &stack.servers_toml(),
         &format!("addr = \"{}\"\n", stack.bouncers[2].addr()),
         &format!("addr = \"{}\"\nweight = 200\n", stack.bouncers[2].addr()),
-        1,
     );
     let pglb = Pglb::start(&Pglb::config(port, "", &servers), port);
     let mut held = Vec::new();
@@ -259,8 +259,9 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
 async fn sigterm_grace_ends_stuck_sessions() {
     let stack = Stack::start(1);
     let port = free_port();
-    let config =
-        Pglb::config(port, "", &stack.servers_toml()).replace("grace = \"5s\"", "grace = \"1s\"");
+    let config = ConfigText::new(Pglb::config(port, "", &stack.servers_toml()))
+        .set("global", "grace", "1s")
+        .build();
     let mut pglb = Pglb::start(&config, port);
     let client = pglb.connect().await.expect("connect");
     // Stuck inside a transaction: only the grace ends it.

@@ -6,7 +6,7 @@ mod harness;
 use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get};
+use harness::{ConfigText, Pglb, Stack, free_port, http_get};
 
 fn servers(stack: &Stack, which: &[usize]) -> String {
     which
@@ -82,9 +82,10 @@ async fn a_bad_reload_keeps_the_running_config_and_says_why() {
     let good = config(port, stats, &servers(&stack, &[0]), "");
     let pglb = Pglb::start(&good, port);
     pglb.wait_log(&["is UP"], 1, Duration::from_secs(5));
-    let bad = good
-        .replace("balance = ", "balanse = ")
-        .replace("[[listen]]", "[[listen]]\nbalanse = \"leastconn\"");
+    // A misspelt key in the listen.
+    let bad = ConfigText::new(good.clone())
+        .set("listen", "balanse", "leastconn")
+        .build();
     pglb.reload(&bad);
     let log = pglb.wait_log(&["reload failed"], 1, Duration::from_secs(3));
     let line = log
@@ -142,7 +143,9 @@ async fn reload_adds_and_removes_listens_and_keeps_admin_state() {
         servers(&stack, &[1])
     );
     // TOML: the extra listen must come after the first listen's tables.
-    let with_second = base.replace("\n[stats]", &format!("\n{extra}\n[stats]"));
+    let with_second = ConfigText::new(base.clone())
+        .insert_before("stats", &extra)
+        .build();
     pglb.reload(&with_second);
     pglb.wait_log(&["configuration reloaded"], 1, Duration::from_secs(3));
     let dsn = format!("host=127.0.0.1 port={second} user=app password=app-secret dbname=app");

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http_get, open_fds, rss_kib};
+use harness::{Pglb, Stack, edit, free_port, http_get, open_fds, rss_kib};
 use tokio::sync::Mutex;
 
 fn soak_secs() -> u64 {
@@ -24,9 +24,11 @@ fn soak_secs() -> u64 {
 
 fn config(port: u16, stats: u16, stack: &Stack, weight: u32) -> String {
     let check = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 1\nfall = 2\nerror_limit = 2\n[listen.timeouts]\ndrain = \"5s\"\n";
-    let servers = stack
-        .servers_toml()
-        .replace("addr =", &format!("weight = {weight}\naddr ="));
+    let servers = edit(
+        &stack.servers_toml(),
+        "addr =",
+        &format!("weight = {weight}\naddr ="),
+    );
     format!(
         "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n",
         Pglb::config(port, check, &servers)

@@ -5,7 +5,7 @@ mod harness;
 
 use std::time::{Duration, Instant};
 
-use harness::{Pglb, Stack, free_port, http, http_get};
+use harness::{ConfigText, Pglb, Stack, free_port, http, http_get};
 
 const CHECK: &str = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 2\nfall = 2\n";
 
@@ -186,8 +186,9 @@ fn sum(scrape: &prometheus_parse::Scrape, name: &str, label: Option<(&str, &str)
 async fn sessions_spread_evenly_over_worker_threads() {
     let stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let config = checked_with_stats(port, &stack, stats, "")
-        .replace("maxconn = 5000", "maxconn = 5000\nthreads = 2");
+    let config = ConfigText::new(checked_with_stats(port, &stack, stats, ""))
+        .set("global", "threads", 2)
+        .build();
     let pglb = Pglb::start(&config, port);
     // One after another: each new client goes to the worker with fewer sessions,
     // whichever worker accepted it.

@@ -4,11 +4,18 @@
 //! `postgres` user.
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod config_text;
+pub mod deploy;
+pub mod pair;
+
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+#[allow(unused_imports)] // each test file uses a different part
+pub use config_text::{ConfigText, edit};
 
 pub const APP_USER: &str = "app";
 pub const APP_PASSWORD: &str = "app-secret";
@@ -38,13 +45,55 @@ pub fn free_port() -> u16 {
     panic!("no free loopback port");
 }
 
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The pglb binary under test.
+pub fn pglb_bin() -> &'static str {
+    let Some(binary) = option_env!("CARGO_BIN_EXE_pglb") else {
+        panic!("the pglb binary is known to integration tests only, where cargo names it");
+    };
+    binary
+}
+
+/// Runs `cmd` to its end and returns what it did; fails the test when it cannot start.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (deploy/apt-deps.sh installs it)"))
+}
+
+/// A finished command's stdout and stderr, in that order.
+pub fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Runs `cmd`, insists on success and returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(out.status.success(), "{cmd:?} failed: {}", text(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Makes `path` the `postgres` user's when we are root (the servers run as that user).
+pub fn give_to_service_user(path: &Path) {
+    if is_root() {
+        let ok = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(path)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "chown of {} to postgres failed", path.display());
+    }
+}
+
 /// A command run as the `postgres` user when we are root.
-fn as_service_user(program: &Path) -> Command {
+pub fn as_service_user(program: &Path) -> Command {
     if is_root() {
         let mut c = Command::new("setpriv");
         c.args([
@@ -61,20 +110,12 @@ fn as_service_user(program: &Path) -> Command {
 }
 
 /// A temporary directory the service user can write to.
-fn service_dir(prefix: &str) -> tempfile::TempDir {
+pub fn service_dir(prefix: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix(prefix)
         .tempdir()
         .expect("tempdir");
-    if is_root() {
-        let ok = Command::new("chown")
-            .args(["postgres:postgres"])
-            .arg(dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        assert!(ok, "chown of {} to postgres failed", dir.path().display());
-    }
+    give_to_service_user(dir.path());
     dir
 }
 
@@ -102,7 +143,8 @@ pub fn pg_bin(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not found: install postgresql (see README)"))
 }
 
-/// A child process stopped by pid on drop: `signal` first, SIGKILL if it lingers.
+/// A child process stopped by pid on drop: `signal` first, SIGKILL if it lingers. The
+/// tests' one process guard (pglb, the servers, keepalived, HAProxy, Chromium, ...).
 pub struct Proc {
     pub child: Child,
     pub name: String,
@@ -110,6 +152,23 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Holds `child`, which `stop` (and drop) end with `stop_signal`.
+    pub fn new(child: Child, name: &str, stop_signal: i32) -> Proc {
+        Proc {
+            child,
+            name: name.to_owned(),
+            stop_signal,
+        }
+    }
+
+    /// Starts `cmd` as `name`; fails the test when it cannot start.
+    pub fn spawn(cmd: &mut Command, name: &str, stop_signal: i32) -> Proc {
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name} ({cmd:?}): {e}"));
+        Proc::new(child, name, stop_signal)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -175,19 +234,6 @@ pub fn wait_listening(addr: SocketAddr, what: &str, limit: Duration) {
     panic!("{what} did not listen on {addr} within {limit:?}");
 }
 
-fn run_ok(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: cannot run: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// A throwaway PostgreSQL 15 cluster on 127.0.0.1.
 pub struct Postgres {
     pub port: u16,
@@ -221,7 +267,6 @@ impl Postgres {
                 ])
                 .arg(format!("--pwfile={}", pwfile.display()))
                 .stdout(Stdio::null()),
-            "initdb",
         );
         let port = free_port();
         let mut conf = String::new();
@@ -275,7 +320,6 @@ impl Postgres {
                 ])
                 .arg(&data)
                 .env("PGPASSWORD", "postgres-secret"),
-            "pg_basebackup",
         );
         let port = free_port();
         let conf_path = data.join("postgresql.auto.conf");
@@ -314,11 +358,7 @@ impl Postgres {
             .spawn()
             .expect("start postgres");
         // SIGINT is PostgreSQL's fast shutdown.
-        self.proc = Some(Proc {
-            child,
-            name: "postgres".into(),
-            stop_signal: libc::SIGINT,
-        });
+        self.proc = Some(Proc::new(child, "postgres", libc::SIGINT));
         self.wait_ready();
     }
 
@@ -369,7 +409,6 @@ impl Postgres {
                     "-c",
                     sql,
                 ]),
-            "psql",
         )
     }
 
@@ -381,7 +420,6 @@ impl Postgres {
                 .arg(self.dir.path())
                 .args(["-p", &self.port.to_string(), "-U", APP_USER, APP_DB])
                 .env("PGPASSWORD", APP_PASSWORD),
-            "pgbench -i",
         );
     }
 
@@ -482,14 +520,7 @@ impl Bouncer {
         let d = self.dir.path();
         for f in ["server.crt", "server.key"] {
             std::fs::copy(src.join(f), d.join(f)).expect("copy certificate");
-            if is_root() {
-                let ok = Command::new("chown")
-                    .args(["postgres:postgres"])
-                    .arg(d.join(f))
-                    .status()
-                    .is_ok_and(|s| s.success());
-                assert!(ok, "chown {f}");
-            }
+            give_to_service_user(&d.join(f));
         }
         format!(
             "client_tls_sslmode = allow\nclient_tls_cert_file = {d}/server.crt\nclient_tls_key_file = {d}/server.key\n",
@@ -506,11 +537,7 @@ impl Bouncer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start pgbouncer (install the pgbouncer package)");
-        self.proc = Some(Proc {
-            child,
-            name: "pgbouncer".into(),
-            stop_signal: libc::SIGINT,
-        });
+        self.proc = Some(Proc::new(child, "pgbouncer", libc::SIGINT));
         wait_listening(self.addr(), "pgbouncer", Duration::from_secs(10));
     }
 
@@ -615,10 +642,7 @@ impl Pglb {
         let cfg = dir.path().join("pglb.toml");
         std::fs::write(&cfg, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("pglb.log")).expect("log");
-        let Some(binary) = option_env!("CARGO_BIN_EXE_pglb") else {
-            panic!("Pglb::start runs from integration tests, where cargo names the binary");
-        };
-        let child = Command::new(binary)
+        let child = Command::new(pglb_bin())
             .arg("--config")
             .arg(&cfg)
             .env(
@@ -632,11 +656,7 @@ impl Pglb {
             .expect("start pglb");
         let p = Pglb {
             dir,
-            proc: Proc {
-                child,
-                name: "pglb".into(),
-                stop_signal: libc::SIGTERM,
-            },
+            proc: Proc::new(child, "pglb", libc::SIGTERM),
             port,
         };
         // Ready once a listen logged that it accepts (a probe connection would count as a

@@ -1,61 +1,47 @@
-//! High availability for real: two pglb nodes (lb1, lb2) under keepalived with the
-//! shipped deploy/keepalived configs, a db node (PostgreSQL + three PgBouncers from the
-//! harness) and a client node, each in its own network namespace, joined by a Linux
-//! bridge in a "switch" namespace. Kills pglb, keepalived and a link on the master and
-//! measures how long the VIP takes to move and how long new client connections fail.
+//! The keepalived pair for the failover tests (tests/failover_*.rs): two pglb nodes
+//! (lb1, lb2) under keepalived with the shipped deploy/keepalived configs, a db node
+//! (PostgreSQL + three PgBouncers from the harness) and a client node, each in its own
+//! network namespace, joined by a Linux bridge in a "switch" namespace. A test builds the
+//! lab with [`Lab::run`], injects faults on the master and measures how long the VIP takes
+//! to move and how long new client connections fail.
 //!
-//! Needs root (network namespaces, keepalived); CI runs as root. Everything it makes —
-//! namespaces (`pglbfo<pid>-*`), links, processes — is removed when it ends, also when it
-//! fails. The measured times are printed and written to target/failover-times.txt.
-
-mod harness;
+//! Needs root (network namespaces, keepalived); CI runs as root. Everything the lab makes
+//! — namespaces (`pglbfo<pid>-*`), links, processes — is removed when it ends, also when
+//! it fails. The measured times are printed and written to
+//! target/failover-times-<test>.txt. One lab runs at a time on a machine (a file lock),
+//! so that the failover tests, which nextest runs in parallel, do not measure each other.
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use harness::{APP_DB, APP_PASSWORD, APP_USER, Stack};
+use super::deploy::repo;
+use super::{
+    APP_DB, APP_PASSWORD, APP_USER, ConfigText, Proc, Stack, is_root, pglb_bin, run, stop_pid,
+    successor_pid, text,
+};
 
 // The private test network: exists only inside the namespaces made here.
-const DB_IP: &str = "10.213.0.10";
-const LB_IPS: [&str; 2] = ["10.213.0.11", "10.213.0.12"];
-const CLIENT_IP: &str = "10.213.0.20";
-const VIP: &str = "10.213.0.100";
+pub const DB_IP: &str = "10.213.0.10";
+pub const LB_IPS: [&str; 2] = ["10.213.0.11", "10.213.0.12"];
+pub const CLIENT_IP: &str = "10.213.0.20";
+pub const VIP: &str = "10.213.0.100";
 /// The failover target for unplanned failures (README / keepalived config header).
-const TARGET: Duration = Duration::from_millis(1500);
+pub const TARGET: Duration = Duration::from_millis(1500);
 
 // ---------------------------------------------------------------------------------------
 // Small process helpers
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn output(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 /// Runs `ip ARGS` and insists on success.
-fn ip(args: &[&str]) -> String {
-    let out = output(Command::new("ip").args(args));
+pub fn ip(args: &[&str]) -> String {
+    let out = run(Command::new("ip").args(args));
     assert!(
         out.status.success(),
         "ip {}: {}",
@@ -66,7 +52,7 @@ fn ip(args: &[&str]) -> String {
 }
 
 /// `ip netns exec NS PROGRAM`.
-fn ns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+pub fn ns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", ns]).arg(program);
     c
@@ -85,30 +71,17 @@ fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// A signal to a keepalived VRRP child, which no `Proc` holds (keepalived forked it).
 fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a pid this test spawned (or a keepalived child, checked by caller).
+    // SAFETY: kill(2) on a keepalived child of this lab (checked by the caller).
     unsafe {
         libc::kill(pid, sig);
     }
 }
 
-/// Waits for `child` to exit within `limit`.
-fn wait_exit(child: &mut Child, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens and
 /// processes it spawns live there (setns(CLONE_NEWNET) is per thread and inherited).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
+pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         let h = s.spawn(|| {
             enter_netns(ns);
@@ -121,7 +94,7 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
     })
 }
 
-fn enter_netns(ns: &str) {
+pub fn enter_netns(ns: &str) {
     let f = File::open(format!("/var/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
     // SAFETY: setns on a valid namespace fd; affects only the calling thread.
@@ -130,14 +103,14 @@ fn enter_netns(ns: &str) {
 }
 
 /// The 1-minute load average: timings on a busy machine are longer.
-fn loadavg() -> String {
+pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|l| l.split_whitespace().next().map(str::to_owned))
         .unwrap_or_default()
 }
 
-fn ms(d: Duration) -> String {
+pub fn ms(d: Duration) -> String {
     format!("{}", d.as_millis())
 }
 
@@ -147,10 +120,10 @@ fn ms(d: Duration) -> String {
 /// Namespaces `pglbfo<pid>-{sw,db,lb1,lb2,client}`; the switch holds a bridge and one
 /// veth per node, whose other end is `iface` inside the node. Deleted on drop (deleting
 /// the namespaces deletes the bridge, the veths and any address on them).
-struct Net {
-    prefix: String,
+pub struct Net {
+    pub prefix: String,
     /// Interface name prefix (interface names are limited to 15 characters).
-    short: String,
+    pub short: String,
     made: Vec<String>,
 }
 
@@ -162,7 +135,7 @@ const NODES: [(&str, &str); 4] = [
 ];
 
 impl Net {
-    fn create() -> Net {
+    pub fn create() -> Net {
         let pid = std::process::id();
         let mut net = Net {
             prefix: format!("pglbfo{pid}"),
@@ -202,18 +175,18 @@ impl Net {
         net
     }
 
-    fn ns(&self, node: &str) -> String {
+    pub fn ns(&self, node: &str) -> String {
         format!("{}-{node}", self.prefix)
     }
 
     /// The node side of every veth (the "eth1" of the shipped keepalived configs).
-    fn iface(&self) -> String {
+    pub fn iface(&self) -> String {
         format!("{}e", self.short)
     }
 
     /// Whether the VIP is configured on `node` (getifaddrs in the namespace: polling
     /// every 20 ms must not itself load the machine with `ip` processes).
-    fn vip_on(&self, node: &str) -> bool {
+    pub fn vip_on(&self, node: &str) -> bool {
         let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
         in_netns(&self.ns(node), || {
             let mut found = false;
@@ -238,7 +211,7 @@ impl Net {
     }
 
     /// The MAC address of `node`'s interface.
-    fn mac(&self, node: &str) -> String {
+    pub fn mac(&self, node: &str) -> String {
         let out = ip(&[
             "-n",
             &self.ns(node),
@@ -255,7 +228,7 @@ impl Net {
     }
 
     /// The client's ARP entry for the VIP (its MAC), if complete.
-    fn client_arp(&self) -> Option<String> {
+    pub fn client_arp(&self) -> Option<String> {
         in_netns(&self.ns("client"), || {
             // thread-self: /proc/self/net would show the main thread's namespace.
             let arp = std::fs::read_to_string("/proc/thread-self/net/arp").unwrap_or_default();
@@ -283,7 +256,7 @@ impl Drop for Net {
 
 /// Node `node`'s pglb: the lab's PgBouncers, tcp checks, and the other node as its peer
 /// (operator actions are shared).
-fn pglb_config(bouncer_ports: &[u16], node: usize) -> String {
+pub fn pglb_config(bouncer_ports: &[u16], node: usize) -> String {
     let mut c = format!(
         "[global]\nmaxconn = 2000\ngrace = \"5s\"\nnode = \"lb{}\"\n\n\
          [[listen]]\nname = \"postgres\"\nbind = \"0.0.0.0:5432\"\nbalance = \"leastconn\"\nretries = 3\n\n\
@@ -308,44 +281,17 @@ fn pglb_config(bouncer_ports: &[u16], node: usize) -> String {
     c
 }
 
-/// The real pglb binary inside an lb namespace; SIGTERM then SIGKILL on drop.
-struct PglbProc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl PglbProc {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-}
-
-impl Drop for PglbProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            signal(self.pid(), libc::SIGTERM);
-            if !wait_exit(&mut self.child, Duration::from_secs(5)) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
-    }
-}
-
 /// keepalived in the foreground (`-n`) inside an lb namespace. `ip netns exec` gives it
 /// a private mount namespace, where /var/log is bound to the node's directory: the
 /// shipped notify script then logs transitions there instead of the host's /var/log.
-struct Keepalived {
-    child: Child,
+/// `proc` holds the main process; on drop the VRRP child it forked is reaped too.
+pub struct Keepalived {
+    pub proc: Proc,
     conf: PathBuf,
     vrrp_pidfile: PathBuf,
 }
 
 impl Keepalived {
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
     /// The VRRP child process, if it is still a live keepalived of this config.
     fn vrrp_pid(&self) -> Option<i32> {
         let pid: i32 = std::fs::read_to_string(&self.vrrp_pidfile)
@@ -360,40 +306,30 @@ impl Keepalived {
             .then_some(pid)
     }
 
-    fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
     /// Graceful stop: SIGTERM (keepalived sends priority-0 adverts and removes the VIP).
-    fn terminate(&mut self) {
+    pub fn terminate(&mut self) {
         let vrrp = self.vrrp_pid();
-        if self.running() {
-            signal(self.pid(), libc::SIGTERM);
-            if !wait_exit(&mut self.child, Duration::from_secs(5)) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-            }
-        }
+        self.proc.stop();
         self.reap_vrrp(vrrp);
     }
 
     /// A crash: every keepalived process of the node dies by SIGKILL. The parent is
     /// stopped first so that it can neither respawn the VRRP child nor, by dying first,
     /// let the child stop gracefully (the child gets SIGTERM when its parent dies).
-    fn crash(&mut self) {
+    pub fn crash(&mut self) {
         let vrrp = self.vrrp_pid().expect("keepalived VRRP child pid");
-        signal(self.pid(), libc::SIGSTOP);
+        self.proc.signal(libc::SIGSTOP);
         signal(vrrp, libc::SIGKILL);
-        signal(self.pid(), libc::SIGKILL);
-        assert!(wait_exit(&mut self.child, Duration::from_secs(5)));
+        self.proc.signal(libc::SIGKILL);
+        assert!(self.proc.wait_exit(Duration::from_secs(5)).is_some());
         self.reap_vrrp(Some(vrrp));
     }
 
     /// SIGKILL to the main keepalived process only (the pid in keepalived's pid file).
-    fn kill_main(&mut self) {
+    pub fn kill_main(&mut self) {
         let vrrp = self.vrrp_pid();
-        signal(self.pid(), libc::SIGKILL);
-        assert!(wait_exit(&mut self.child, Duration::from_secs(5)));
+        self.proc.signal(libc::SIGKILL);
+        assert!(self.proc.wait_exit(Duration::from_secs(5)).is_some());
         self.reap_vrrp(vrrp);
     }
 
@@ -422,15 +358,18 @@ impl Drop for Keepalived {
 }
 
 /// An lb node: its namespace, directory, pglb and keepalived.
-struct Node {
-    name: &'static str,
-    ns: String,
-    keepalived: Option<Keepalived>,
-    pglb: Option<PglbProc>,
+pub struct Node {
+    pub name: &'static str,
+    pub ns: String,
+    pub keepalived: Option<Keepalived>,
+    /// The real pglb binary in the node's namespace (SIGTERM, then SIGKILL, on drop).
+    pub pglb: Option<Proc>,
+    /// The stderr log of the newest `pglb`.
+    pglb_log: PathBuf,
     keepalived_conf: PathBuf,
     pglb_conf: PathBuf,
     starts: usize,
-    dir: tempfile::TempDir,
+    pub dir: tempfile::TempDir,
 }
 
 impl Node {
@@ -438,21 +377,22 @@ impl Node {
         self.dir.path().join("log")
     }
 
-    fn start_pglb(&mut self) {
+    pub fn start_pglb(&mut self) {
         assert!(self.pglb.is_none());
         self.starts += 1;
         let log = self.dir.path().join(format!("pglb-{}.log", self.starts));
-        let child = die_with_parent(
-            ns_cmd(&self.ns, env!("CARGO_BIN_EXE_pglb"))
-                .arg("--config")
-                .arg(&self.pglb_conf)
-                .env("RUST_LOG", "info")
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).expect("pglb log")),
-        )
-        .spawn()
-        .expect("start pglb");
-        let p = PglbProc { child, log };
+        let p = Proc::spawn(
+            die_with_parent(
+                ns_cmd(&self.ns, pglb_bin())
+                    .arg("--config")
+                    .arg(&self.pglb_conf)
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::null())
+                    .stderr(File::create(&log).expect("pglb log")),
+            ),
+            "pglb",
+            libc::SIGTERM,
+        );
         // Serving with every PgBouncer checked: /health answers 200.
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.health_ok() {
@@ -460,15 +400,22 @@ impl Node {
                 Instant::now() < deadline,
                 "{}: pglb /health not 200 within 10 s:\n{}",
                 self.name,
-                std::fs::read_to_string(&p.log).unwrap_or_default()
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
         self.pglb = Some(p);
+        self.pglb_log = log;
     }
 
-    fn servers_ok(&self) -> bool {
-        output(ns_cmd(&self.ns, "curl").args([
+    /// The running pglb's log.
+    pub fn pglb_log(&self) -> String {
+        assert!(self.pglb.is_some(), "{}: no pglb", self.name);
+        std::fs::read_to_string(&self.pglb_log).unwrap_or_default()
+    }
+
+    pub fn servers_ok(&self) -> bool {
+        run(ns_cmd(&self.ns, "curl").args([
             "-fsS",
             "-m",
             "1",
@@ -479,12 +426,12 @@ impl Node {
     }
 
     fn health_ok(&self) -> bool {
-        output(ns_cmd(&self.ns, "curl").args(["-fsS", "-m", "1", "http://127.0.0.1:8404/health"]))
+        run(ns_cmd(&self.ns, "curl").args(["-fsS", "-m", "1", "http://127.0.0.1:8404/health"]))
             .status
             .success()
     }
 
-    fn start_keepalived(&mut self) {
+    pub fn start_keepalived(&mut self) {
         assert!(self.keepalived.is_none());
         self.starts += 1;
         let d = self.dir.path();
@@ -501,23 +448,25 @@ impl Node {
             vrrp_pidfile.display(),
             checkers.display()
         );
-        let child = die_with_parent(
-            ns_cmd(&self.ns, "sh")
-                .args(["-c", &script])
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log),
-        )
-        .spawn()
-        .expect("start keepalived");
+        let proc = Proc::spawn(
+            die_with_parent(
+                ns_cmd(&self.ns, "sh")
+                    .args(["-c", &script])
+                    .stdout(log.try_clone().expect("log"))
+                    .stderr(log),
+            ),
+            "keepalived",
+            libc::SIGTERM,
+        );
         self.keepalived = Some(Keepalived {
-            child,
+            proc,
             conf: self.keepalived_conf.clone(),
             vrrp_pidfile,
         });
     }
 
     /// The VRRP states the shipped notify script logged, oldest first.
-    fn states(&self) -> Vec<String> {
+    pub fn states(&self) -> Vec<String> {
         std::fs::read_to_string(self.log_dir().join("pglb-keepalived.log"))
             .unwrap_or_default()
             .lines()
@@ -529,7 +478,7 @@ impl Node {
 
     /// Waits until the notify script logged `state` as the newest of more than `seen`
     /// transitions.
-    fn wait_state(&self, state: &str, seen: usize, limit: Duration) {
+    pub fn wait_state(&self, state: &str, seen: usize, limit: Duration) {
         let deadline = Instant::now() + limit;
         loop {
             let s = self.states();
@@ -545,10 +494,11 @@ impl Node {
         }
     }
 
-    fn sessions(&self) -> usize {
+    /// Sessions the running pglb logged as closed (0 when none runs).
+    pub fn sessions(&self) -> usize {
         self.pglb
             .as_ref()
-            .and_then(|p| std::fs::read_to_string(&p.log).ok())
+            .and_then(|_| std::fs::read_to_string(&self.pglb_log).ok())
             .map(|l| l.matches("session closed").count())
             .unwrap_or(0)
     }
@@ -591,21 +541,21 @@ fn script_dir(repo_scripts: &Path, tmp: &Path) -> PathBuf {
 /// network (interface, node addresses, VIP) and the scripts' install path by `scripts`.
 /// Nothing else changes.
 fn render_keepalived(node: usize, iface: &str, scripts: &Path) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join(format!("deploy/keepalived/keepalived-lb{}.conf", node + 1));
+    let path = repo().join(format!("deploy/keepalived/keepalived-lb{}.conf", node + 1));
     let conf = std::fs::read_to_string(&path).expect("keepalived config");
-    let rendered = conf
-        .replace("192.168.1.100", VIP) // before the node addresses it starts with
-        .replace("192.168.1.10", LB_IPS[0])
-        .replace("192.168.1.11", LB_IPS[1])
-        .replace("eth1", iface)
+    let rendered = ConfigText::new(conf)
+        .edit("192.168.1.100", VIP) // before the node addresses it starts with
+        .edit("192.168.1.10", LB_IPS[0])
+        .edit("192.168.1.11", LB_IPS[1])
+        .edit("eth1", iface)
         // The stats address given, not read from this machine's /etc/pglb.
-        .replace("check-pglb alive\"", "check-pglb alive 127.0.0.1:8404\"")
-        .replace(
+        .edit("check-pglb alive\"", "check-pglb alive 127.0.0.1:8404\"")
+        .edit(
             "check-pglb servers\"",
             "check-pglb servers 127.0.0.1:8404\"",
         )
-        .replace("/usr/local/lib/pglb/", &format!("{}/", scripts.display()));
+        .edit("/usr/local/lib/pglb/", &format!("{}/", scripts.display()))
+        .build();
     for line in rendered.lines() {
         let code = line.split('#').next().unwrap_or("");
         assert!(
@@ -682,14 +632,19 @@ struct Attempt {
 /// finished (clients arrive on their own schedule), bounded by `max_attempts` and
 /// `max_time`; each is given 5 s. (psql rather than tokio-postgres: in the unoptimized
 /// test build a tokio-postgres connection with SCRAM took ~0.5 s, psql ~0.1 s.)
-struct Probe {
+pub struct Probe {
     t0: Instant,
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<Vec<Attempt>>,
 }
 
 impl Probe {
-    fn start(client_ns: &str, every: Duration, max_attempts: usize, max_time: Duration) -> Probe {
+    pub fn start(
+        client_ns: &str,
+        every: Duration,
+        max_attempts: usize,
+        max_time: Duration,
+    ) -> Probe {
         let t0 = Instant::now();
         let stop = Arc::new(AtomicBool::new(false));
         let ns = client_ns.to_owned();
@@ -757,7 +712,7 @@ impl Probe {
         Probe { t0, stop, handle }
     }
 
-    fn finish(self, fault: Instant) -> ProbeStats {
+    pub fn finish(self, fault: Instant) -> ProbeStats {
         self.stop.store(true, Ordering::SeqCst);
         let attempts = self.handle.join().expect("probe thread");
         ProbeStats::of(&attempts, fault.duration_since(self.t0))
@@ -765,17 +720,17 @@ impl Probe {
 }
 
 #[derive(Default)]
-struct ProbeStats {
-    attempts: usize,
-    failed: usize,
+pub struct ProbeStats {
+    pub attempts: usize,
+    pub failed: usize,
     /// From the first failure of a run to the start of the next success.
-    longest_fail_run: Duration,
-    slowest_ok: Duration,
+    pub longest_fail_run: Duration,
+    pub slowest_ok: Duration,
     /// From the fault to the end of the first success after the last failure.
-    back_after: Option<Duration>,
-    errors: Vec<String>,
+    pub back_after: Option<Duration>,
+    pub errors: Vec<String>,
     /// Each failure: its start relative to the fault (ms, negative = before) and its length.
-    fails: Vec<(i128, u128)>,
+    pub fails: Vec<(i128, u128)>,
 }
 
 impl ProbeStats {
@@ -827,13 +782,11 @@ impl ProbeStats {
 }
 
 /// psql at the VIP from the client namespace.
-fn psql_vip(client_ns: &str, sql: &str) -> Result<String, String> {
-    let out = output(
-        ns_cmd(client_ns, "psql")
-            .args(["-X", "-At", "-c", sql])
-            .arg(vip_dsn())
-            .env("PGPASSWORD", APP_PASSWORD),
-    );
+pub fn psql_vip(client_ns: &str, sql: &str) -> Result<String, String> {
+    let out = run(ns_cmd(client_ns, "psql")
+        .args(["-X", "-At", "-c", sql])
+        .arg(vip_dsn())
+        .env("PGPASSWORD", APP_PASSWORD));
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
@@ -841,7 +794,7 @@ fn psql_vip(client_ns: &str, sql: &str) -> Result<String, String> {
     }
 }
 
-fn pgbench(client_ns: &str, seconds: u32) -> Command {
+pub fn pgbench(client_ns: &str, seconds: u32) -> Command {
     let mut c = ns_cmd(client_ns, "pgbench");
     c.args(["-n", "-S", "-c", "4", "-j", "2", "-T", &seconds.to_string()])
         .args(["-h", VIP, "-p", "5432", "-U", APP_USER, APP_DB])
@@ -852,7 +805,7 @@ fn pgbench(client_ns: &str, seconds: u32) -> Command {
     c
 }
 
-fn pgbench_value(out: &str, key: &str) -> Option<u64> {
+pub fn pgbench_value(out: &str, key: &str) -> Option<u64> {
     out.lines()
         .find_map(|l| l.trim().strip_prefix(key))
         .and_then(|v| v.split_whitespace().next())
@@ -863,30 +816,34 @@ fn pgbench_value(out: &str, key: &str) -> Option<u64> {
 // The test
 
 /// One measured failover.
-struct Row {
-    case: &'static str,
+pub struct Row {
+    pub case: &'static str,
     /// Fault to VIP on the new master.
-    vip: Duration,
+    pub vip: Duration,
     /// Fault to VIP gone from the old master (None: it stayed).
-    off: Option<Duration>,
+    pub off: Option<Duration>,
     /// Fault to the client's ARP entry for the VIP naming the new master.
-    arp: Option<Duration>,
-    probe: ProbeStats,
-    note: String,
+    pub arp: Option<Duration>,
+    pub probe: ProbeStats,
+    pub note: String,
 }
 
-struct Lab {
-    nodes: Vec<Node>,
-    db: Stack,
-    net: Net,
-    client: String,
+/// The lab: fields drop in order, so the nodes' processes stop before the db node's
+/// servers, and the namespaces go last.
+pub struct Lab {
+    pub nodes: Vec<Node>,
+    pub db: Stack,
+    pub net: Net,
+    /// The client's namespace.
+    pub client: String,
     macs: [String; 2],
-    rows: Vec<Row>,
+    /// The measured failovers, for the table.
+    pub rows: Vec<Row>,
 }
 
 impl Lab {
     /// Index of the node holding the VIP (and only that one).
-    fn master(&self) -> usize {
+    pub fn master(&self) -> usize {
         let on: Vec<bool> = ["lb1", "lb2"].iter().map(|n| self.net.vip_on(n)).collect();
         match on[..] {
             [true, false] => 0,
@@ -898,7 +855,7 @@ impl Lab {
     /// Runs `fault` against master `from` while the client probe runs (a connection every
     /// `every`), and measures until the VIP has been on the other node for 2 s: when the
     /// VIP left `from`, reached the other node, and the client's ARP entry followed.
-    fn failover(
+    pub fn failover(
         &mut self,
         case: &'static str,
         from: usize,
@@ -963,7 +920,7 @@ impl Lab {
     }
 
     /// Restarts keepalived on `node` and waits until it is BACKUP and stays so.
-    fn restart_keepalived(&mut self, node: usize) {
+    pub fn restart_keepalived(&mut self, node: usize) {
         let master = 1 - node;
         self.nodes[node].keepalived = None;
         let seen = self.nodes[node].states().len();
@@ -1011,530 +968,276 @@ impl Lab {
     }
 }
 
-fn opt_ms(d: Option<Duration>) -> String {
+pub fn opt_ms(d: Option<Duration>) -> String {
     d.map_or_else(|| "-".to_owned(), |d| format!("{} ms", d.as_millis()))
 }
 
-#[test]
-fn vip_follows_a_healthy_pglb() {
-    assert!(
-        is_root(),
-        "tests/failover.rs needs root: it creates network namespaces and runs keepalived \
-         (CI runs the suite as root; run `sudo -E cargo nextest run --test failover`)"
-    );
-    for tool in ["ip", "keepalived", "curl", "psql", "pgbench", "mount"] {
-        let found = std::env::var_os("PATH")
-            .iter()
-            .flat_map(std::env::split_paths)
-            .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-            .any(|d| d.join(tool).is_file());
-        assert!(
-            found,
-            "{tool} not found (bash deploy/apt-deps.sh; apt-get install curl iproute2)"
+/// One failover lab on the machine at a time: `Lab::run` holds this until its lab is gone.
+fn exclusive() -> File {
+    let path = std::env::temp_dir().join("pglb-failover-lab.lock");
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        println!(
+            "waiting for another failover test's lab ({})",
+            path.display()
         );
+        let t0 = Instant::now();
+        // SAFETY: as above.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
+        println!("waited {} s for the other lab", t0.elapsed().as_secs());
     }
-    let started = Instant::now();
-    let load_before = loadavg();
-
-    let net = Net::create();
-    println!(
-        "network: namespaces {}-{{sw,db,lb1,lb2,client}}, bridge {}br, node interface {}",
-        net.prefix,
-        net.short,
-        net.iface()
-    );
-
-    // PostgreSQL and three PgBouncers in the db namespace, the PgBouncers listening on
-    // every address there (the harness starts them on 127.0.0.1; restart on 0.0.0.0).
-    let db = in_netns(&net.ns("db"), || {
-        let mut stack = Stack::start(3);
-        for b in &mut stack.bouncers {
-            let ini = b.dir.path().join("pgbouncer.ini");
-            let conf = std::fs::read_to_string(&ini).expect("pgbouncer.ini");
-            assert!(conf.contains("listen_addr = 127.0.0.1\n"), "{conf}");
-            std::fs::write(
-                &ini,
-                conf.replace("listen_addr = 127.0.0.1\n", "listen_addr = 0.0.0.0\n"),
-            )
-            .expect("pgbouncer.ini");
-            b.restart();
-        }
-        stack.pg.pgbench_init();
-        stack
-    });
-    let ports: Vec<u16> = db.bouncers.iter().map(|b| b.port).collect();
-
-    let tmp = tempfile::Builder::new()
-        .prefix("pglb-failover-")
-        .tempdir()
-        .expect("tempdir");
-    let scripts = script_dir(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keepalived"),
-        tmp.path(),
-    );
-    let mut nodes = Vec::new();
-    for (i, name) in ["lb1", "lb2"].into_iter().enumerate() {
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("pglb-failover-{name}-"))
-            .tempdir()
-            .expect("tempdir");
-        std::fs::create_dir(dir.path().join("log")).expect("log dir");
-        let keepalived_conf = dir.path().join("keepalived.conf");
-        std::fs::write(
-            &keepalived_conf,
-            render_keepalived(i, &net.iface(), &scripts),
-        )
-        .expect("keepalived.conf");
-        // keepalived's own check, in the namespace where the interface exists.
-        let t = output(
-            ns_cmd(&net.ns(name), "keepalived")
-                .arg("-t")
-                .arg("-f")
-                .arg(&keepalived_conf),
-        );
-        assert!(
-            t.status.success() && !text(&t).contains("Disabling") && !text(&t).contains("WARNING"),
-            "{name}: keepalived -t: {}",
-            text(&t)
-        );
-        let pglb_conf = dir.path().join("pglb.toml");
-        std::fs::write(&pglb_conf, pglb_config(&ports, i)).expect("pglb.toml");
-        let check = output(
-            Command::new(env!("CARGO_BIN_EXE_pglb"))
-                .arg("--config")
-                .arg(&pglb_conf)
-                .arg("--check"),
-        );
-        assert!(check.status.success(), "pglb --check: {}", text(&check));
-        nodes.push(Node {
-            name,
-            ns: net.ns(name),
-            keepalived: None,
-            pglb: None,
-            keepalived_conf,
-            pglb_conf,
-            starts: 0,
-            dir,
-        });
-    }
-    let mut lab = Lab {
-        nodes,
-        db,
-        client: net.ns("client"),
-        macs: [net.mac("lb1"), net.mac("lb2")],
-        net,
-        rows: Vec::new(),
-    };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scenario(&mut lab)));
-    if result.is_err() || std::env::var_os("PGLB_FAILOVER_LOGS").is_some() {
-        lab.print_diagnostics();
-    }
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  note",
-        "failover (deploy/keepalived configs)",
-        "VIP",
-        "off",
-        "ARP",
-        "failed",
-        "fail run",
-        "back",
-        "slow ok"
-    );
-    for r in &lab.rows {
-        let _ = writeln!(
-            table,
-            "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  {}",
-            r.case,
-            ms(r.vip),
-            r.off.map_or_else(|| "stays".to_owned(), ms),
-            r.arp.map_or_else(|| "-".to_owned(), ms),
-            format!("{}/{}", r.probe.failed, r.probe.attempts),
-            ms(r.probe.longest_fail_run),
-            r.probe.back_after.map_or_else(|| "-".to_owned(), ms),
-            ms(r.probe.slowest_ok),
-            r.note
-        );
-    }
-    let _ = writeln!(
-        table,
-        "All times in ms from the fault. VIP: VIP on the new master (polled every 20 ms); off: \
-         VIP gone from the old master; ARP: the client's ARP entry names the new master; \
-         failed: probe connections (psql, SELECT 1) failed/made; fail run: longest run of \
-         failed connections; back: first success after the last failure; slow ok: slowest \
-         successful connection. Total {} s; load average {} at the start, {} at the end; \
-         {} cores.",
-        started.elapsed().as_secs(),
-        load_before,
-        loadavg(),
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
-    println!("\n{table}");
-    let target = Path::new(env!("CARGO_BIN_EXE_pglb"))
-        .parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let _ = std::fs::write(target.join("failover-times.txt"), &table);
-    if let Err(e) = result {
-        std::panic::resume_unwind(e);
-    }
-    drop(lab);
-    drop(tmp);
+    lock
 }
 
-/// The failovers, in order; each leaves one master and a healthy backup for the next.
-fn scenario(lab: &mut Lab) {
-    let client = lab.client.clone();
-    let (lb1, lb2) = (0usize, 1usize);
-    let every = Duration::from_millis(100);
-
-    // ---- start: pglb on both nodes, keepalived on lb1 (becomes MASTER), then on lb2.
-    for n in &mut lab.nodes {
-        n.start_pglb();
-    }
-    lab.nodes[lb1].start_keepalived();
-    lab.nodes[lb1].wait_state("MASTER", 0, Duration::from_secs(5));
-    lab.nodes[lb2].start_keepalived();
-    lab.nodes[lb2].wait_state("BACKUP", 0, Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(500));
-
-    // ---- a. steady state: VIP on lb1 only, and a client at the VIP is served by lb1.
-    assert_eq!(lab.master(), lb1, "VIP must start on lb1");
-    let before = lab.nodes[lb1].sessions();
-    assert_eq!(psql_vip(&client, "SELECT 40 + 2").as_deref(), Ok("42"));
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while lab.nodes[lb1].sessions() <= before && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        lab.nodes[lb1].sessions() > before,
-        "lb1's pglb served the VIP"
-    );
-    println!("a. steady state: VIP on lb1, psql at {VIP}:5432 served by lb1's pglb");
-
-    // ---- b. SIGKILL pglb on the master.
-    let row = kill_pglb(lab, lb1, "b. SIGKILL pglb on master lb1", None);
-    lab.rows.push(row);
-
-    // ---- c. pglb back on lb1: with nopreempt the VIP stays on lb2.
-    let seen = lab.nodes[lb1].states().len();
-    lab.nodes[lb1].pglb = None;
-    lab.nodes[lb1].start_pglb();
-    let t0 = Instant::now();
-    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
-    let eligible = t0.elapsed();
-    let hold = Instant::now();
-    while hold.elapsed() < Duration::from_secs(2) {
-        assert_eq!(lab.master(), lb2, "nopreempt: VIP must stay on lb2");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    println!(
-        "c. pglb restarted on lb1: BACKUP after {} ms (rise 2); VIP stayed on lb2 for 2 s",
-        ms(eligible)
-    );
-    // Planned hand-over back to lb1: SIGTERM keepalived on lb2 (priority-0 adverts).
-    let mut row = lab.failover(
-        "c. planned: SIGTERM keepalived on lb2",
-        lb2,
-        Duration::from_millis(50),
-        |lab| {
-            signal(
-                lab.nodes[lb2].keepalived.as_ref().unwrap().pid(),
-                libc::SIGTERM,
-            )
-        },
-    );
-    // A connection open while the VIP moves lives on the old master and is cut; every
-    // connection started after the VIP left lb2 must succeed (at worst after a SYN
-    // retransmission while the client's ARP entry still names lb2).
-    let off = row.off.expect("VIP removed from lb2").as_millis() as i128;
-    let cut = row.probe.fails.iter().filter(|(at, _)| *at < off).count();
-    let after: Vec<_> = row
-        .probe
-        .fails
-        .iter()
-        .filter(|(at, _)| *at >= off)
-        .collect();
-    assert!(
-        after.is_empty(),
-        "planned hand-over: connections started after the VIP left lb2 failed: {after:?} {:?}",
-        row.probe.errors
-    );
-    assert!(row.vip < TARGET, "planned hand-over took {:?}", row.vip);
-    row.note = format!("{cut} in flight at the move cut; 0 later");
-    lab.rows.push(row);
-    lab.nodes[lb2].keepalived.as_mut().unwrap().terminate();
-    lab.restart_keepalived(lb2);
-
-    // ---- d. keepalived on the master crashes: SIGKILL to all its processes.
-    let mut row = lab.failover("d. SIGKILL keepalived (all) on lb1", lb1, every, |lab| {
-        lab.nodes[lb1].keepalived.as_mut().unwrap().crash()
-    });
-    assert!(
-        row.vip < TARGET,
-        "keepalived crash: VIP moved after {:?}",
-        row.vip
-    );
-    assert_fail_run(&row);
-    row.note = if row.off.is_none() {
-        "VIP also stays on lb1 until keepalived restarts".to_owned()
-    } else {
-        String::new()
-    };
-    lab.rows.push(row);
-    lab.restart_keepalived(lb1); // removes a stale VIP at start
-
-    // ---- d'. SIGKILL only keepalived's main process on the master (lb2).
-    let mut row = lab.failover(
-        "d'. SIGKILL keepalived main pid on lb2",
-        lb2,
-        every,
-        |lab| lab.nodes[lb2].keepalived.as_mut().unwrap().kill_main(),
-    );
-    assert!(
-        row.vip < TARGET,
-        "keepalived main killed: VIP moved after {:?}",
-        row.vip
-    );
-    assert_fail_run(&row);
-    row.note = "its VRRP child stops gracefully".to_owned();
-    lab.rows.push(row);
-    lab.restart_keepalived(lb2);
-
-    // ---- e. the master's link goes down.
-    let iface = lab.net.iface();
-    let lb1_ns = lab.nodes[lb1].ns.clone();
-    let seen = lab.nodes[lb1].states().len();
-    let mut row = lab.failover("e. link down on master lb1", lb1, every, |_| {
-        ip(&["-n", &lb1_ns, "link", "set", &iface, "down"]);
-    });
-    lab.nodes[lb1].wait_state("FAULT", seen, Duration::from_secs(2));
-    assert!(row.vip < TARGET, "link down: VIP moved after {:?}", row.vip);
-    assert_fail_run(&row);
-    let lb1_addr: SocketAddr = format!("{}:5432", LB_IPS[0]).parse().unwrap();
-    let answered = in_netns(&client, || {
-        TcpStream::connect_timeout(&lb1_addr, Duration::from_millis(1000)).is_ok()
-    });
-    assert!(!answered, "lb1 must not answer with its link down");
-    let (s1, s2) = (lab.nodes[lb1].sessions(), lab.nodes[lb2].sessions());
-    assert_eq!(psql_vip(&client, "SELECT 1").as_deref(), Ok("1"));
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(
-        lab.nodes[lb1].sessions(),
-        s1,
-        "lb1 served a client with its link down"
-    );
-    assert!(lab.nodes[lb2].sessions() > s2, "lb2 serves the VIP");
-    row.note = "lb1 FAULT; lb1:5432 does not answer".to_owned();
-    lab.rows.push(row);
-    let seen = lab.nodes[lb1].states().len();
-    ip(&["-n", &lb1_ns, "link", "set", &iface, "up"]);
-    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(lab.master(), lb2, "nopreempt: lb1 back as BACKUP");
-
-    // ---- f. clients and pgbench while pglb on the master (lb2) is killed.
-    let row = kill_pglb(lab, lb2, "f. SIGKILL pglb on lb2, pgbench running", Some(6));
-    lab.rows.push(row);
-    let out = output(&mut pgbench(&client, 3));
-    let said = text(&out);
-    assert!(out.status.success(), "pgbench after the failover: {said}");
-    let done = pgbench_value(&said, "number of transactions actually processed:").unwrap_or(0);
-    let failed = pgbench_value(&said, "number of failed transactions:");
-    println!("f. pgbench -S -T 3 after the failover: {done} transactions, failed: {failed:?}");
-    assert!(done > 0, "{said}");
-    assert_eq!(failed, Some(0), "{said}");
-
-    // ---- g. a planned stop: SIGTERM pglb on the master (lb1) under a connect loop.
-    lab.nodes[lb2].pglb = None;
-    let seen = lab.nodes[lb2].states().len();
-    lab.nodes[lb2].start_pglb();
-    lab.nodes[lb2].wait_state("BACKUP", seen, Duration::from_secs(6));
-    std::thread::sleep(Duration::from_millis(1000));
-    let mut row = lab.failover(
-        "g. SIGTERM pglb on master lb1 (systemctl stop)",
-        lb1,
-        Duration::from_millis(50),
-        |lab| {
-            signal(
-                lab.nodes[lb1].pglb.as_ref().expect("pglb").pid(),
-                libc::SIGTERM,
-            )
-        },
-    );
-    // pglb keeps accepting while keepalived moves the VIP: nothing is refused; only a
-    // connection in flight at the very moment the VIP moves can be cut.
-    let refused = row
-        .probe
-        .errors
-        .iter()
-        .filter(|e| e.contains("refused"))
-        .count();
-    assert_eq!(
-        refused, 0,
-        "a stop refused connections: {:?}",
-        row.probe.errors
-    );
-    let off = row.off.map_or(i128::MAX, |d| d.as_millis() as i128);
-    let after: Vec<_> = row
-        .probe
-        .fails
-        .iter()
-        .filter(|(at, _)| *at >= off + 100)
-        .collect();
-    assert!(
-        after.is_empty(),
-        "connections after the move failed: {after:?} {:?}",
-        row.probe.errors
-    );
-    assert!(
-        row.probe.failed <= 1,
-        "{} failed: {:?}",
-        row.probe.failed,
-        row.probe.errors
-    );
-    row.note = format!(
-        "{} failed (in flight at the move), 0 refused",
-        row.probe.failed
-    );
-    lab.rows.push(row);
-    lab.nodes[lb1]
-        .pglb
-        .as_mut()
-        .map(|p| wait_exit(&mut p.child, Duration::from_secs(8)));
-    lab.nodes[lb1].pglb = None;
-    let seen = lab.nodes[lb1].states().len();
-    lab.nodes[lb1].start_pglb();
-    lab.nodes[lb1].wait_state("BACKUP", seen, Duration::from_secs(6));
-
-    // ---- h. every PgBouncer down: both nodes lose priority, neither goes FAULT, the VIP
-    //         stays where it is and clients get pglb's error at once.
-    let master = lab.master();
-    for b in &mut lab.db.bouncers {
-        b.kill();
-    }
-    let hold = Instant::now();
-    while hold.elapsed() < Duration::from_secs(4) {
-        assert_eq!(lab.master(), master, "the VIP stays on one node");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let t0 = Instant::now();
-    let err = psql_vip(&client, "SELECT 1").expect_err("no server");
-    let took = t0.elapsed();
-    assert!(err.contains("has no server available"), "{err}");
-    assert!(took < Duration::from_secs(1), "the FATAL took {took:?}");
-    println!(
-        "h. every PgBouncer down: VIP stayed on {} for 4 s; psql at the VIP got pglb's FATAL in {} ms",
-        lab.nodes[master].name,
-        took.as_millis()
-    );
-    // Restarted where they run: in the db namespace.
-    let db_ns = lab.net.ns("db");
-    let bouncers = &mut lab.db.bouncers;
-    in_netns(&db_ns, || {
-        for b in bouncers.iter_mut() {
-            b.restart();
+impl Lab {
+    /// Builds the lab, starts pglb on both nodes and keepalived on lb1 (MASTER) then lb2
+    /// (BACKUP), checks the steady state (a client at the VIP is served by lb1), then runs
+    /// `scenario`. Prints the measured failovers as a table, also written to
+    /// target/failover-times-`test`.txt; on failure (or with PGLB_FAILOVER_LOGS set)
+    /// prints the nodes' transitions and log tails.
+    pub fn run(test: &str, scenario: impl FnOnce(&mut Lab)) {
+        assert!(
+            is_root(),
+            "the failover tests need root: they create network namespaces and run keepalived \
+             (CI runs the suite as root; run `sudo -E cargo nextest run --test {test}`)"
+        );
+        for tool in ["ip", "keepalived", "curl", "psql", "pgbench", "mount"] {
+            let found = std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+                .any(|d| d.join(tool).is_file());
+            assert!(
+                found,
+                "{tool} not found (bash deploy/apt-deps.sh; apt-get install curl iproute2)"
+            );
         }
-    });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !lab.nodes.iter().all(|n| n.servers_ok()) {
-        assert!(Instant::now() < deadline, "PgBouncers back on both nodes");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        let _lock = exclusive();
+        let started = Instant::now();
+        let load_before = loadavg();
 
-    // ---- i. drain pgb1 on the master, then fail over: the new master sends clients
-    //         elsewhere too (the drain reached it through the peers).
-    let from = lab.master();
-    let to = 1 - from;
-    let drained = admin(&lab.nodes[from], "set server postgres/pgb1 state drain");
-    assert!(drained, "drain on {}", lab.nodes[from].name);
-    std::thread::sleep(Duration::from_millis(1000));
-    let seen = lab.nodes[from].states().len();
-    let row = lab.failover(
-        "i. drain on master, then SIGKILL its pglb",
-        from,
-        Duration::from_millis(100),
-        |lab| {
-            signal(
-                lab.nodes[from].pglb.as_ref().expect("pglb").pid(),
-                libc::SIGKILL,
+        let net = Net::create();
+        println!(
+            "network: namespaces {}-{{sw,db,lb1,lb2,client}}, bridge {}br, node interface {}",
+            net.prefix,
+            net.short,
+            net.iface()
+        );
+
+        // PostgreSQL and three PgBouncers in the db namespace, the PgBouncers listening on
+        // every address there (the harness starts them on 127.0.0.1; restart on 0.0.0.0).
+        let db = in_netns(&net.ns("db"), || {
+            let mut stack = Stack::start(3);
+            for b in &mut stack.bouncers {
+                let ini = b.dir.path().join("pgbouncer.ini");
+                let conf = std::fs::read_to_string(&ini).expect("pgbouncer.ini");
+                std::fs::write(
+                    &ini,
+                    ConfigText::new(conf)
+                        .edit("listen_addr = 127.0.0.1\n", "listen_addr = 0.0.0.0\n")
+                        .build(),
+                )
+                .expect("pgbouncer.ini");
+                b.restart();
+            }
+            stack.pg.pgbench_init();
+            stack
+        });
+        let ports: Vec<u16> = db.bouncers.iter().map(|b| b.port).collect();
+
+        let tmp = tempfile::Builder::new()
+            .prefix("pglb-failover-")
+            .tempdir()
+            .expect("tempdir");
+        let scripts = script_dir(&repo().join("deploy/keepalived"), tmp.path());
+        let mut nodes = Vec::new();
+        for (i, name) in ["lb1", "lb2"].into_iter().enumerate() {
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("pglb-failover-{name}-"))
+                .tempdir()
+                .expect("tempdir");
+            std::fs::create_dir(dir.path().join("log")).expect("log dir");
+            let keepalived_conf = dir.path().join("keepalived.conf");
+            std::fs::write(
+                &keepalived_conf,
+                render_keepalived(i, &net.iface(), &scripts),
             )
-        },
-    );
-    lab.nodes[from].wait_state("FAULT", seen, Duration::from_secs(1));
-    let pgb1 = &lab.db.bouncers[0];
-    let before = in_netns(&db_ns, || pgb1.app_clients_blocking());
-    for _ in 0..6 {
-        assert_eq!(psql_vip(&client, "SELECT 1").as_deref(), Ok("1"));
+            .expect("keepalived.conf");
+            // keepalived's own check, in the namespace where the interface exists.
+            let t = run(ns_cmd(&net.ns(name), "keepalived")
+                .arg("-t")
+                .arg("-f")
+                .arg(&keepalived_conf));
+            assert!(
+                t.status.success()
+                    && !text(&t).contains("Disabling")
+                    && !text(&t).contains("WARNING"),
+                "{name}: keepalived -t: {}",
+                text(&t)
+            );
+            let pglb_conf = dir.path().join("pglb.toml");
+            std::fs::write(&pglb_conf, pglb_config(&ports, i)).expect("pglb.toml");
+            let check = run(Command::new(pglb_bin())
+                .arg("--config")
+                .arg(&pglb_conf)
+                .arg("--check"));
+            assert!(check.status.success(), "pglb --check: {}", text(&check));
+            nodes.push(Node {
+                name,
+                ns: net.ns(name),
+                keepalived: None,
+                pglb: None,
+                pglb_log: PathBuf::new(),
+                keepalived_conf,
+                pglb_conf,
+                starts: 0,
+                dir,
+            });
+        }
+        let mut lab = Lab {
+            nodes,
+            db,
+            client: net.ns("client"),
+            macs: [net.mac("lb1"), net.mac("lb2")],
+            net,
+            rows: Vec::new(),
+        };
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            lab.steady_state();
+            scenario(&mut lab)
+        }));
+        lab.stop_successors();
+        if result.is_err() || std::env::var_os("PGLB_FAILOVER_LOGS").is_some() {
+            lab.print_diagnostics();
+        }
+        let mut table = String::new();
+        let _ = writeln!(
+            table,
+            "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  note",
+            format!("{test} (deploy/keepalived)"),
+            "VIP",
+            "off",
+            "ARP",
+            "failed",
+            "fail run",
+            "back",
+            "slow ok"
+        );
+        for r in &lab.rows {
+            let _ = writeln!(
+                table,
+                "{:<42} {:>6} {:>6} {:>6} {:>7} {:>8} {:>7} {:>7}  {}",
+                r.case,
+                ms(r.vip),
+                r.off.map_or_else(|| "stays".to_owned(), ms),
+                r.arp.map_or_else(|| "-".to_owned(), ms),
+                format!("{}/{}", r.probe.failed, r.probe.attempts),
+                ms(r.probe.longest_fail_run),
+                r.probe.back_after.map_or_else(|| "-".to_owned(), ms),
+                ms(r.probe.slowest_ok),
+                r.note
+            );
+        }
+        let _ = writeln!(
+            table,
+            "All times in ms from the fault. VIP: VIP on the new master (polled every 20 ms); off: \
+             VIP gone from the old master; ARP: the client's ARP entry names the new master; \
+             failed: probe connections (psql, SELECT 1) failed/made; fail run: longest run of \
+             failed connections; back: first success after the last failure; slow ok: slowest \
+             successful connection. Total {} s; load average {} at the start, {} at the end; \
+             {} cores.",
+            started.elapsed().as_secs(),
+            load_before,
+            loadavg(),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        println!("\n{table}");
+        let target = Path::new(pglb_bin())
+            .parent()
+            .and_then(Path::parent)
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("target"));
+        let _ = std::fs::write(target.join(format!("failover-times-{test}.txt")), &table);
+        if let Err(e) = result {
+            std::panic::resume_unwind(e);
+        }
+        drop(lab);
+        drop(tmp);
     }
-    let pgb1 = &lab.db.bouncers[0];
-    assert_eq!(
-        in_netns(&db_ns, || pgb1.app_clients_blocking()),
-        before,
-        "{} sent a client to the drained pgb1",
-        lab.nodes[to].name
-    );
-    println!(
-        "i. drain on {} reached {}: after the failover no client went to pgb1",
-        lab.nodes[from].name, lab.nodes[to].name
-    );
-    lab.rows.push(row);
-    assert!(admin(
-        &lab.nodes[to],
-        "set server postgres/pgb1 state ready"
-    ));
-    lab.nodes[from].pglb = None;
-    let seen = lab.nodes[from].states().len();
-    lab.nodes[from].start_pglb();
-    lab.nodes[from].wait_state("BACKUP", seen, Duration::from_secs(6));
 
-    // ---- j. binary upgrade on the master (SIGUSR2): the VIP does not move, nothing fails.
-    let master = lab.master();
-    let probe = Probe::start(
-        &client,
-        Duration::from_millis(50),
-        200,
-        Duration::from_secs(20),
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
-    signal(
-        lab.nodes[master].pglb.as_ref().expect("pglb").pid(),
-        libc::SIGUSR2,
-    );
-    let hold = Instant::now();
-    while hold.elapsed() < Duration::from_secs(4) {
-        assert_eq!(lab.master(), master, "the VIP stays during an upgrade");
-        std::thread::sleep(Duration::from_millis(50));
+    /// Stops the processes that upgrades (SIGUSR2) on the nodes started: no guard holds
+    /// them, and a failed test must not leave one running.
+    fn stop_successors(&self) {
+        for n in &self.nodes {
+            let conf = n.pglb_conf.to_string_lossy().into_owned();
+            let mut logs: Vec<PathBuf> = std::fs::read_dir(n.dir.path())
+                .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default();
+            logs.retain(|p| {
+                p.file_name()
+                    .and_then(|f| f.to_str())
+                    .is_some_and(|f| f.starts_with("pglb-") && f.ends_with(".log"))
+            });
+            for log in logs {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let Some(pid) = successor_pid(&text) else {
+                    continue;
+                };
+                // Still a pglb of this node (the pid was not reused).
+                let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&conf));
+                if ours {
+                    stop_pid(pid);
+                }
+            }
+        }
     }
-    let stats = probe.finish(t0);
-    println!(
-        "j. binary upgrade (SIGUSR2) on master {}: VIP stayed; {} of {} connections failed: {:?}",
-        lab.nodes[master].name, stats.failed, stats.attempts, stats.errors
-    );
-    assert_eq!(
-        stats.failed, 0,
-        "connections failed during the upgrade: {:?}",
-        stats.errors
-    );
-    let log = std::fs::read_to_string(&lab.nodes[master].pglb.as_ref().expect("pglb").log)
-        .unwrap_or_default();
-    assert!(log.contains("upgrade: the new process serves"), "{log}");
-    // The successor is this test's too, though no guard holds it: stop it by its pid.
-    let pid = harness::successor_pid(&log).expect("the successor's pid in the log");
-    harness::stop_pid(pid);
+
+    /// The start and the steady state every scenario begins with: pglb on both nodes,
+    /// keepalived on lb1 (becomes MASTER), then on lb2; the VIP on lb1 only, and a client
+    /// at the VIP is served by lb1.
+    fn steady_state(&mut self) {
+        let (lb1, lb2) = (0usize, 1usize);
+        for n in &mut self.nodes {
+            n.start_pglb();
+        }
+        self.nodes[lb1].start_keepalived();
+        self.nodes[lb1].wait_state("MASTER", 0, Duration::from_secs(5));
+        self.nodes[lb2].start_keepalived();
+        self.nodes[lb2].wait_state("BACKUP", 0, Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(500));
+
+        // ---- a. steady state: VIP on lb1 only, and a client at the VIP is served by lb1.
+        assert_eq!(self.master(), lb1, "VIP must start on lb1");
+        let before = self.nodes[lb1].sessions();
+        assert_eq!(psql_vip(&self.client, "SELECT 40 + 2").as_deref(), Ok("42"));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while self.nodes[lb1].sessions() <= before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            self.nodes[lb1].sessions() > before,
+            "lb1's pglb served the VIP"
+        );
+        println!("a. steady state: VIP on lb1, psql at {VIP}:5432 served by lb1's pglb");
+    }
 }
 
 /// One runtime-API-like admin action through the JSON API of `node`'s pglb.
-fn admin(node: &Node, command: &str) -> bool {
+pub fn admin(node: &Node, command: &str) -> bool {
     let (b_s, state) = command
         .strip_prefix("set server ")
         .and_then(|r| r.split_once(" state "))
         .unwrap_or(("", ""));
     let url = format!("http://127.0.0.1:8404/api/servers/{b_s}");
-    output(ns_cmd(&node.ns, "curl").args([
+    run(ns_cmd(&node.ns, "curl").args([
         "-fsS",
         "-m",
         "2",
@@ -1552,7 +1255,7 @@ fn admin(node: &Node, command: &str) -> bool {
 
 /// New connections fail at most while the VIP is on its way (plus a connection that
 /// was open when it moved).
-fn assert_fail_run(row: &Row) {
+pub fn assert_fail_run(row: &Row) {
     assert!(
         row.probe.longest_fail_run <= row.vip + Duration::from_millis(1000),
         "{}: clients failed for {:?}, longer than the VIP move ({:?}) + 1 s",
@@ -1564,7 +1267,7 @@ fn assert_fail_run(row: &Row) {
 
 /// SIGKILL pglb on master `m` with the client probe (and, with `pgbench_secs`, pgbench)
 /// running; the VIP must move to the other node within the target.
-fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Option<u32>) -> Row {
+pub fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Option<u32>) -> Row {
     let client = lab.client.clone();
     let seen = lab.nodes[m].states().len();
     let bench = pgbench_secs.map(|s| pgbench(&client, s).spawn().expect("pgbench"));
@@ -1572,10 +1275,11 @@ fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Option<u
         std::thread::sleep(Duration::from_millis(1000));
     }
     let mut row = lab.failover(case, m, Duration::from_millis(100), |lab| {
-        signal(
-            lab.nodes[m].pglb.as_ref().expect("pglb").pid(),
-            libc::SIGKILL,
-        )
+        lab.nodes[m]
+            .pglb
+            .as_ref()
+            .expect("pglb")
+            .signal(libc::SIGKILL)
     });
     lab.nodes[m].wait_state("FAULT", seen, Duration::from_secs(1));
     if let Some(b) = bench {
