@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use harness::{Pglb, Proc, Stack, free_port, http_get};
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -51,7 +52,7 @@ impl Browser {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
             "chromium",
-            libc::SIGKILL,
+            Signal::SIGKILL,
         );
         // Chromium writes the port it chose into the profile directory.
         let port_file = profile.path().join("DevToolsActivePort");

@@ -10,14 +10,16 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use harness::{free_port, http_get};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 
 /// The demo's process group, interrupted (as Ctrl-C would) if the test fails.
 struct Demo(Child);
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        // SAFETY: signals to the process group this test started.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGINT) };
+        // The process group this test started (the demo leads it).
+        let _ = killpg(Pid::from_raw(self.0.id() as i32), Signal::SIGINT);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(100));

@@ -15,6 +15,7 @@ use harness::deploy::{pglb_check, read, repo, yaml};
 use harness::{
     ConfigText, Proc, as_service_user, free_port, give_to_service_user, run_ok, service_dir,
 };
+use nix::sys::signal::Signal;
 
 /// `key = value` of one section of an ini file (PgBouncer's format).
 fn ini_section(ini: &str, section: &str) -> BTreeMap<String, String> {
@@ -300,7 +301,7 @@ fn docker_pgbouncer_config_runs_on_a_real_pgbouncer() {
     let mut pgbouncer = Proc::spawn(
         as_service_user(Path::new("/usr/sbin/pgbouncer")).arg(tmp.path().join("pgbouncer.ini")),
         "/usr/sbin/pgbouncer",
-        libc::SIGKILL,
+        Signal::SIGKILL,
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {

@@ -12,6 +12,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::pair::{Lab, Probe, TARGET};
+use nix::sys::signal::Signal;
 
 #[test]
 fn planned_stop_hand_over_and_upgrade_refuse_no_client() {
@@ -33,7 +34,7 @@ fn scenario(lab: &mut Lab) {
                 .pglb
                 .as_ref()
                 .expect("pglb")
-                .signal(libc::SIGTERM)
+                .signal(Signal::SIGTERM)
         },
     );
     // pglb keeps accepting while keepalived moves the VIP: nothing is refused; only a
@@ -94,7 +95,7 @@ fn scenario(lab: &mut Lab) {
                 .as_ref()
                 .unwrap()
                 .proc
-                .signal(libc::SIGTERM)
+                .signal(Signal::SIGTERM)
         },
     );
     // A connection open while the VIP moves lives on the old master and is cut; every
@@ -133,7 +134,7 @@ fn scenario(lab: &mut Lab) {
         .pglb
         .as_ref()
         .expect("pglb")
-        .signal(libc::SIGUSR2);
+        .signal(Signal::SIGUSR2);
     let hold = Instant::now();
     while hold.elapsed() < Duration::from_secs(4) {
         assert_eq!(lab.master(), master, "the VIP stays during an upgrade");

@@ -11,6 +11,7 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::pair::{Lab, admin, in_netns, psql_vip};
+use nix::sys::signal::Signal;
 
 #[test]
 fn pgbouncers_down_keep_the_vip_and_a_drain_outlives_the_failover() {
@@ -72,7 +73,7 @@ fn scenario(lab: &mut Lab) {
                 .pglb
                 .as_ref()
                 .expect("pglb")
-                .signal(libc::SIGKILL)
+                .signal(Signal::SIGKILL)
         },
     );
     lab.nodes[from].wait_state("FAULT", seen, Duration::from_secs(1));

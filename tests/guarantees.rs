@@ -12,6 +12,8 @@ use harness::{
     Bouncer, BouncerOpts, ConfigText, Pglb, Stack, csv_field, free_port, http, http_get, http_with,
     stats_toml,
 };
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 const ADMIN: Option<(&str, &str)> = Some(("admin", "s3cret"));
 
@@ -148,8 +150,8 @@ async fn a_sigstopped_pgbouncer_does_not_hang_logins() {
     let pglb = Pglb::start(&Pglb::config(port, extra, &stack.servers_toml()), port);
     pglb.wait_log(&["is UP"], 3, Duration::from_secs(5));
     let stopped = stack.bouncers[1].proc.as_ref().expect("running").pid();
-    // SAFETY: a signal to a process this test started.
-    unsafe { libc::kill(stopped as i32, libc::SIGSTOP) };
+    // A process this test started.
+    let _ = kill(Pid::from_raw(stopped as i32), Signal::SIGSTOP);
     let resume = scopeguard(stopped);
     let mut slowest = Duration::ZERO;
     for i in 0..6 {
@@ -244,8 +246,7 @@ fn scopeguard(pid: u32) -> Resume {
 
 impl Drop for Resume {
     fn drop(&mut self) {
-        // SAFETY: a signal to a process this test started.
-        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+        let _ = kill(Pid::from_raw(self.0 as i32), Signal::SIGCONT);
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use harness::{Pglb, Proc, Stack, free_port, http_get, http_with};
+use nix::sys::signal::Signal;
 
 const DIFFERENCES: &str = include_str!("fixtures/haproxy_csv_differences.txt");
 
@@ -50,7 +51,7 @@ fn haproxy(port: u16, stats: u16, stack: &Stack) -> Haproxy {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
         "haproxy (deploy/apt-deps.sh installs it)",
-        libc::SIGKILL,
+        Signal::SIGKILL,
     );
     harness::wait_listening(
         std::net::SocketAddr::from(([127, 0, 0, 1], stats)),

@@ -8,6 +8,8 @@ mod harness;
 use std::time::{Duration, Instant};
 
 use harness::{ConfigText, Pglb, Stack, free_port, http_get};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 fn config(port: u16, stats: u16, stack: &Stack, linger: &str) -> String {
     ConfigText::new(Pglb::config(port, "", &stack.servers_toml()))
@@ -30,7 +32,7 @@ async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
     busy.simple_query("BEGIN; SELECT 1").await.expect("begin");
 
     let t0 = Instant::now();
-    pglb.proc.signal(libc::SIGTERM);
+    pglb.proc.signal(Signal::SIGTERM);
     // /health says DOWN at once: keepalived moves the VIP away first.
     loop {
         let (code, body) = http_get(stats, "/health").await;
@@ -214,8 +216,8 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
     let fresh = dir.path().join("pglb.new");
     std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &fresh).expect("copy");
     std::fs::rename(&fresh, &binary).expect("replace the binary");
-    // SAFETY: a signal to the pglb this test started.
-    unsafe { libc::kill(old.id() as i32, libc::SIGHUP) };
+    // The pglb this test started.
+    let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !read_log().contains("upgrade: the new process serves") {
         assert!(Instant::now() < deadline, "no hand-over:\n{}", read_log());
@@ -323,8 +325,8 @@ fn sigusr2_hands_the_unix_runtime_socket_to_the_new_process() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(show(), "# name\npostgres\n\n");
-    // SAFETY: a signal to the pglb this test started.
-    unsafe { libc::kill(old.id() as i32, libc::SIGUSR2) };
+    // The pglb this test started.
+    let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGUSR2);
     wait_for("upgrade: the new process serves");
     let deadline = Instant::now() + Duration::from_secs(10);
     while matches!(old.try_wait(), Ok(None)) {

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{ConfigText, Pglb, Stack, db_error, edit, free_port};
+use nix::sys::signal::Signal;
 
 async fn clients_per_bouncer(stack: &Stack) -> Vec<usize> {
     let mut counts = Vec::new();
@@ -230,7 +231,7 @@ async fn sigterm_stops_accepting_and_lets_sessions_finish() {
     // A session inside a transaction when SIGTERM comes finishes it (an idle one would
     // be ended at once: tests/lifecycle.rs).
     client.simple_query("BEGIN").await.expect("begin");
-    pglb.proc.signal(libc::SIGTERM);
+    pglb.proc.signal(Signal::SIGTERM);
     // After the linger (100 ms here) no new client is taken.
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(
@@ -267,7 +268,7 @@ async fn sigterm_grace_ends_stuck_sessions() {
     // Stuck inside a transaction: only the grace ends it.
     client.simple_query("BEGIN").await.expect("begin");
     let started = Instant::now();
-    pglb.proc.signal(libc::SIGTERM);
+    pglb.proc.signal(Signal::SIGTERM);
     let status = pglb
         .proc
         .wait_exit(Duration::from_secs(5))

@@ -7,6 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::time::{Duration, Instant};
 
 use harness::{ConfigText, Pglb, Stack, free_port, http_get};
+use nix::sys::signal::Signal;
 
 fn servers(stack: &Stack, which: &[usize]) -> String {
     which
@@ -201,7 +202,7 @@ async fn systemd_is_notified_of_ready_reload_and_stop() {
     pglb.reload(&cfg);
     assert!(next().starts_with("RELOADING=1"));
     assert!(next().starts_with("READY=1\nSTATUS=serving; reloaded"));
-    pglb.proc.signal(libc::SIGTERM);
+    pglb.proc.signal(Signal::SIGTERM);
     assert!(next().starts_with("STOPPING=1"));
     assert!(
         pglb.proc

@@ -14,6 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::signal::unix::{SignalKind, signal};
+
 /// Set once `q` started the stop: the watcher then leaves the cleanup to `stop`.
 static STOPPING: AtomicBool = AtomicBool::new(false);
 
@@ -138,11 +142,7 @@ fn main() {
         &dir.path().join("admin.sock"),
     );
 
-    // SAFETY: ignoring SIGINT in this process (children keep theirs) lets it outlive the
-    // terminal's Ctrl-C, which reaches the whole process group, long enough to clean up.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-    }
+    outlive_ctrl_c();
     let stack = Arc::new(Mutex::new(Some(stack)));
     let child = Arc::new(Mutex::new(child));
     watch_pglb(Arc::clone(&child), Arc::clone(&stack));
@@ -154,6 +154,22 @@ fn main() {
         }
     }
     stop(&child, &stack);
+}
+
+/// Lets this process outlive the terminal's Ctrl-C, which reaches the whole process group,
+/// long enough to clean up (pglb stops on it; the watcher then stops the rest). SIGINT goes
+/// to a handler that does nothing, installed for the rest of the process (tokio's signal
+/// handling; children start with the default action again).
+fn outlive_ctrl_c() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .expect("a runtime for the SIGINT handler");
+    let mut sigint = {
+        let _rt = rt.enter();
+        signal(SignalKind::interrupt()).expect("handle SIGINT")
+    };
+    std::thread::spawn(move || rt.block_on(async move { while sigint.recv().await.is_some() {} }));
 }
 
 fn print_help(port: u16, stats: u16, password: &str, config: &Path, socket: &Path) {
@@ -237,10 +253,8 @@ fn watch_pglb(child: Arc<Mutex<Child>>, stack: Arc<Mutex<Option<harness::Stack>>
 fn stop(child: &Mutex<Child>, stack: &Mutex<Option<harness::Stack>>) {
     STOPPING.store(true, Ordering::SeqCst);
     if let Ok(mut c) = child.lock() {
-        // SAFETY: a signal to the pglb this demo started.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
+        // The pglb this demo started.
+        let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
         let _ = c.wait();
     }
     println!("pglb stopped; stopping PgBouncers and PostgreSQL");

@@ -14,6 +14,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
 #[allow(unused_imports)] // each test file uses a different part
 pub use config_text::{ConfigText, edit};
 
@@ -46,8 +49,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// The pglb binary under test.
@@ -148,12 +150,12 @@ pub fn pg_bin(name: &str) -> PathBuf {
 pub struct Proc {
     pub child: Child,
     pub name: String,
-    stop_signal: i32,
+    stop_signal: Signal,
 }
 
 impl Proc {
     /// Holds `child`, which `stop` (and drop) end with `stop_signal`.
-    pub fn new(child: Child, name: &str, stop_signal: i32) -> Proc {
+    pub fn new(child: Child, name: &str, stop_signal: Signal) -> Proc {
         Proc {
             child,
             name: name.to_owned(),
@@ -162,7 +164,7 @@ impl Proc {
     }
 
     /// Starts `cmd` as `name`; fails the test when it cannot start.
-    pub fn spawn(cmd: &mut Command, name: &str, stop_signal: i32) -> Proc {
+    pub fn spawn(cmd: &mut Command, name: &str, stop_signal: Signal) -> Proc {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("start {name} ({cmd:?}): {e}"));
@@ -173,11 +175,9 @@ impl Proc {
         self.child.id()
     }
 
-    pub fn signal(&self, sig: i32) {
-        // SAFETY: kill(2) on a pid we spawned and have not reaped yet.
-        unsafe {
-            libc::kill(self.child.id() as i32, sig);
-        }
+    /// Sends `sig` to the process (spawned here and not reaped yet).
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
     }
 
     /// Not exited yet.
@@ -358,7 +358,7 @@ impl Postgres {
             .spawn()
             .expect("start postgres");
         // SIGINT is PostgreSQL's fast shutdown.
-        self.proc = Some(Proc::new(child, "postgres", libc::SIGINT));
+        self.proc = Some(Proc::new(child, "postgres", Signal::SIGINT));
         self.wait_ready();
     }
 
@@ -537,7 +537,7 @@ impl Bouncer {
             .stderr(Stdio::null())
             .spawn()
             .expect("start pgbouncer (install the pgbouncer package)");
-        self.proc = Some(Proc::new(child, "pgbouncer", libc::SIGINT));
+        self.proc = Some(Proc::new(child, "pgbouncer", Signal::SIGINT));
         wait_listening(self.addr(), "pgbouncer", Duration::from_secs(10));
     }
 
@@ -630,7 +630,7 @@ impl Pglb {
     /// Writes a new configuration and sends SIGHUP (a reload).
     pub fn reload(&self, config: &str) {
         std::fs::write(self.dir.path().join("pglb.toml"), config).expect("write config");
-        self.proc.signal(libc::SIGHUP);
+        self.proc.signal(Signal::SIGHUP);
     }
 
     /// Like `start`, with extra environment variables for the process.
@@ -656,7 +656,7 @@ impl Pglb {
             .expect("start pglb");
         let p = Pglb {
             dir,
-            proc: Proc::new(child, "pglb", libc::SIGTERM),
+            proc: Proc::new(child, "pglb", Signal::SIGTERM),
             port,
         };
         // Ready once a listen logged that it accepts (a probe connection would count as a
@@ -1022,17 +1022,10 @@ pub async fn webhook() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
 
 /// Raises this process's open-files soft limit to its hard limit (children inherit it).
 pub fn raise_fd_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-        lim.rlim_cur = lim.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    lim.rlim_cur
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit(RLIMIT_NOFILE)");
+    let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    hard
 }
 
 /// `[[listen.server]]` entries pgb1..pgbN for `bouncers`.
@@ -1095,15 +1088,14 @@ pub fn stop_pid(pid: i32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .is_ok_and(|s| s.rsplit(") ").next().is_some_and(|r| !r.starts_with('Z')))
     };
-    // SAFETY: signals to a process this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
+    // A process this test started.
+    let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     while running() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
     if running() {
-        // SAFETY: as above.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         return false;
     }
     true

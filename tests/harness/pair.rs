@@ -13,14 +13,16 @@
 
 use std::fmt::Write as _;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
 
 use super::deploy::repo;
 use super::{
@@ -58,25 +60,21 @@ pub fn ns_cmd(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
-/// The child gets SIGKILL when the thread that spawned it dies: a test process killed by
-/// a timeout leaves no keepalived or pglb behind. (Spawned from the test's own thread,
-/// which lives until every guard has run.)
-fn die_with_parent(cmd: &mut Command) -> &mut Command {
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        })
-    }
+/// [`ns_cmd`] whose process gets SIGKILL when the thread that spawned it dies: a test
+/// process killed by a timeout leaves no keepalived or pglb behind. (Spawned from the
+/// test's own thread, which lives until every guard has run.) `setpriv --pdeathsig` sets
+/// PR_SET_PDEATHSIG and execs `ip`, which execs `program`: one process, one parent.
+fn ns_cmd_dying_with_parent(ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--pdeathsig", "KILL", "--", "ip", "netns", "exec", ns])
+        .arg(program);
+    c
 }
 
 /// A signal to a keepalived VRRP child, which no `Proc` holds (keepalived forked it).
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: kill(2) on a keepalived child of this lab (checked by the caller).
-    unsafe {
-        libc::kill(pid, sig);
-    }
+fn signal(pid: i32, sig: Signal) {
+    // A keepalived child of this lab (checked by the caller).
+    let _ = kill(Pid::from_raw(pid), sig);
 }
 
 /// Runs `f` on a thread that has entered network namespace `ns`: sockets it opens and
@@ -97,9 +95,9 @@ pub fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 pub fn enter_netns(ns: &str) {
     let f = File::open(format!("/var/run/netns/{ns}"))
         .unwrap_or_else(|e| panic!("open netns {ns}: {e}"));
-    // SAFETY: setns on a valid namespace fd; affects only the calling thread.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+    // Affects only the calling thread.
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {ns}: {e}"));
 }
 
 /// The 1-minute load average: timings on a busy machine are longer.
@@ -189,24 +187,12 @@ impl Net {
     pub fn vip_on(&self, node: &str) -> bool {
         let vip: std::net::Ipv4Addr = VIP.parse().unwrap();
         in_netns(&self.ns(node), || {
-            let mut found = false;
-            let mut ifap: *mut libc::ifaddrs = std::ptr::null_mut();
-            // SAFETY: getifaddrs fills a list that freeifaddrs releases; each entry's
-            // ifa_addr is null or points to a sockaddr of its sa_family.
-            unsafe {
-                assert_eq!(libc::getifaddrs(&mut ifap), 0, "getifaddrs");
-                let mut p = ifap;
-                while !p.is_null() {
-                    let a = (*p).ifa_addr;
-                    if !a.is_null() && (*a).sa_family as i32 == libc::AF_INET {
-                        let sin = &*(a as *const libc::sockaddr_in);
-                        found |= u32::from_be(sin.sin_addr.s_addr) == u32::from(vip);
-                    }
-                    p = (*p).ifa_next;
-                }
-                libc::freeifaddrs(ifap);
-            }
-            found
+            nix::ifaddrs::getifaddrs().expect("getifaddrs").any(|a| {
+                a.address
+                    .as_ref()
+                    .and_then(|a| a.as_sockaddr_in())
+                    .is_some_and(|sin| sin.ip() == vip)
+            })
         })
     }
 
@@ -318,9 +304,9 @@ impl Keepalived {
     /// let the child stop gracefully (the child gets SIGTERM when its parent dies).
     pub fn crash(&mut self) {
         let vrrp = self.vrrp_pid().expect("keepalived VRRP child pid");
-        self.proc.signal(libc::SIGSTOP);
-        signal(vrrp, libc::SIGKILL);
-        self.proc.signal(libc::SIGKILL);
+        self.proc.signal(Signal::SIGSTOP);
+        signal(vrrp, Signal::SIGKILL);
+        self.proc.signal(Signal::SIGKILL);
         assert!(self.proc.wait_exit(Duration::from_secs(5)).is_some());
         self.reap_vrrp(Some(vrrp));
     }
@@ -328,7 +314,7 @@ impl Keepalived {
     /// SIGKILL to the main keepalived process only (the pid in keepalived's pid file).
     pub fn kill_main(&mut self) {
         let vrrp = self.vrrp_pid();
-        self.proc.signal(libc::SIGKILL);
+        self.proc.signal(Signal::SIGKILL);
         assert!(self.proc.wait_exit(Duration::from_secs(5)).is_some());
         self.reap_vrrp(vrrp);
     }
@@ -346,7 +332,7 @@ impl Keepalived {
             std::thread::sleep(Duration::from_millis(20));
         }
         if alive() {
-            signal(pid, libc::SIGKILL);
+            signal(pid, Signal::SIGKILL);
         }
     }
 }
@@ -382,16 +368,14 @@ impl Node {
         self.starts += 1;
         let log = self.dir.path().join(format!("pglb-{}.log", self.starts));
         let p = Proc::spawn(
-            die_with_parent(
-                ns_cmd(&self.ns, pglb_bin())
-                    .arg("--config")
-                    .arg(&self.pglb_conf)
-                    .env("RUST_LOG", "info")
-                    .stdout(Stdio::null())
-                    .stderr(File::create(&log).expect("pglb log")),
-            ),
+            ns_cmd_dying_with_parent(&self.ns, pglb_bin())
+                .arg("--config")
+                .arg(&self.pglb_conf)
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(File::create(&log).expect("pglb log")),
             "pglb",
-            libc::SIGTERM,
+            Signal::SIGTERM,
         );
         // Serving with every PgBouncer checked: /health answers 200.
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -449,14 +433,12 @@ impl Node {
             checkers.display()
         );
         let proc = Proc::spawn(
-            die_with_parent(
-                ns_cmd(&self.ns, "sh")
-                    .args(["-c", &script])
-                    .stdout(log.try_clone().expect("log"))
-                    .stderr(log),
-            ),
+            ns_cmd_dying_with_parent(&self.ns, "sh")
+                .args(["-c", &script])
+                .stdout(log.try_clone().expect("log"))
+                .stderr(log),
             "keepalived",
-            libc::SIGTERM,
+            Signal::SIGTERM,
         );
         self.keepalived = Some(Keepalived {
             proc,
@@ -973,7 +955,7 @@ pub fn opt_ms(d: Option<Duration>) -> String {
 }
 
 /// One failover lab on the machine at a time: `Lab::run` holds this until its lab is gone.
-fn exclusive() -> File {
+fn exclusive() -> Flock<File> {
     let path = std::env::temp_dir().join("pglb-failover-lab.lock");
     let lock = File::options()
         .create(true)
@@ -981,19 +963,19 @@ fn exclusive() -> File {
         .write(true)
         .open(&path)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        println!(
-            "waiting for another failover test's lab ({})",
-            path.display()
-        );
-        let t0 = Instant::now();
-        // SAFETY: as above.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-        assert_eq!(rc, 0, "flock: {}", std::io::Error::last_os_error());
-        println!("waited {} s for the other lab", t0.elapsed().as_secs());
-    }
-    lock
+    let lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+        Ok(held) => return held,
+        Err((lock, _)) => lock,
+    };
+    println!(
+        "waiting for another failover test's lab ({})",
+        path.display()
+    );
+    let t0 = Instant::now();
+    let held =
+        Flock::lock(lock, FlockArg::LockExclusive).unwrap_or_else(|(_, e)| panic!("flock: {e}"));
+    println!("waited {} s for the other lab", t0.elapsed().as_secs());
+    held
 }
 
 impl Lab {
@@ -1279,7 +1261,7 @@ pub fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Opti
             .pglb
             .as_ref()
             .expect("pglb")
-            .signal(libc::SIGKILL)
+            .signal(Signal::SIGKILL)
     });
     lab.nodes[m].wait_state("FAULT", seen, Duration::from_secs(1));
     if let Some(b) = bench {
