@@ -12,7 +12,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::{Acquire, Relaxed};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU8};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker, ready};
@@ -22,15 +22,17 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep, sleep_until};
+use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
-use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+use tokio::sync::futures::Notified;
+use tokio_util::sync::CancellationToken;
 
 use crate::cancel::Registry;
 use crate::client::Client;
 use crate::counters::{Counter, StripedCounter, lock};
 use crate::scanner::Scanner;
 use crate::startup::CancelKey;
-use crate::state::SESSION_SIGNALS;
+use crate::state::{SESSION_SIGNALS, SESSION_WAKE};
 
 /// Largest chunk moved per read.
 const CHUNK: usize = 16 * 1024;
@@ -391,26 +393,28 @@ pub struct Signals<'a> {
 }
 
 /// Relays until the session ends or `signals` end it. `tracker` follows the protocol of
-/// plaintext sessions (None: opaque TLS bytes).
-pub async fn relay(
-    client: &mut Client,
-    server: &mut TcpStream,
+/// plaintext sessions (None: opaque TLS bytes). A plain fn, not an `async fn`: the
+/// future is the relay's own state and nothing else (an `async fn` keeps its arguments
+/// beside it for the whole session).
+pub fn relay<'a>(
+    client: &'a mut Client,
+    server: &'a mut TcpStream,
     idle: Idle,
-    meters: Meters<'_>,
-    signals: Signals<'_>,
-    tracker: Option<&Tracker>,
-) -> Outcome {
+    meters: Meters<'a>,
+    signals: Signals<'a>,
+    tracker: Option<&'a Tracker>,
+) -> impl Future<Output = Outcome> + 'a {
     match client {
         Client::Plain(c) => {
             let (client_r, client_w) = c.split();
             let (up, down) = pumps(TcpSource(client_r), client_w, server, meters);
-            Run::new(up, down, idle, signals, tracker).await
+            Either::Left(Run::new(up, down, idle, signals, tracker))
         }
         Client::Tls(t) => {
             // Boxed: TLS sessions are few, and the plaintext relay stays small.
             let (client_r, client_w) = tokio::io::split(t.as_mut());
             let (up, down) = pumps(StreamSource(client_r), client_w, server, meters);
-            Box::pin(Run::new(up, down, idle, signals, tracker)).await
+            Either::Right(Box::pin(Run::new(up, down, idle, signals, tracker)))
         }
     }
 }
@@ -458,16 +462,16 @@ pin_project_lite::pin_project! {
         // `SESSION_SIGNALS` when the tokens were last looked at, and the waker they hold.
         signals_seen: u64,
         waker: Option<Waker>,
+        shutdown: &'a CancellationToken,
+        kill: &'a CancellationToken,
+        drain: &'a CancellationToken,
         // One timer for every deadline (idle, drain quiet, drain deadline), moved to the
         // nearest one on each poll.
         #[pin]
         timer: Sleep,
+        // Woken when any session token was cancelled (`SESSION_WAKE`).
         #[pin]
-        shutdown: WaitForCancellationFuture<'a>,
-        #[pin]
-        kill: WaitForCancellationFuture<'a>,
-        #[pin]
-        drain: WaitForCancellationFuture<'a>,
+        wake: Notified<'static>,
     }
 }
 
@@ -493,9 +497,10 @@ impl<'a, R1, W1, R2, W2> Run<'a, R1, W1, R2, W2> {
             signals_seen: 0,
             waker: None,
             timer: sleep_until(epoch + idle.client.min(idle.server)),
-            shutdown: signals.shutdown.cancelled(),
-            kill: signals.kill.cancelled(),
-            drain: signals.drain.cancelled(),
+            shutdown: signals.shutdown,
+            kill: signals.kill,
+            drain: signals.drain,
+            wake: SESSION_WAKE.notified(),
         }
     }
 }
@@ -543,24 +548,32 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
     RunProj<'_, '_, R1, W1, R2, W2>
 {
     /// Shutdown, kill and drain. The tokens need a look only when one was cancelled
-    /// since the last look, or when they hold an outdated waker.
+    /// since the last look (the counter moved) or when the task's waker changed; only
+    /// then is the wake-up re-armed too (arming takes a lock every session shares).
     fn poll_signals(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        let sent = SESSION_SIGNALS.load(Acquire);
+        let sent = SESSION_SIGNALS.load(SeqCst);
         let new_waker = !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
         if !new_waker && sent == *self.signals_seen {
             return None;
         }
-        *self.signals_seen = sent;
         if new_waker {
             *self.waker = Some(cx.waker().clone());
         }
-        if self.shutdown.as_mut().poll(cx).is_ready() {
+        *self.signals_seen = sent;
+        // Armed after the counter was read and before the tokens are: a token cancelled
+        // after this look moves the counter later and wakes the task (`end_sessions`).
+        self.wake.set(SESSION_WAKE.notified());
+        if self.wake.as_mut().poll(cx).is_ready() {
+            // Another signal came in between: look again on the next poll.
+            cx.waker().wake_by_ref();
+        }
+        if self.shutdown.is_cancelled() {
             return Some(End::Shutdown);
         }
-        if self.kill.as_mut().poll(cx).is_ready() {
+        if self.kill.is_cancelled() {
             return Some(End::ServerDown);
         }
-        if self.drain_deadline.is_none() && self.drain.as_mut().poll(cx).is_ready() {
+        if self.drain_deadline.is_none() && self.drain.is_cancelled() {
             *self.drain_deadline = Some(Instant::now() + *self.drain_after);
             if let Some(t) = self.tracker {
                 t.draining.store(true, Relaxed);

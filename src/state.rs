@@ -179,11 +179,15 @@ impl Drop for Listed {
 /// Session ids, unique for the life of the process.
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
-/// Bumped before any token that ends or drains sessions is cancelled. A relay looks at
-/// its tokens only when this moved since it last did: looking takes two locks that every
-/// session shares, on every wake-up, while the counter is one read of a line that is
-/// almost never written.
+/// Bumped after any token that ends or drains sessions is cancelled. A relay looks at
+/// its tokens only when this moved since it last did: the counter is one read of a line
+/// that is almost never written.
 pub static SESSION_SIGNALS: AtomicU64 = AtomicU64::new(0);
+
+/// Wakes every relaying session after [`SESSION_SIGNALS`] moved. One wait per session
+/// instead of one per token it could be ended by: a session in the relay is mostly an
+/// idle wait, so each wait is memory held per client.
+pub static SESSION_WAKE: Notify = Notify::const_new();
 
 /// Set when pglb starts to stop: sessions drained from then on are told pglb is
 /// shutting down rather than that their server is drained.
@@ -193,10 +197,13 @@ pub static STOPPING: AtomicBool = AtomicBool::new(false);
 /// API socket file is the successor's now and must not be removed.
 pub static HANDED_OVER: AtomicBool = AtomicBool::new(false);
 
-/// Cancels a token that sessions wait on (see [`SESSION_SIGNALS`]).
+/// Cancels a token that sessions wait on (see [`SESSION_SIGNALS`]). In this order: a
+/// session that sees the counter move finds the token cancelled, and one that read the
+/// counter before it moved is woken.
 pub fn end_sessions(token: &CancellationToken) {
-    SESSION_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     token.cancel();
+    SESSION_SIGNALS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    SESSION_WAKE.notify_waiters();
 }
 
 /// What ends a server's sessions early. Each session clones the tokens when it starts; a
