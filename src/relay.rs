@@ -286,9 +286,10 @@ struct Pump<'m, R, W> {
     to: W,
     side: Side,
     scanner: Scanner,
-    /// The chunk being written (empty between chunks) and how much of it is out.
+    /// The chunk being written (empty between chunks) and how much of it is out (a
+    /// chunk is at most `CHUNK` bytes).
     buf: Vec<u8>,
-    written: usize,
+    written: u32,
     /// The source ended: half-closing `to`.
     eof: bool,
     moved: u64,
@@ -332,14 +333,15 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
                 return Poll::Ready(PumpEnd::Eof);
             }
             if !self.buf.is_empty() {
-                while self.written < self.buf.len() {
-                    match ready!(Pin::new(&mut self.to).poll_write(cx, &self.buf[self.written..])) {
+                while (self.written as usize) < self.buf.len() {
+                    let rest = &self.buf[self.written as usize..];
+                    match ready!(Pin::new(&mut self.to).poll_write(cx, rest)) {
                         Ok(0) => {
                             return Poll::Ready(PumpEnd::WriteError(
                                 io::ErrorKind::WriteZero.into(),
                             ));
                         }
-                        Ok(n) => self.written += n,
+                        Ok(n) => self.written += n as u32,
                         Err(e) => return Poll::Ready(PumpEnd::WriteError(e)),
                     }
                 }

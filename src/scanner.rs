@@ -32,11 +32,12 @@ pub struct Seen {
 #[derive(Debug, Clone)]
 enum At {
     /// Reading the 5-byte header (type + length); `have` bytes so far.
-    Header { buf: [u8; 5], have: usize },
-    /// Skipping the rest of an uninteresting message.
-    Skip { left: usize },
-    /// Collecting a small body we want (BackendKeyData, ReadyForQuery).
-    Body { kind: u8, want: usize, buf: Vec<u8> },
+    Header { buf: [u8; 5], have: u8 },
+    /// Skipping the rest of an uninteresting message (a length is 32 bits).
+    Skip { left: u32 },
+    /// Collecting a small body we want (BackendKeyData, ReadyForQuery): at most
+    /// `MAX_KEY_BODY` bytes. (Small fields: two scanners live in every session.)
+    Body { kind: u8, want: u16, buf: Vec<u8> },
     /// The stream stopped making sense: stop interpreting it (relaying goes on).
     Lost,
 }
@@ -89,9 +90,10 @@ impl Scanner {
                 // What was learnt before the damage stands; nothing after it is read.
                 At::Lost => return seen,
                 At::Header { buf, have } => {
-                    let take = (5 - *have).min(data.len());
-                    buf[*have..*have + take].copy_from_slice(&data[..take]);
-                    *have += take;
+                    let at = usize::from(*have);
+                    let take = (5 - at).min(data.len());
+                    buf[at..at + take].copy_from_slice(&data[..take]);
+                    *have += take as u8;
                     data = &data[take..];
                     if *have == 5 {
                         let kind = buf[0];
@@ -104,18 +106,18 @@ impl Scanner {
                     }
                 }
                 At::Skip { left } => {
-                    let take = (*left).min(data.len());
-                    *left -= take;
+                    let take = (*left as usize).min(data.len());
+                    *left -= take as u32;
                     data = &data[take..];
                     if *left == 0 {
                         self.at = NEXT;
                     }
                 }
                 At::Body { kind, want, buf } => {
-                    let take = (*want - buf.len()).min(data.len());
+                    let take = (usize::from(*want) - buf.len()).min(data.len());
                     buf.extend_from_slice(&data[..take]);
                     data = &data[take..];
-                    if buf.len() == *want {
+                    if buf.len() == usize::from(*want) {
                         body_read(*kind, buf, &mut seen);
                         self.at = NEXT;
                     }
@@ -140,7 +142,9 @@ fn frontend_next(kind: u8, len: usize, seen: &mut Seen) -> At {
     match len {
         l if l < 4 => At::Lost,
         4 => NEXT,
-        l => At::Skip { left: l - 4 },
+        l => At::Skip {
+            left: (l - 4) as u32,
+        },
     }
 }
 
@@ -157,12 +161,14 @@ fn backend_next(kind: u8, len: usize) -> At {
         (b'Z', _) => At::Lost,
         (b'K', l) if (12..=4 + MAX_KEY_BODY).contains(&l) => At::Body {
             kind,
-            want: l - 4,
+            want: (l - 4) as u16,
             buf: Vec::with_capacity(l - 4),
         },
         (b'K', _) => At::Lost,
         (_, 4) => NEXT,
-        (_, l) => At::Skip { left: l - 4 },
+        (_, l) => At::Skip {
+            left: (l - 4) as u32,
+        },
     }
 }
 
