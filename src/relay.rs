@@ -21,10 +21,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::sync::futures::Notified;
 use tokio::time::{Instant, Sleep, sleep_until};
 use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
-use tokio::sync::futures::Notified;
 use tokio_util::sync::CancellationToken;
 
 use crate::cancel::Registry;
@@ -744,7 +744,9 @@ mod tests {
         };
         let server = async {
             let mut got = Vec::new();
-            sr.read_to_end(&mut got).await.expect("read until the client's FIN");
+            sr.read_to_end(&mut got)
+                .await
+                .expect("read until the client's FIN");
             write_in_pieces(&mut sw, &down, 4).await;
             sw.shutdown().await.expect("close");
             got
@@ -826,8 +828,14 @@ mod tests {
         end_sessions(&tokens.drain);
         // Past the quiet check (DRAIN_QUIET): busy, so it stays.
         tokio::time::sleep(DRAIN_QUIET * 2).await;
-        assert!(!task.is_finished(), "inside a transaction: the session stays");
-        ends.client.write_all(&query("COMMIT")).await.expect("write");
+        assert!(
+            !task.is_finished(),
+            "inside a transaction: the session stays"
+        );
+        ends.client
+            .write_all(&query("COMMIT"))
+            .await
+            .expect("write");
         let mut q = vec![0u8; query("COMMIT").len()];
         ends.server.read_exact(&mut q).await.expect("relayed");
         ends.server.write_all(&READY_IDLE).await.expect("write");
