@@ -29,13 +29,7 @@ fn scenario(lab: &mut Lab) {
         "b. SIGTERM pglb on master lb1 (systemctl stop)",
         lb1,
         Duration::from_millis(50),
-        |lab| {
-            lab.nodes[lb1]
-                .pglb
-                .as_ref()
-                .expect("pglb")
-                .signal(Signal::SIGTERM)
-        },
+        |lab| lab.nodes[lb1].signal_pglb(Signal::SIGTERM),
     );
     // pglb keeps accepting while keepalived moves the VIP: nothing is refused; only a
     // connection in flight at the very moment the VIP moves can be cut.
@@ -130,11 +124,7 @@ fn scenario(lab: &mut Lab) {
     );
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
-    lab.nodes[master]
-        .pglb
-        .as_ref()
-        .expect("pglb")
-        .signal(Signal::SIGUSR2);
+    lab.nodes[master].signal_pglb(Signal::SIGUSR2);
     let hold = Instant::now();
     while hold.elapsed() < Duration::from_secs(4) {
         assert_eq!(lab.master(), master, "the VIP stays during an upgrade");

@@ -68,13 +68,7 @@ fn scenario(lab: &mut Lab) {
         "c. drain on master, then SIGKILL its pglb",
         from,
         Duration::from_millis(100),
-        |lab| {
-            lab.nodes[from]
-                .pglb
-                .as_ref()
-                .expect("pglb")
-                .signal(Signal::SIGKILL)
-        },
+        |lab| lab.nodes[from].signal_pglb(Signal::SIGKILL),
     );
     lab.nodes[from].wait_state("FAULT", seen, Duration::from_secs(1));
     let pgb1 = &lab.db.bouncers[0];

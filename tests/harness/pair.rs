@@ -359,6 +359,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// Sends `sig` to this node's pglb (which must be running).
+    pub fn signal_pglb(&self, sig: Signal) {
+        self.pglb.as_ref().expect("pglb running").signal(sig)
+    }
+
     fn log_dir(&self) -> PathBuf {
         self.dir.path().join("log")
     }
@@ -1257,11 +1262,7 @@ pub fn kill_pglb(lab: &mut Lab, m: usize, case: &'static str, pgbench_secs: Opti
         std::thread::sleep(Duration::from_millis(1000));
     }
     let mut row = lab.failover(case, m, Duration::from_millis(100), |lab| {
-        lab.nodes[m]
-            .pglb
-            .as_ref()
-            .expect("pglb")
-            .signal(Signal::SIGKILL)
+        lab.nodes[m].signal_pglb(Signal::SIGKILL)
     });
     lab.nodes[m].wait_state("FAULT", seen, Duration::from_secs(1));
     if let Some(b) = bench {
