@@ -216,6 +216,61 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::counters::Counter;
+    use crate::testing::{Fake, fake_recording, listen_over};
+
+    fn key(pid: i32) -> CancelKey {
+        CancelKey {
+            pid,
+            secret: bytes::Bytes::from_static(&[9, 9, 9, 9]),
+        }
+    }
+
+    #[tokio::test]
+    async fn known_keys_go_to_their_server_unknown_ones_to_every_server_up_within_the_limit() {
+        // Each fake records the packet, then closes (as PostgreSQL does after a cancel).
+        let mut fakes = Vec::new();
+        for _ in 0..3 {
+            fakes.push(fake_recording(Fake::CloseOnSsl).await);
+        }
+        let listen = listen_over(&fakes.iter().map(|f| f.0).collect::<Vec<_>>());
+        listen.servers()[1].set_up(false);
+        let registry = Registry::new(CancelLimits {
+            per_second: 100,
+            per_client: 1,
+        });
+        let client: IpAddr = [10, 0, 0, 1].into();
+        registry.insert(key(1), fakes[1].0);
+        let routed = route(&listen, &registry, &key(1), client).await;
+        assert_eq!(
+            routed,
+            Routed::Owner(fakes[1].0),
+            "known: its server, even DOWN"
+        );
+        let got: Vec<_> = fakes.iter_mut().map(|f| f.1.try_recv().ok()).collect();
+        assert_eq!(got, [None, Some(key(1).to_packet()), None]);
+
+        // Unknown: every server up; the client's burst is 2, then it is dropped.
+        for _ in 0..2 {
+            let routed = route(&listen, &registry, &key(2), client).await;
+            assert_eq!(routed, Routed::Broadcast(2));
+        }
+        for (i, f) in fakes.iter_mut().enumerate() {
+            let n = std::iter::from_fn(|| f.1.try_recv().ok()).count();
+            assert_eq!(n, if i == 1 { 0 } else { 2 }, "server {i}");
+        }
+        assert_eq!(
+            route(&listen, &registry, &key(2), client).await,
+            Routed::Limited
+        );
+        assert_eq!(listen.counters.cancels_limited.get(), 1);
+        // A key forgotten when its session ended is unknown again.
+        registry.remove(&key(1));
+        assert_eq!(
+            route(&listen, &registry, &key(1), [10, 0, 0, 2].into()).await,
+            Routed::Broadcast(2)
+        );
+    }
 
     #[test]
     fn unknown_cancels_are_limited_per_client_and_overall() {
