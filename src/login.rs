@@ -51,10 +51,28 @@ pub enum Failed {
 enum Attempt {
     Opened(Opened),
     /// Failed before the client saw anything from it: try another server.
-    Failed(String),
+    Failed(LoginError),
     /// Refused with its own ErrorResponse before authentication.
     Refused(Bytes),
     End(Failed),
+}
+
+/// Why a server failed a login before the client saw anything from it. The words reach
+/// the client (in the refusal once every server failed) and the log.
+#[derive(Debug, thiserror::Error)]
+enum LoginError {
+    #[error("{server} ({addr}): {source}")]
+    Connect {
+        server: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("server marked DOWN while logging in")]
+    MarkedDown,
+    #[error("connection lost before answering: {0}")]
+    Lost(std::io::Error),
+    #[error("no answer to the login within {}", humantime::format_duration(*.0))]
+    NoAnswer(Duration),
 }
 
 /// Counts and durations carried from one attempt to the next.
@@ -108,12 +126,12 @@ pub async fn open(
                     return Err(Failed::Refused(Refusal::ConnectFailed {
                         listen: listen.name.clone(),
                         attempts: tried.len() as u32,
-                        last_error: e,
+                        last_error: e.to_string(),
                     }));
                 }
                 server.counters.wretr.inc();
                 server.counters.wredis.inc();
-                last_failure = Some(e);
+                last_failure = Some(e.to_string());
                 continue;
             }
         };
@@ -158,7 +176,7 @@ fn give_up(
     }
 }
 
-fn note_replay(listen: &ListenState, server: &ServerState, reason: &str) {
+fn note_replay(listen: &ListenState, server: &ServerState, reason: &dyn std::fmt::Display) {
     server.counters.wredis.inc();
     warn!(
         listen = %listen.name,
@@ -172,7 +190,7 @@ fn note_replay(listen: &ListenState, server: &ServerState, reason: &str) {
 async fn connect(
     listen: &Arc<ListenState>,
     server: &Arc<ServerState>,
-) -> Result<TcpStream, String> {
+) -> Result<TcpStream, LoginError> {
     let addr = server.cfg().addr;
     server.counters.connects.inc();
     match net::connect(addr, listen.cfg().timeouts.connect).await {
@@ -184,7 +202,11 @@ async fn connect(
             server.counters.econ.inc();
             checker::connect_failed(listen, server, &e);
             warn!(listen = %listen.name, server = %server.name, addr = %addr, error = %e, "connect to server failed");
-            Err(format!("{} ({addr}): {e}", server.name))
+            Err(LoginError::Connect {
+                server: server.name.clone(),
+                addr,
+                source: e,
+            })
         }
     }
 }
@@ -286,26 +308,21 @@ async fn first_answer<T>(
     listen: &Arc<ListenState>,
     server: &Arc<ServerState>,
     exchange: impl Future<Output = std::io::Result<T>>,
-) -> Result<T, String> {
+) -> Result<T, LoginError> {
     let limit = listen.cfg().timeouts.login;
     let kill = server.session_signals().kill;
     let outcome = tokio::select! {
         r = timeout(limit, exchange) => r,
-        _ = kill.cancelled() => return Err("server marked DOWN while logging in".into()),
+        _ = kill.cancelled() => return Err(LoginError::MarkedDown),
     };
     match outcome {
         Ok(Ok(answer)) => Ok(answer),
-        Ok(Err(e)) => Err(format!("connection lost before answering: {e}")),
+        Ok(Err(e)) => Err(LoginError::Lost(e)),
         Err(_) => {
-            let e = std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!(
-                    "no answer to the login within {}",
-                    humantime::format_duration(limit)
-                ),
-            );
+            let missed = LoginError::NoAnswer(limit);
+            let e = std::io::Error::new(std::io::ErrorKind::TimedOut, missed.to_string());
             checker::connect_failed(listen, server, &e);
-            Err(e.to_string())
+            Err(missed)
         }
     }
 }
