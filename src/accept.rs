@@ -161,7 +161,7 @@ mod tests {
     use crate::config::CancelLimits;
     use crate::startup::CancelKey;
     use crate::testing::{AUTH_OK, Fake, KEY_DATA, READY_IDLE, fake_recording, listen_over};
-    use crate::testing::{query, startup_packet};
+    use crate::testing::{query, read_exactly, startup_packet};
     use crate::workers::Workers;
     use std::net::SocketAddr;
     use std::sync::atomic::Ordering::Relaxed;
@@ -193,21 +193,12 @@ mod tests {
         (addr, workers)
     }
 
-    async fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
-        let mut got = vec![0u8; n];
-        timeout(Duration::from_secs(5), s.read_exact(&mut got))
-            .await
-            .expect("bytes in time")
-            .expect("bytes");
-        got
-    }
-
     /// Logs in through pglb: the fake's AuthenticationOk, key and ReadyForQuery arrive.
     async fn login(addr: SocketAddr) -> TcpStream {
         let mut c = TcpStream::connect(addr).await.expect("connect");
         c.write_all(&startup_packet("app")).await.expect("startup");
         let hello = [&AUTH_OK[..], &KEY_DATA, &READY_IDLE].concat();
-        assert_eq!(read_n(&mut c, hello.len()).await, hello);
+        assert_eq!(read_exactly(&mut c, hello.len()).await, hello);
         c
     }
 
@@ -220,7 +211,11 @@ mod tests {
         assert_eq!(first.recv().await.expect("startup"), startup_packet("app"));
         let q = query("SELECT 1");
         c.write_all(&q).await.expect("query");
-        assert_eq!(read_n(&mut c, q.len()).await, q, "echoed through pglb");
+        assert_eq!(
+            read_exactly(&mut c, q.len()).await,
+            q,
+            "echoed through pglb"
+        );
         assert_eq!(listen.servers()[0].sessions(), 1);
         assert_eq!(listen.counters.stot.load(Relaxed), 1);
         drop(c);

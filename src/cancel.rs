@@ -231,7 +231,7 @@ mod tests {
         // Each fake records the packet, then closes (as PostgreSQL does after a cancel).
         let mut fakes = Vec::new();
         for _ in 0..3 {
-            fakes.push(fake_recording(Fake::CloseOnSsl).await);
+            fakes.push(fake_recording(Fake::CloseAfterFirst).await);
         }
         let listen = listen_over(&fakes.iter().map(|f| f.0).collect::<Vec<_>>());
         listen.servers()[1].set_up(false);

@@ -462,7 +462,7 @@ mod tests {
         let r = run(CheckKind::Ssl, Fake::Http).await;
         assert_eq!(r.status, CheckStatus::L6Rsp);
         assert!(r.detail.contains("unexpected answer 'H'"), "{}", r.detail);
-        let r = run(CheckKind::Ssl, Fake::CloseOnSsl).await;
+        let r = run(CheckKind::Ssl, Fake::CloseAfterFirst).await;
         assert_eq!(r.status, CheckStatus::L6Rsp);
     }
 

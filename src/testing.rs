@@ -35,8 +35,8 @@ pub enum Fake {
     Hang,
     /// Accepts and closes at once.
     Close,
-    /// Closes as soon as the SSLRequest arrives.
-    CloseOnSsl,
+    /// Reads the first packet (an SSLRequest, a CancelRequest), then closes.
+    CloseAfterFirst,
     /// Answers the SSLRequest `N`, then behaves as `Accept`.
     DeclineSsl,
     /// Answers in another protocol.
@@ -68,7 +68,7 @@ async fn converse(mut s: TcpStream, behavior: Fake, first: mpsc::UnboundedSender
     let n = s.read(&mut buf).await.unwrap_or(0);
     let _ = first.send(buf[..n].to_vec());
     match behavior {
-        Fake::Close | Fake::CloseOnSsl => {}
+        Fake::Close | Fake::CloseAfterFirst => {}
         Fake::Hang => std::future::pending::<()>().await,
         Fake::Refuse(msg) => {
             let e = crate::refusal::error_response("FATAL", "08P01", msg);
@@ -146,4 +146,14 @@ pub fn query(sql: &str) -> Vec<u8> {
 pub fn pattern(n: usize, seed: u64) -> Vec<u8> {
     let mut rng = fastrand::Rng::with_seed(seed);
     (0..n).map(|_| rng.u8(..)).collect()
+}
+
+/// Exactly `n` bytes from `s`, within 5 s.
+pub async fn read_exactly(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut got = vec![0u8; n];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("bytes in time")
+        .expect("bytes");
+    got
 }
