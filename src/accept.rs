@@ -158,40 +158,14 @@ mod tests {
     //! The whole data path in process (accept → startup → pick → relay) against fake
     //! PgBouncers on loopback, on a real worker thread.
     use super::*;
-    use crate::config::CancelLimits;
     use crate::startup::CancelKey;
     use crate::testing::{AUTH_OK, Fake, KEY_DATA, READY_IDLE, fake_recording, listen_over};
-    use crate::testing::{query, read_exactly, startup_packet};
-    use crate::workers::Workers;
+    use crate::testing::{query, read_exactly, serve, startup_packet};
     use std::net::SocketAddr;
     use std::sync::atomic::Ordering::Relaxed;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
     use tokio::time::timeout;
-
-    /// pglb's accept loop for `listen` on a worker of its own; returns the address
-    /// clients connect to. Keep the workers alive for the test.
-    fn serve(listen: &Arc<ListenState>, global_maxconn: usize) -> (SocketAddr, Workers) {
-        let workers = Workers::start(1).expect("worker");
-        let pool = workers.pool();
-        let listener =
-            crate::net::bind_std("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let shared = Shared::new(
-            Gate::new(global_maxconn),
-            TaskTracker::new(),
-            CancellationToken::new(),
-            Arc::clone(&pool),
-            Arc::new(Registry::new(CancelLimits {
-                per_second: 100,
-                per_client: 10,
-            })),
-        );
-        let stop = CancellationToken::new();
-        pool.handle(0)
-            .spawn(accept_loop(listener, 0, Arc::clone(listen), shared, stop));
-        (addr, workers)
-    }
 
     /// Logs in through pglb: the fake's AuthenticationOk, key and ReadyForQuery arrive.
     async fn login(addr: SocketAddr) -> TcpStream {

@@ -18,14 +18,14 @@ use tracing::{error, info, warn};
 
 use crate::accept::{self, Shared};
 use crate::checker::ChecksThread;
-use crate::config::Config;
+use crate::config::{Config, RelayMode};
 use crate::events::Event;
 use crate::notify::notify;
 use crate::state::{self, ListenState, Process, lock};
 use crate::workers::Pool;
 use crate::{
-    alerts, cancel, checker, events, http, net, operator_state, peers, pick, reload, runtime_api,
-    upgrade,
+    alerts, cancel, checker, events, http, kernel_relay, net, operator_state, peers, pick, reload,
+    runtime_api, upgrade,
 };
 
 /// Why a reload left the running configuration in place.
@@ -120,6 +120,7 @@ pub async fn run<S: Future<Output = ()>>(
     let cancels = Arc::new(cancel::Registry::new(config.global.unknown_cancels));
     let listens = reload::apply(&[], &config.listens, &events).listens;
     startup_warnings(&config);
+    prepare_kernel_relay(&config);
     let listeners = bind_listens(&listens, &mut inherited)?;
     if let Some(path) = config.stats.as_ref().and_then(|s| s.state_file.as_ref()) {
         operator_state::load(path, &listens);
@@ -332,6 +333,32 @@ fn startup_warnings(config: &Config) {
              checks and listeners): clients will be refused with EMFILE before maxconn; \
              raise LimitNOFILE (ulimit -n) or lower maxconn"
         );
+    }
+}
+
+/// Loads the kernel relay when a listen asks for it (once per process: a reload that
+/// turns it on loads it then), and says which listens use it.
+fn prepare_kernel_relay(config: &Config) {
+    let wanted: Vec<&str> = config
+        .listens
+        .iter()
+        .filter(|l| l.relay == RelayMode::Kernel)
+        .map(|l| l.name.as_str())
+        .collect();
+    if wanted.is_empty() {
+        return;
+    }
+    let sessions = u32::try_from(config.global.maxconn).unwrap_or(u32::MAX);
+    match kernel_relay::prepare(sessions) {
+        Ok(()) => info!(
+            listens = ?wanted,
+            "kernel relay ready (self-test passed): plaintext sessions of these listens are relayed in the kernel after their login"
+        ),
+        Err(why) => warn!(
+            listens = ?wanted,
+            reason = %why,
+            "kernel relay unavailable: these listens relay in user space"
+        ),
     }
 }
 
@@ -614,6 +641,7 @@ impl Daemon {
             }
         }
 
+        prepare_kernel_relay(&config);
         // Limits a reload lowers apply to the next client.
         self.process.gate.set_limit(config.global.maxconn);
         self.cancels.set_limits(config.global.unknown_cancels);

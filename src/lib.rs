@@ -6,7 +6,7 @@
 //! shared by everything;
 //! [`checker`] (with [`probe`] and [`health`]) keeps it truthful.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub(crate) mod accept;
 pub(crate) mod balance;
@@ -18,6 +18,7 @@ pub(crate) mod counters;
 pub mod daemon;
 pub(crate) mod events;
 pub(crate) mod health;
+pub mod kernel_relay;
 pub(crate) mod login;
 pub(crate) mod net;
 pub(crate) mod notify;

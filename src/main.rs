@@ -21,6 +21,22 @@ struct Cli {
     check: bool,
 }
 
+/// With a listen on `relay = "kernel"`: whether this machine can (the same load and
+/// self-test as at start). Unavailable is not an error: those listens relay in user space.
+fn check_kernel_relay(config: &pglb::Config) {
+    use pglb::config::RelayMode;
+    if !config.listens.iter().any(|l| l.relay == RelayMode::Kernel) {
+        return;
+    }
+    let sessions = u32::try_from(config.global.maxconn).unwrap_or(u32::MAX);
+    match pglb::kernel_relay::prepare(sessions) {
+        Ok(()) => println!("kernel relay: ready (self-test passed)"),
+        Err(why) => {
+            println!("kernel relay: unavailable ({why}); those listens relay in user space")
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match pglb::Config::load(&cli.config) {
@@ -32,6 +48,7 @@ fn main() -> ExitCode {
     };
     if cli.check {
         println!("{}: configuration is valid", cli.config.display());
+        check_kernel_relay(&config);
         return ExitCode::SUCCESS;
     }
     let filter = EnvFilter::try_from_default_env()

@@ -237,6 +237,7 @@ pub(crate) mod tests {
     pub(crate) fn listen_cfg(servers: Vec<Server>, queue: Duration) -> Listen {
         let d = Duration::from_secs(1);
         Listen {
+            relay: Default::default(),
             name: "l".into(),
             bind: "127.0.0.1:0".parse().expect("addr"),
             balance: Balance::Leastconn,

@@ -58,6 +58,9 @@ pub enum End {
     Drained,
     /// Still busy when the drain deadline came.
     DrainTimeout,
+    /// Not an end: the server's chunk that ends with a ReadyForQuery, scanned but not
+    /// yet sent, at a moment the session can move to the kernel relay.
+    HandOver(Vec<u8>),
 }
 
 impl End {
@@ -73,6 +76,7 @@ impl End {
             End::ServerDown => "SK",
             End::Drained => "PD",
             End::DrainTimeout => "pD",
+            End::HandOver(_) => "--",
         }
     }
 
@@ -88,11 +92,13 @@ impl End {
             End::ServerDown => "server marked down: session shut down".into(),
             End::Drained => "drained at a transaction boundary".into(),
             End::DrainTimeout => "drain deadline reached".into(),
+            End::HandOver(_) => "handed to the kernel relay".into(),
         }
     }
 }
 
 /// Where a relay adds its byte counts: live, so stats move while sessions run.
+#[derive(Clone, Copy)]
 pub struct Meters<'a> {
     pub to_server: [&'a StripedCounter; 2],
     pub to_client: [&'a StripedCounter; 2],
@@ -120,6 +126,9 @@ enum PumpEnd {
     WriteError(io::Error),
     /// Draining, and the session just became idle outside a transaction.
     Drained,
+    /// Server side, with hand-over armed: the chunk read ends with a ReadyForQuery that
+    /// answers the last request.
+    HandOver,
 }
 
 /// Protocol tracking of a plaintext session, shared by the two directions of its relay:
@@ -198,6 +207,22 @@ impl Tracker {
             self.status.store(status, Relaxed);
         }
         self.at_rest.store(seen.ready.is_some(), Relaxed);
+    }
+
+    /// Requests the server has yet to answer.
+    pub fn pending(&self) -> i64 {
+        self.pending.load(Relaxed)
+    }
+
+    /// Takes over the state the kernel relay's program followed while it relayed.
+    pub fn resume(&self, r: &crate::kernel_relay::Resume) {
+        self.pending.store(r.pending, Relaxed);
+        self.at_rest.store(r.at_rest, Relaxed);
+        self.status.store(r.status, Relaxed);
+        self.requested.store(true, Relaxed);
+        if r.opaque {
+            self.opaque.store(true, Relaxed);
+        }
     }
 }
 
@@ -292,6 +317,11 @@ struct Pump<'m, R, W> {
     written: u32,
     /// The source ended: half-closing `to`.
     eof: bool,
+    /// Server side: stop at a chunk ending in a ReadyForQuery that answers every request
+    /// (for the kernel relay).
+    hand_over: bool,
+    /// The chunk in `buf` was scanned when read (hand-over armed).
+    scanned: bool,
     moved: u64,
     /// When this side last sent bytes, in ms since the relay began.
     last_read: u64,
@@ -312,6 +342,8 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
             buf: Vec::new(),
             written: 0,
             eof: false,
+            hand_over: false,
+            scanned: false,
             moved: 0,
             last_read: 0,
             meters,
@@ -354,7 +386,9 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
                     m.add(n);
                 }
                 if let (Some(t), Side::Server) = (tracker, self.side) {
-                    t.server_bytes(&mut self.scanner, &self.buf);
+                    if !std::mem::take(&mut self.scanned) {
+                        t.server_bytes(&mut self.scanner, &self.buf);
+                    }
                     // A transaction just ended: the first safe moment to close. (Not the
                     // ReadyForQuery that ends the login: the client is about to use its
                     // new session; the quiet check in `relay` handles it.)
@@ -374,6 +408,13 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
                     if let (Some(t), Side::Client) = (tracker, self.side) {
                         t.client_bytes(&mut self.scanner, &self.buf);
                     }
+                    if let (Some(t), true) = (tracker, self.hand_over) {
+                        t.server_bytes(&mut self.scanner, &self.buf);
+                        self.scanned = true;
+                        if t.pending() == 0 && t.at_rest.load(Relaxed) && !t.opaque.load(Relaxed) {
+                            return Poll::Ready(PumpEnd::HandOver);
+                        }
+                    }
                 }
                 Err(e) => return Poll::Ready(PumpEnd::ReadError(e)),
             }
@@ -383,6 +424,7 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
 
 /// What can end a session from outside, as tokens: the relay waits on them with
 /// nameable futures kept inside its own state (no per-session boxing).
+#[derive(Clone, Copy)]
 pub struct Signals<'a> {
     /// pglb's shutdown grace is over.
     pub shutdown: &'a CancellationToken,
@@ -397,7 +439,8 @@ pub struct Signals<'a> {
 /// Relays until the session ends or `signals` end it. `tracker` follows the protocol of
 /// plaintext sessions (None: opaque TLS bytes). A plain fn, not an `async fn`: the
 /// future is the relay's own state and nothing else (an `async fn` keeps its arguments
-/// beside it for the whole session).
+/// beside it for the whole session). `hand_over`: end with `End::HandOver` at the first
+/// moment the session can move to the kernel relay (plaintext only).
 pub fn relay<'a>(
     client: &'a mut Client,
     server: &'a mut TcpStream,
@@ -405,11 +448,13 @@ pub fn relay<'a>(
     meters: Meters<'a>,
     signals: Signals<'a>,
     tracker: Option<&'a Tracker>,
+    hand_over: bool,
 ) -> impl Future<Output = Outcome> + 'a {
     match client {
         Client::Plain(c) => {
             let (client_r, client_w) = c.split();
-            let (up, down) = pumps(TcpSource(client_r), client_w, server, meters);
+            let (up, mut down) = pumps(TcpSource(client_r), client_w, server, meters);
+            down.hand_over = hand_over && tracker.is_some();
             Either::Left(Run::new(up, down, idle, signals, tracker))
         }
         Client::Tls(t) => {
@@ -596,6 +641,7 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
                 Poll::Ready(PumpEnd::ReadError(e)) => return Turn::End(End::ClientError(e)),
                 Poll::Ready(PumpEnd::WriteError(e)) => return Turn::End(End::ServerError(e)),
                 Poll::Ready(PumpEnd::Drained) => return Turn::End(End::Drained),
+                Poll::Ready(PumpEnd::HandOver) => unreachable!("only the server side hands over"),
                 Poll::Pending => {}
             }
         }
@@ -606,6 +652,17 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
             Poll::Ready(PumpEnd::ReadError(e)) => Turn::End(End::ServerError(e)),
             Poll::Ready(PumpEnd::WriteError(e)) => Turn::End(End::ClientError(e)),
             Poll::Ready(PumpEnd::Drained) => Turn::End(End::Drained),
+            Poll::Ready(PumpEnd::HandOver) => {
+                // Only with nothing of the client's on its way to the server.
+                let up = &self.up;
+                if up.buf.is_empty() && !up.eof && !*self.up_done && up.scanner.at_boundary() {
+                    self.down.hand_over = false;
+                    Turn::End(End::HandOver(std::mem::take(&mut self.down.buf)))
+                } else {
+                    // Sent in user space (already scanned); armed again for the next one.
+                    Turn::Again
+                }
+            }
             Poll::Pending => Turn::Waiting,
         }
     }
@@ -711,7 +768,16 @@ mod tests {
             let tracker = Arc::new(Tracker::new(None));
             let mut client = Client::Plain(client_side);
             let t = tracked.then_some(&*tracker);
-            let out = relay(&mut client, &mut server_side, idle, meters, signals, t).await;
+            let out = relay(
+                &mut client,
+                &mut server_side,
+                idle,
+                meters,
+                signals,
+                t,
+                false,
+            )
+            .await;
             assert_eq!(counters[0].get(), out.to_server, "meters follow the bytes");
             assert_eq!(counters[2].get(), out.to_client);
             (out, tracker)

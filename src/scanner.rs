@@ -75,6 +75,11 @@ impl Scanner {
         }
     }
 
+    /// Between two messages (no header, body or skip under way).
+    pub fn at_boundary(&self) -> bool {
+        matches!(self.at, At::Header { have: 0, .. })
+    }
+
     /// Whether the scanner gave up on this stream (not PostgreSQL as expected).
     pub fn lost(&self) -> bool {
         matches!(self.at, At::Lost)

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::cancel::Registry;
 use crate::client::Client;
+use crate::config::RelayMode;
 use crate::counters::{Counter, Pass, raise_max};
 use crate::login::{self, Failed, Opened};
 use crate::refusal::Refusal;
@@ -23,7 +24,7 @@ use crate::relay::{self, Idle, Meters};
 use crate::startup::{self, AfterSsl, CancelKey, Hello, StartupError, StartupMessage};
 use crate::state::{self, ListenState};
 use crate::workers::Load;
-use crate::{cancel, refusal, tls};
+use crate::{cancel, kernel_relay, refusal, tls};
 
 /// Whether the accept loop let this client in under the global and listen maxconn.
 pub enum Admission {
@@ -289,15 +290,34 @@ fn relay_and_log(
             drain: &ends.drain,
             drain_deadline: t.drain,
         };
-        let mut outcome = relay::relay(
-            client,
-            &mut opened.server,
-            idle,
-            meters,
-            signals,
-            tracker.as_ref(),
-        )
-        .await;
+        let kernel = match listen.cfg().relay {
+            RelayMode::Kernel => kernel_relay::get(),
+            RelayMode::User => None,
+        };
+        let mut path = kernel_relay::Path::User;
+        let mut outcome = match (kernel, &tracker, client.is_tls()) {
+            // Boxed: the user-space relay's sessions stay as small as they were.
+            (Some(kernel), Some(t), false) => {
+                let server = &mut opened.server;
+                Box::pin(kernel_relay::relay(
+                    kernel, client, server, idle, meters, signals, t, &mut path,
+                ))
+                .await
+            }
+            _ => {
+                let server = &mut opened.server;
+                relay::relay(
+                    client,
+                    server,
+                    idle,
+                    meters,
+                    signals,
+                    tracker.as_ref(),
+                    false,
+                )
+                .await
+            }
+        };
         outcome.to_server += opened.to_server;
         outcome.to_client += opened.to_client;
         if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
@@ -320,7 +340,7 @@ fn relay_and_log(
             opened,
             &outcome,
             total,
-            client.is_tls(),
+            (client.is_tls(), path),
         );
     }
 }
@@ -353,7 +373,7 @@ fn log_closed(
     opened: &Opened,
     outcome: &relay::Outcome,
     total: Duration,
-    tls: bool,
+    (tls, path): (bool, kernel_relay::Path),
 ) {
     let params = opened.startup.as_ref();
     info!(
@@ -372,6 +392,7 @@ fn log_closed(
         application_name = params.and_then(|p| p.param("application_name")).as_deref().unwrap_or("-"),
         tls = if tls { "terminated" } else if params.is_none() { "passthrough" } else { "none" },
         cancel = if params.is_none() { "best-effort" } else { "routed" },
+        relay = path.as_str(),
         "session closed"
     );
 }

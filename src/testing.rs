@@ -10,9 +10,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::config::{Balance, CheckKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::accept::{Shared, accept_loop};
+use crate::cancel::Registry;
+use crate::config::{Balance, CancelLimits, CheckKind};
+use crate::counters::Gate;
 use crate::pick::tests::{listen_cfg, server};
 use crate::state::ListenState;
+use crate::workers::Workers;
 
 /// AuthenticationOk.
 pub const AUTH_OK: [u8; 9] = [b'R', 0, 0, 0, 8, 0, 0, 0, 0];
@@ -97,6 +104,14 @@ async fn converse(mut s: TcpStream, behavior: Fake, first: mpsc::UnboundedSender
 
 /// A listen over these servers, in order (balance "first"), without checks.
 pub fn listen_over(addrs: &[SocketAddr]) -> Arc<ListenState> {
+    listen_with(addrs, |_| {})
+}
+
+/// `listen_over`, with `edit` applied to its settings.
+pub fn listen_with(
+    addrs: &[SocketAddr],
+    edit: impl FnOnce(&mut crate::config::Listen),
+) -> Arc<ListenState> {
     let servers = addrs
         .iter()
         .enumerate()
@@ -111,7 +126,31 @@ pub fn listen_over(addrs: &[SocketAddr]) -> Arc<ListenState> {
     cfg.balance = Balance::First;
     cfg.timeouts.login = Duration::from_secs(5);
     cfg.timeouts.startup = Duration::from_secs(5);
+    edit(&mut cfg);
     Arc::new(ListenState::new(1, cfg, crate::events::channel()))
+}
+
+/// pglb's accept loop for `listen` on a worker of its own, under a global maxconn;
+/// returns the address clients connect to. Keep the workers alive for the test.
+pub fn serve(listen: &Arc<ListenState>, global_maxconn: usize) -> (SocketAddr, Workers) {
+    let workers = Workers::start(1).expect("worker");
+    let pool = workers.pool();
+    let listener = crate::net::bind_std("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let shared = Shared::new(
+        Gate::new(global_maxconn),
+        TaskTracker::new(),
+        CancellationToken::new(),
+        Arc::clone(&pool),
+        Arc::new(Registry::new(CancelLimits {
+            per_second: 100,
+            per_client: 10,
+        })),
+    );
+    let stop = CancellationToken::new();
+    pool.handle(0)
+        .spawn(accept_loop(listener, 0, Arc::clone(listen), shared, stop));
+    (addr, workers)
 }
 
 /// A connected TCP pair on loopback: (the side pglb holds, the other end).

@@ -118,6 +118,17 @@ pub struct CancelLimits {
     pub per_client: u32,
 }
 
+/// Where a listen's plaintext sessions are relayed after their login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// In pglb's process: read from one socket, write to the other.
+    #[default]
+    User,
+    /// In the kernel (BPF sockmap), when the kernel can; in user space otherwise.
+    Kernel,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Balance {
@@ -141,6 +152,7 @@ pub struct Listen {
     pub name: String,
     pub bind: SocketAddr,
     pub balance: Balance,
+    pub relay: RelayMode,
     pub maxconn: usize,
     pub backlog: u32,
     /// Connect attempts after the first one fails, each on another server when possible.

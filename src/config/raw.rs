@@ -101,6 +101,8 @@ pub struct Listen {
     pub bind: Spanned<String>,
     #[serde(default = "default_balance")]
     pub balance: Balance,
+    #[serde(default)]
+    pub relay: RelayMode,
     #[serde(default = "default_listen_maxconn")]
     pub maxconn: Spanned<usize>,
     #[serde(default = "default_backlog")]

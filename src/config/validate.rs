@@ -143,6 +143,7 @@ fn validate_listen(spanned: Spanned<raw::Listen>, at: &Locator) -> Result<Listen
         tls,
         bind,
         balance: l.balance,
+        relay: l.relay,
         maxconn: l.maxconn.into_inner(),
         backlog: l.backlog,
         retries: l.retries,

@@ -1,0 +1,140 @@
+//! The relay step of a session whose listen has `relay = "kernel"`: the user-space relay
+//! until a ReadyForQuery answers everything (the login's, normally), the kernel from
+//! there, and the user-space relay again if the kernel hands the session back. Whatever
+//! fails on the way, the session goes on in user space.
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, warn};
+
+use super::Loaded;
+use super::session::{HandOverError, Moved, Watched, hand_over};
+use crate::client::Client;
+use crate::counters::Counter;
+use crate::relay::{self, End, Idle, Meters, Outcome, Signals, Tracker};
+
+/// Where the session's bytes went, for its log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    User,
+    Kernel,
+    /// In the kernel, then handed back.
+    KernelThenUser,
+}
+
+impl Path {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::User => "user",
+            Path::Kernel => "kernel",
+            Path::KernelThenUser => "kernel+user",
+        }
+    }
+}
+
+/// Relays a plaintext session (`tracker` follows it), in the kernel where it can.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay(
+    kernel: &'static Loaded,
+    client: &mut Client,
+    server: &mut TcpStream,
+    idle: Idle,
+    meters: Meters<'_>,
+    signals: Signals<'_>,
+    tracker: &Tracker,
+    path: &mut Path,
+) -> Outcome {
+    let mut total = Outcome {
+        to_server: 0,
+        to_client: 0,
+        end: End::ClientClosed,
+    };
+    let mut armed = true;
+    loop {
+        let out = relay::relay(client, server, idle, meters, signals, Some(tracker), armed).await;
+        total.to_server += out.to_server;
+        total.to_client += out.to_client;
+        let End::HandOver(ready) = out.end else {
+            total.end = out.end;
+            return total;
+        };
+        // One hand-over per session: a session handed back stays in user space.
+        armed = false;
+        let mut moved = Moved::default();
+        let watched = match client {
+            Client::Plain(tcp) => {
+                in_kernel(
+                    kernel, tcp, server, &ready, tracker, idle, &meters, &signals, &mut moved,
+                )
+                .await
+            }
+            Client::Tls(_) => Err(HandOverError::Ahead("TLS client")),
+        };
+        total.to_server += moved.to_server;
+        total.to_client += moved.to_client;
+        match watched {
+            Ok(Watched::Ended(end)) => {
+                *path = Path::Kernel;
+                total.end = end;
+                return total;
+            }
+            Ok(Watched::Back(resume)) => {
+                *path = Path::KernelThenUser;
+                tracker.resume(&resume);
+                if resume.drained {
+                    total.end = End::Drained;
+                    return total;
+                }
+            }
+            Err(e) => {
+                match e {
+                    HandOverError::Ahead(_) | HandOverError::Unsettled(_) => {
+                        debug!(error = %e, "session stays in the user-space relay")
+                    }
+                    _ => {
+                        warn!(error = %e, "kernel relay hand-over failed; session stays in user space")
+                    }
+                }
+                if let Err(e) = client.write_all(&ready).await {
+                    total.end = End::ClientError(e);
+                    return total;
+                }
+                add(&meters.to_client, ready.len() as u64);
+                total.to_client += ready.len() as u64;
+            }
+        }
+    }
+}
+
+/// Hands the session to the kernel, forwards the ReadyForQuery, watches it there.
+#[allow(clippy::too_many_arguments)]
+async fn in_kernel(
+    kernel: &'static Loaded,
+    client: &TcpStream,
+    server: &TcpStream,
+    ready: &[u8],
+    tracker: &Tracker,
+    idle: Idle,
+    meters: &Meters<'_>,
+    signals: &Signals<'_>,
+    moved: &mut Moved,
+) -> Result<Watched, HandOverError> {
+    let pending = tracker.pending().max(0) as u64;
+    let relayed = hand_over(kernel, client, server, ready, pending).await?;
+    if let Err(e) = relayed.forward_ready(ready).await {
+        return Ok(Watched::Ended(End::ClientError(e)));
+    }
+    add(&meters.to_client, ready.len() as u64);
+    moved.to_client += ready.len() as u64;
+    let mut in_kernel = Moved::default();
+    let watched = relayed.watch(idle, meters, signals, &mut in_kernel).await;
+    moved.to_server += in_kernel.to_server;
+    moved.to_client += in_kernel.to_client;
+    Ok(watched)
+}
+
+fn add(meters: &[&crate::counters::StripedCounter; 2], n: u64) {
+    for m in meters {
+        m.add(n);
+    }
+}
