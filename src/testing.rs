@@ -48,6 +48,8 @@ pub enum Fake {
     DeclineSsl,
     /// Answers in another protocol.
     Http,
+    /// Logs in like `Echo`, reads a request, answers `pattern(n, 7)` and closes at once.
+    Blast(usize),
 }
 
 /// A fake server; what each connection sent first (up to 1 KiB) arrives on the channel.
@@ -91,6 +93,12 @@ async fn converse(mut s: TcpStream, behavior: Fake, first: mpsc::UnboundedSender
             }
             let _ = s.write_all(&AUTH_OK).await;
             std::future::pending::<()>().await;
+        }
+        Fake::Blast(n) => {
+            let hello = [&AUTH_OK[..], &KEY_DATA, &READY_IDLE].concat();
+            if s.write_all(&hello).await.is_ok() && s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                let _ = s.write_all(&pattern(n, 7)).await;
+            }
         }
         Fake::Echo => {
             let hello = [&AUTH_OK[..], &KEY_DATA, &READY_IDLE].concat();

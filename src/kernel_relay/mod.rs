@@ -19,7 +19,7 @@ use std::time::Duration;
 
 pub(crate) use maps::Loaded;
 pub(crate) use session::Resume;
-pub(crate) use step::{Path, relay};
+pub(crate) use step::{COUNTS, Path, relay};
 
 /// The kernel relay of this process, once `prepare` ran: the loaded program, or why not.
 static KERNEL: OnceLock<Result<Loaded, String>> = OnceLock::new();

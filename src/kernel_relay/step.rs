@@ -3,6 +3,9 @@
 //! there, and the user-space relay again if the kernel hands the session back. Whatever
 //! fails on the way, the session goes on in user space.
 
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
@@ -31,6 +34,23 @@ impl Path {
         }
     }
 }
+
+/// Sessions that went through the hand-over, since the start (for /metrics).
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Handed to the kernel.
+    pub handed_over: AtomicU64,
+    /// Stayed in user space at their hand-over (see the debug or warning log line).
+    pub stayed: AtomicU64,
+    /// Handed back by the kernel to user space (drains, data it could not redirect).
+    pub handed_back: AtomicU64,
+}
+
+pub static COUNTS: Counts = Counts {
+    handed_over: AtomicU64::new(0),
+    stayed: AtomicU64::new(0),
+    handed_back: AtomicU64::new(0),
+};
 
 /// Relays a plaintext session (`tracker` follows it), in the kernel where it can.
 #[allow(clippy::too_many_arguments)]
@@ -80,6 +100,7 @@ pub async fn relay(
             }
             Ok(Watched::Back(resume)) => {
                 *path = Path::KernelThenUser;
+                COUNTS.handed_back.fetch_add(1, Relaxed);
                 tracker.resume(&resume);
                 if resume.drained {
                     total.end = End::Drained;
@@ -87,6 +108,7 @@ pub async fn relay(
                 }
             }
             Err(e) => {
+                COUNTS.stayed.fetch_add(1, Relaxed);
                 match e {
                     HandOverError::Ahead(_) | HandOverError::Unsettled(_) => {
                         debug!(error = %e, "session stays in the user-space relay")
@@ -121,6 +143,7 @@ async fn in_kernel(
 ) -> Result<Watched, HandOverError> {
     let pending = tracker.pending().max(0) as u64;
     let relayed = hand_over(kernel, client, server, ready, pending).await?;
+    COUNTS.handed_over.fetch_add(1, Relaxed);
     if let Err(e) = relayed.forward_ready(ready).await {
         return Ok(Watched::Ended(End::ClientError(e)));
     }
