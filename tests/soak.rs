@@ -4,7 +4,8 @@
 //!
 //! At the end: pglb never died; no new connection failed except the few that were talking
 //! to a PgBouncer at the instant it was killed (and those failed loudly, none hung); pglb's
-//! descriptors and memory are back near where they started; the stats add up.
+//! descriptors and memory are back near where they started; the stats add up. Run twice:
+//! with the user-space relay and with `relay = "kernel"`.
 
 mod harness;
 
@@ -22,8 +23,9 @@ fn soak_secs() -> u64 {
         .unwrap_or(60)
 }
 
-fn config(port: u16, stats: u16, stack: &Stack, weight: u32) -> String {
-    let check = "[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 1\nfall = 2\nerror_limit = 2\n[listen.timeouts]\ndrain = \"5s\"\n";
+fn config(port: u16, stats: u16, stack: &Stack, weight: u32, relay: &str) -> String {
+    let check = "relay = \"RELAY\"\n[listen.check]\ntype = \"tcp\"\ninterval = \"200ms\"\nfastinter = \"100ms\"\ndowninter = \"200ms\"\nrise = 1\nfall = 2\nerror_limit = 2\n[listen.timeouts]\ndrain = \"5s\"\n"
+        .replace("RELAY", relay);
     let servers = edit(
         &stack.servers_toml(),
         "addr =",
@@ -31,7 +33,7 @@ fn config(port: u16, stats: u16, stack: &Stack, weight: u32) -> String {
     );
     format!(
         "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n",
-        Pglb::config(port, check, &servers)
+        Pglb::config(port, &check, &servers)
     )
 }
 
@@ -87,10 +89,25 @@ fn others_usable(alive: &[bool; 3], drained: Option<usize>, i: usize) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_soak_loses_nothing_silently() {
+    soak("user").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_with_the_kernel_relay_loses_nothing_silently() {
+    let log = soak("kernel").await;
+    let kernel = log
+        .lines()
+        .filter(|l| l.contains("relay=\"kernel\""))
+        .count();
+    assert!(kernel > 100, "sessions relayed in the kernel: {kernel}");
+}
+
+/// The soak with `[listen] relay = relay`; returns pglb's log.
+async fn soak(relay: &str) -> String {
     let mut stack = Stack::start(3);
     stack.pg.pgbench_init();
     let (port, stats) = (free_port(), free_port());
-    let mut pglb = Pglb::start(&config(port, stats, &stack, 100), port);
+    let mut pglb = Pglb::start(&config(port, stats, &stack, 100, relay), port);
     pglb.wait_log(&["is UP"], 3, Duration::from_secs(5));
     let pid = pglb.proc.pid();
     // Warm up, then take the baseline.
@@ -152,6 +169,7 @@ async fn chaos_soak_loses_nothing_silently() {
                     stats,
                     &stack,
                     [100, 150, 200][fastrand::usize(0..3)],
+                    relay,
                 ));
                 reloads += 1;
             }
@@ -230,4 +248,5 @@ async fn chaos_soak_loses_nothing_silently() {
         "admitted {admitted} = ended {ended} + open {open}"
     );
     pglb.proc.stop();
+    log
 }

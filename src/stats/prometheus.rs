@@ -276,6 +276,38 @@ fn encode_process(enc: &mut DescriptorEncoder, s: &Snapshot) -> Result<(), std::
         "1 when the last configuration reload succeeded (or none happened).",
         Kind::Gauge,
         one(if s.reload_error.is_some() { 0.0 } else { 1.0 }),
+    )?;
+    encode_kernel_relay(enc)
+}
+
+/// The kernel relay (`relay = "kernel"`): whether it is loaded, and what became of the
+/// sessions at their hand-over.
+fn encode_kernel_relay(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    use crate::kernel_relay::{COUNTS, get};
+    use std::sync::atomic::Ordering::Relaxed;
+    family(
+        enc,
+        "pglb_kernel_relay_available",
+        "1 when the kernel relay is loaded and passed its self-test.",
+        Kind::Gauge,
+        vec![(vec![], if get().is_some() { 1.0 } else { 0.0 })],
+    )?;
+    let rows = [
+        ("handed_over", &COUNTS.handed_over),
+        ("stayed_in_user_space", &COUNTS.stayed),
+        ("handed_back", &COUNTS.handed_back),
+    ]
+    .into_iter()
+    .map(|(what, n)| (vec![("outcome", what.to_string())], n.load(Relaxed) as f64))
+    .collect();
+    family(
+        enc,
+        "pglb_kernel_relay_sessions",
+        "Sessions of relay = \"kernel\" listens at their hand-over: handed to the kernel, \
+         kept in user space (pipelining client, bytes in flight, map full), handed back \
+         (drain, undeliverable data).",
+        Kind::Counter,
+        rows,
     )
 }
 
