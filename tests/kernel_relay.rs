@@ -212,3 +212,78 @@ fn check_says_whether_the_kernel_can_relay() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_kernel_sessions_at_their_transaction_boundary() {
+    let stack = Stack::start(1);
+    let mut pglb = kernel_pglb(&stack);
+    let idle = pglb.connect().await.expect("connect");
+    idle.simple_query("SELECT 1").await.expect("query");
+    let busy = pglb.connect().await.expect("connect");
+    busy.simple_query("BEGIN; SELECT 1").await.expect("begin");
+    let t0 = std::time::Instant::now();
+    pglb.proc.signal(nix::sys::signal::Signal::SIGTERM);
+    // The idle one ends at once with PostgreSQL's admin_shutdown and pglb's reason.
+    let mut ended = None;
+    while t0.elapsed() < Duration::from_secs(3) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Err(e) = idle.simple_query("SELECT 1").await {
+            ended = Some(e);
+            break;
+        }
+    }
+    let e = ended.expect("the idle session ended");
+    let said = harness::db_error(&e).map(|(code, msg)| format!("{code} {msg}"));
+    assert!(
+        idle.is_closed() || said.as_deref().is_some_and(|s| s.contains("shutting down")),
+        "{e} / {said:?}"
+    );
+    // The one inside a transaction finishes it.
+    busy.simple_query("SELECT 2")
+        .await
+        .expect("the transaction goes on");
+    busy.simple_query("COMMIT").await.expect("commit");
+    assert!(
+        pglb.proc.wait_exit(Duration::from_secs(10)).is_some(),
+        "pglb still running:\n{}",
+        pglb.log()
+    );
+    let log = pglb.log();
+    assert!(!log.contains("shutdown grace over"), "{log}");
+    assert_eq!(kernel_sessions(&pglb).len(), 2, "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_turns_the_kernel_relay_on_for_new_sessions() {
+    let stack = Stack::start(1);
+    let port = free_port();
+    let user = Pglb::config(port, "", &stack.servers_toml());
+    let pglb = Pglb::start(&user, port);
+    let before = pglb.connect().await.expect("connect");
+    before.simple_query("SELECT 1").await.expect("query");
+    pglb.reload(&harness::edit(
+        &user,
+        "bind =",
+        "relay = \"kernel\"\nbind =",
+    ));
+    pglb.wait_log(&["kernel relay ready"], 1, Duration::from_secs(5));
+    pglb.wait_log(&["configuration reloaded"], 1, Duration::from_secs(5));
+    let after = pglb.connect().await.expect("connect after the reload");
+    after.simple_query("SELECT 2").await.expect("query");
+    // The session from before keeps working where it is.
+    before
+        .simple_query("SELECT 3")
+        .await
+        .expect("older session");
+    drop((before, after));
+    let log = pglb.wait_log(&["session closed"], 2, Duration::from_secs(5));
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session closed"))
+        .collect();
+    assert_eq!(closed.len(), 2, "{log}");
+    assert!(
+        closed.iter().any(|l| l.contains("relay=\"user\"")) && kernel_sessions(&pglb).len() == 1,
+        "{log}"
+    );
+}

@@ -99,13 +99,15 @@ pub async fn relay(
                 return total;
             }
             Ok(Watched::Back(resume)) => {
-                *path = Path::KernelThenUser;
                 COUNTS.handed_back.fetch_add(1, Relaxed);
                 tracker.resume(&resume);
                 if resume.drained {
+                    // Over at the boundary: only pglb's FATAL is left to send.
+                    *path = Path::Kernel;
                     total.end = End::Drained;
                     return total;
                 }
+                *path = Path::KernelThenUser;
             }
             Err(e) => {
                 COUNTS.stayed.fetch_add(1, Relaxed);
