@@ -10,7 +10,9 @@
 # `--demo` installs only what deploy/demo.sh needs.
 # Packages already installed are skipped, so this is cheap to run every time.
 set -euo pipefail
-packages=(postgresql-15 postgresql-client-15 pgbouncer)
+# clang and libbpf-dev build the kernel relay's BPF program (build.rs; without them the
+# build works and relay = "kernel" is unavailable); src/kernel_relay's tests need it.
+packages=(postgresql-15 postgresql-client-15 pgbouncer clang libbpf-dev)
 if [ "${1:-}" != "--demo" ]; then
   # socat, hatop, tmux: tests/runtime_api.rs drives the stats socket with them;
   # prometheus (its promtool) lints /metrics; haproxy is also the CSV reference.

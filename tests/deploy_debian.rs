@@ -152,6 +152,7 @@ fn package_builds_with_binary_unit_and_config() {
     for (path, mode) in [
         ("./usr/bin/pglb", "-rwxr-xr-x"),
         ("./usr/share/pglb/pglb.toml", "-rw-r--r--"),
+        ("./usr/share/pglb/kernel-relay.conf", "-rw-r--r--"),
         ("./lib/systemd/system/pglb.service", "-rw-r--r--"),
         ("./usr/share/doc/pglb/README", "-rw-r--r--"),
     ] {

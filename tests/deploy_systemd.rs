@@ -124,15 +124,12 @@ fn systemd_unit_is_notify_hardened_and_unprivileged() {
     assert_eq!(unit["Install"]["WantedBy"], ["multi-user.target"]);
 }
 
-/// `systemd-analyze verify` needs a running systemd (not in this container);
-/// `security --offline=yes` reads the unit file alone and scores its sandboxing.
-#[test]
-fn systemd_unit_exposure_score_is_low() {
-    let unit = repo().join("deploy/pglb.service");
+/// `systemd-analyze security --offline` of a unit file: its overall score and report.
+fn exposure(unit: &std::path::Path) -> (f64, String) {
     let out = run_ok(
         Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--no-pager"])
-            .arg(&unit),
+            .arg(unit),
     );
     let line = out
         .lines()
@@ -144,7 +141,69 @@ fn systemd_unit_exposure_score_is_low() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unparsable: {line}"));
-    assert!(score < 5.0, "exposure {score}: {line}");
+    (score, out)
+}
+
+/// The failed checks of a `systemd-analyze security` report, by setting.
+fn failed_checks(report: &str) -> Vec<String> {
+    report
+        .lines()
+        .filter(|l| l.starts_with('✗'))
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_owned))
+        .collect()
+}
+
+/// The drop-in for relay = "kernel" adds exactly CAP_BPF, CAP_NET_ADMIN and the bpf()
+/// call; the unit with it stays well hardened, and fails no check the unit alone passes
+/// but those.
+#[test]
+fn the_kernel_relay_drop_in_adds_only_what_bpf_needs() {
+    let drop_in = parse_unit(&read("deploy/kernel-relay.conf"));
+    let service = &drop_in["Service"];
+    let caps = ["CAP_BPF CAP_NET_ADMIN".to_owned()];
+    assert_eq!(service["CapabilityBoundingSet"], caps);
+    assert_eq!(service["AmbientCapabilities"], caps);
+    assert_eq!(service["SystemCallFilter"], ["bpf".to_owned()]);
+    assert_eq!(service.len(), 3, "nothing else changes: {service:?}");
+    // A drop-in's lines apply after the unit's, as if appended.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let merged = dir.path().join("pglb.service");
+    let text = format!(
+        "{}\n{}",
+        read("deploy/pglb.service"),
+        read("deploy/kernel-relay.conf")
+    );
+    std::fs::write(&merged, text).expect("write");
+    let (alone, alone_report) = exposure(&repo().join("deploy/pglb.service"));
+    let (with, report) = exposure(&merged);
+    assert!(
+        with < 2.5,
+        "exposure with the drop-in {with} (alone {alone}):\n{report}"
+    );
+    let before = failed_checks(&alone_report);
+    let new: Vec<String> = failed_checks(&report)
+        .into_iter()
+        .filter(|c| !before.contains(c))
+        .collect();
+    let expected = [
+        "SystemCallFilter=~@privileged",
+        "AmbientCapabilities=",
+        "CapabilityBoundingSet=~CAP_BPF",
+        "CapabilityBoundingSet=~CAP_NET_ADMIN",
+    ];
+    let mut got = new.clone();
+    got.sort();
+    let mut want: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(got, want, "{report}");
+}
+
+/// `systemd-analyze verify` needs a running systemd (not in this container);
+/// `security --offline=yes` reads the unit file alone and scores its sandboxing.
+#[test]
+fn systemd_unit_exposure_score_is_low() {
+    let (score, out) = exposure(&repo().join("deploy/pglb.service"));
+    assert!(score < 5.0, "exposure {score}:\n{out}");
     // Every capability and namespace check passes.
     for l in out.lines().filter(|l| l.starts_with('✗')) {
         assert!(

@@ -287,3 +287,57 @@ async fn a_reload_turns_the_kernel_relay_on_for_new_sessions() {
         "{log}"
     );
 }
+
+/// What the systemd drop-in (deploy/kernel-relay.conf) grants is what it takes: as an
+/// unprivileged user pglb can load the kernel relay with CAP_BPF and CAP_NET_ADMIN, and
+/// with either alone it says why not and relays in user space.
+#[test]
+fn an_unprivileged_pglb_needs_exactly_cap_bpf_and_cap_net_admin() {
+    assert!(
+        harness::is_root(),
+        "this test switches users: run it as root"
+    );
+    let dir = harness::service_dir("pglb-caps-");
+    let bin = dir.path().join("pglb");
+    std::fs::copy(pglb_bin(), &bin).expect("copy pglb");
+    let cfg = dir.path().join("pglb.toml");
+    let text = Pglb::config(
+        free_port(),
+        "relay = \"kernel\"",
+        "[[listen.server]]\nname = \"a\"\naddr = \"127.0.0.1:6432\"\n",
+    );
+    std::fs::write(&cfg, text).expect("write");
+    for path in [dir.path(), &bin, &cfg] {
+        harness::give_to_service_user(path);
+    }
+    let check = |caps: &str| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=postgres", "--regid=postgres", "--init-groups"]);
+        if !caps.is_empty() {
+            c.arg(format!("--inh-caps={caps}"))
+                .arg(format!("--ambient-caps={caps}"));
+        }
+        run_ok(
+            c.arg("--")
+                .arg(&bin)
+                .arg("--config")
+                .arg(&cfg)
+                .arg("--check"),
+        )
+    };
+    let both = check("+bpf,+net_admin");
+    assert!(
+        both.contains("kernel relay: ready (self-test passed)"),
+        "{both}"
+    );
+    for caps in ["", "+bpf", "+net_admin"] {
+        let out = check(caps);
+        assert!(
+            out.contains("kernel relay: unavailable")
+                && out.contains("Operation not permitted")
+                && out.contains("CAP_BPF and CAP_NET_ADMIN")
+                && out.contains("relay in user space"),
+            "caps {caps:?}: {out}"
+        );
+    }
+}

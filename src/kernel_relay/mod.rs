@@ -28,11 +28,33 @@ static KERNEL: OnceLock<Result<Loaded, String>> = OnceLock::new();
 /// answer). `sessions`: how many sessions the maps must hold at once.
 pub fn prepare(sessions: u32) -> Result<(), String> {
     let loaded = KERNEL.get_or_init(|| {
-        let loaded = Loaded::load(sessions).map_err(|e| e.to_string())?;
+        let loaded = Loaded::load(sessions).map_err(|e| explain(&e))?;
         self_test(&loaded).map_err(|e| format!("self-test failed: {e}"))?;
         Ok(loaded)
     });
     loaded.as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+/// An error with its causes (aya's top-level words alone rarely say why), and what to do
+/// about the usual one.
+fn explain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let words = c.to_string();
+        if !text.contains(&words) {
+            // Each cause's words often repeat the one before: keep only what is new.
+            let new = words.rsplit(": ").next().unwrap_or(&words);
+            text = format!("{text}: {new}");
+        }
+        cause = c.source();
+    }
+    if text.contains("Operation not permitted") {
+        text.push_str(
+            " (the kernel relay needs CAP_BPF and CAP_NET_ADMIN: see deploy/kernel-relay.conf)",
+        );
+    }
+    text
 }
 
 /// The kernel relay, if `prepare` succeeded.
