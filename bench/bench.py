@@ -74,6 +74,7 @@ class Settings:
     pglb_log_level: str
     threads: int
     perf: str
+    targets: list
     out: Path
     tmp: Path
 
@@ -91,6 +92,8 @@ class Settings:
             pglb_log_level=os.environ.get("BENCH_PGLB_LOG_LEVEL", "warn"),
             threads=env_int("BENCH_THREADS", 2),
             perf="" if os.environ.get("BENCH_PERF", "0") == "0" else os.environ["BENCH_PERF"],
+            targets=[t for t in os.environ.get("BENCH_TARGETS", ",".join(ALL_TARGETS)).split(",")
+                     if t in ALL_TARGETS],
             out=Path(os.environ.get("BENCH_OUT", REPO / "bench/results/latest.md")),
             tmp=Path(tmp),
         )
@@ -142,8 +145,12 @@ def workloads_list():
                  threads=50),
     ]
 
+# "kernel" is a second pglb whose listen has relay = "kernel" (BPF sockmap relay).
+ALL_TARGETS = ["pglb", "kernel", "haproxy", "direct"]
+# The first tables compare these three, as before the kernel relay existed.
 TARGETS = ["pglb", "haproxy", "direct"]
-TARGET_NAMES = {"pglb": "pglb", "haproxy": "HAProxy", "direct": "PgBouncer direct"}
+TARGET_NAMES = {"pglb": "pglb", "kernel": "pglb relay=kernel", "haproxy": "HAProxy",
+                "direct": "PgBouncer direct"}
 
 
 def log(text):
@@ -269,15 +276,18 @@ class Stack:
     bouncers: list = field(default_factory=list)  # (port, Popen)
     pglb: subprocess.Popen = None
     pglb_port: int = 0
+    kernel: subprocess.Popen = None
+    kernel_port: int = 0
     haproxy: subprocess.Popen = None
     haproxy_port: int = 0
 
     def target_port(self, target):
-        return {"pglb": self.pglb_port, "haproxy": self.haproxy_port,
-                "direct": self.bouncers[0][0]}[target]
+        return {"pglb": self.pglb_port, "kernel": self.kernel_port,
+                "haproxy": self.haproxy_port, "direct": self.bouncers[0][0]}[target]
 
     def target_process(self, target):
-        return {"pglb": self.pglb, "haproxy": self.haproxy, "direct": self.bouncers[0][1]}[target]
+        return {"pglb": self.pglb, "kernel": self.kernel, "haproxy": self.haproxy,
+                "direct": self.bouncers[0][1]}[target]
 
 
 def start_postgres(procs, settings, stack):
@@ -344,29 +354,40 @@ def start_pgbouncers(procs, settings, stack, count=3):
         wait_until(f"pgbouncer :{port}", lambda: can_query(port), proc=proc)
 
 
-def write_pglb_config(settings, stack, path):
+def write_pglb_config(settings, stack, path, port, relay="user"):
     servers = "".join(
         f'\n[[listen.server]]\nname = "pgb{n}"\naddr = "127.0.0.1:{port}"\n'
         for n, (port, _) in enumerate(stack.bouncers, 1))
     path.write_text(
         "[global]\nmaxconn = 20000\ngrace = \"2s\"\n"
         f'log_level = "{settings.pglb_log_level}"\nthreads = {settings.threads}\n\n'
-        f'[[listen]]\nname = "bench"\nbind = "127.0.0.1:{stack.pglb_port}"\n'
-        'balance = "leastconn"\nmaxconn = 15000\n\n'
+        f'[[listen]]\nname = "bench"\nbind = "127.0.0.1:{port}"\n'
+        f'balance = "leastconn"\nmaxconn = 15000\nrelay = "{relay}"\n\n'
         '[listen.timeouts]\nconnect = "5s"\nclient = "30m"\nserver = "30m"\n\n'
         '[listen.check]\ntype = "tcp"\ninterval = "2s"\n' + servers)
     give_to_service_user(path)
 
 
-def start_pglb(procs, settings, stack):
-    d = make_service_dir(settings.tmp / "pglb")
-    stack.pglb_port = stack.pglb_port or free_port()
+def start_pglb(procs, settings, stack, relay="user"):
+    """pglb (relay "user") or the kernel-relay pglb (relay "kernel"), which runs as
+    root: loading BPF programs needs CAP_BPF and CAP_NET_ADMIN (deploy/kernel-relay.conf)."""
+    kernel = relay == "kernel"
+    name = "pglb-kernel" if kernel else "pglb"
+    d = make_service_dir(settings.tmp / name)
+    port = (stack.kernel_port if kernel else stack.pglb_port) or free_port()
     config = d / "pglb.toml"
-    write_pglb_config(settings, stack, config)
-    run_checked([str(settings.pglb_binary), "--config", str(config), "--check"], "pglb --check")
-    stack.pglb = procs.start("pglb", [str(settings.pglb_binary), "--config", str(config)],
-                             d / "pglb.log", stop_signal=signal.SIGTERM)
-    wait_until("pglb", lambda: can_query(stack.pglb_port), proc=stack.pglb)
+    write_pglb_config(settings, stack, config, port, relay)
+    check = run_checked([str(settings.pglb_binary), "--config", str(config), "--check"],
+                        f"{name} --check")
+    if kernel and "kernel relay: ready" not in check:
+        raise SystemExit(f"the kernel relay is unavailable here: {check.strip()}")
+    proc = procs.start(name, [str(settings.pglb_binary), "--config", str(config)],
+                       d / "pglb.log", stop_signal=signal.SIGTERM, as_service=not kernel)
+    if kernel:
+        stack.kernel, stack.kernel_port = proc, port
+    else:
+        stack.pglb, stack.pglb_port = proc, port
+    wait_until(name, lambda: can_query(port), proc=proc)
 
 
 def write_haproxy_config(settings, stack, path):
@@ -469,6 +490,7 @@ class CpuSnapshot:
     self_s: float
     segments: int
     switches: int
+    machine_switches: int
 
 
 def tcp_segments():
@@ -479,7 +501,7 @@ def tcp_segments():
 
 
 def cpu_snapshot(stack, target_proc):
-    proxies = sum(process_ticks(p.pid) for p in (stack.pglb, stack.haproxy) if p)
+    proxies = sum(process_ticks(p.pid) for p in (stack.pglb, stack.kernel, stack.haproxy) if p)
     bouncers = sum(process_ticks(p.pid) for _, p in stack.bouncers)
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     me = resource.getrusage(resource.RUSAGE_SELF)
@@ -487,7 +509,16 @@ def cpu_snapshot(stack, target_proc):
         at=time.monotonic(), target=process_ticks(target_proc.pid), bouncers=bouncers,
         ours=proxies + bouncers + postgres_ticks(stack), busy=busy_ticks(),
         children_s=kids.ru_utime + kids.ru_stime, self_s=me.ru_utime + me.ru_stime,
-        segments=tcp_segments(), switches=context_switches(target_proc.pid))
+        segments=tcp_segments(), switches=context_switches(target_proc.pid),
+        machine_switches=machine_context_switches())
+
+
+def machine_context_switches():
+    """Context switches of the whole machine since boot (/proc/stat ctxt)."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("ctxt "):
+            return int(line.split()[1])
+    return 0
 
 
 def context_switches(pid):
@@ -523,6 +554,11 @@ class Run:
     noise_cores: float = float("nan")
     segments: float = float("nan")  # TCP segments sent on the machine per transaction
     switches: float = float("nan")  # the proxy's context switches per transaction
+    # Every CPU's busy time per transaction (/proc/stat): pgbench, PostgreSQL, the
+    # PgBouncers, the proxy, and kernel work wherever it ran (softirqs, kworkers): what
+    # the kernel relay moves out of the proxy process shows here.
+    machine_cpu_us: float = float("nan")
+    machine_switches: float = float("nan")  # all context switches on the machine per txn
     error: str = ""
 
 
@@ -613,6 +649,8 @@ def run_pgbench(settings, stack, workload, target, round_no):
     if run.txns:
         run.segments = (after.segments - before.segments) / run.txns
         run.switches = (after.switches - before.switches) / run.txns
+        run.machine_cpu_us = (after.busy - before.busy) / CLK_TCK / run.txns * 1e6
+        run.machine_switches = (after.machine_switches - before.machine_switches) / run.txns
     return run
 
 
@@ -697,7 +735,7 @@ def syscall_summary(trace, txns):
 
 
 def describe(run):
-    text = (f"{run.workload:<12} {run.target:<8} tps={run.tps:9.1f} avg={run.lat_avg_ms:7.3f}ms "
+    text = (f"{run.workload:<12} {run.target:<8} tps={run.tps:9.1f} mcpu={run.machine_cpu_us:6.1f}us/txn avg={run.lat_avg_ms:7.3f}ms "
             f"p99={run.lat_p99_ms:7.3f}ms cpu={run.target_cpu_us:6.1f}us/txn "
             f"bouncers={run.bouncers_cpu_us:6.1f}us/txn segs={run.segments:5.1f}/txn "
             f"cs={run.switches:5.2f}/txn "
@@ -713,7 +751,7 @@ def run_workloads(settings, stack):
     runs = []
     for round_no in range(1, settings.rounds + 1):
         for workload in workloads:
-            for target in round_order(round_no):
+            for target in round_order(round_no, settings.targets):
                 run = run_pgbench(settings, stack, workload, target, round_no)
                 log(f"round {round_no}/{settings.rounds} {describe(run)}")
                 runs.append(run)
@@ -723,11 +761,11 @@ def run_workloads(settings, stack):
     return workloads, runs
 
 
-def round_order(round_no):
+def round_order(round_no, targets):
     """Targets rotated by round (A B C, B C A, C A B, ...): none always runs first after a
     change of workload or last before one."""
-    shift = (round_no - 1) % len(TARGETS)
-    return TARGETS[shift:] + TARGETS[:shift]
+    shift = (round_no - 1) % len(targets)
+    return targets[shift:] + targets[:shift]
 
 
 # ---------------------------------------------------------------- idle clients (memory)
@@ -809,17 +847,17 @@ def fmt(value, digits=1):
     return "-" if value != value else f"{value:,.{digits}f}"
 
 
-def paired_ratio(runs, workload, attr):
-    """pglb / HAProxy per round (the two ran seconds apart), as "median (min-max)".
+def paired_ratio(runs, workload, attr, a="pglb", b="haproxy"):
+    """a / b (pglb / HAProxy) per round (the two ran seconds apart), as "median (min-max)".
     Pairing within a round keeps slow drift of the machine out of the ratio; the range
     shows how far one round can stray."""
     by_round = {}
     for r in runs:
-        if r.workload == workload.key and r.target in ("pglb", "haproxy"):
+        if r.workload == workload.key and r.target in (a, b):
             by_round.setdefault(r.round, {})[r.target] = getattr(r, attr)
-    ratios = [p["pglb"] / p["haproxy"] for p in by_round.values()
-              if len(p) == 2 and p["haproxy"]
-              and not math.isnan(p["pglb"]) and not math.isnan(p["haproxy"])]
+    ratios = [p[a] / p[b] for p in by_round.values()
+              if len(p) == 2 and p[b]
+              and not math.isnan(p[a]) and not math.isnan(p[b])]
     if not ratios:
         return "-"
     if len(ratios) == 1:
@@ -848,6 +886,33 @@ def fleet_table(workloads, runs):
             f"| {w.label} | {three(w, 'tps', 1)} | {paired_ratio(runs, w, 'tps')} | {cpu} "
             f"| {paired_ratio(runs, w, 'target_cpu_us')} | {three(w, 'lat_p50_ms', 3)} "
             f"| {three(w, 'lat_p99_ms', 3)} | {three(w, 'conn_ms', 1)} | {rss} |")
+    return "\n".join(lines)
+
+
+def kernel_table(workloads, runs):
+    """relay = "kernel" beside pglb's user-space relay and HAProxy: throughput, the whole
+    machine's CPU and context switches per transaction (the relay's work now happens in
+    the kernel, outside the proxy process), and the latency spread."""
+    def med(workload, target, attr):
+        return median([getattr(r, attr) for r in runs
+                       if r.workload == workload.key and r.target == target])
+    trio = ("kernel", "pglb", "haproxy")
+    each = lambda w, attr, digits: " / ".join(fmt(med(w, t, attr), digits) for t in trio)
+    lines = [
+        "| workload | TPS kernel / pglb / HAProxy | TPS kernel/HAProxy (rounds) "
+        "| machine CPU µs/txn kernel / pglb / HAProxy | machine CPU kernel/HAProxy (rounds) "
+        "| proxy process CPU µs/txn kernel / pglb / HAProxy "
+        "| context switches/txn, machine: kernel / pglb / HAProxy "
+        "| lat p99 ms kernel / pglb / HAProxy |",
+        "|---|---|---:|---|---:|---|---|---|",
+    ]
+    for w in workloads:
+        lines.append(
+            f"| {w.label} | {each(w, 'tps', 1)} | {paired_ratio(runs, w, 'tps', 'kernel')} "
+            f"| {each(w, 'machine_cpu_us', 1)} "
+            f"| {paired_ratio(runs, w, 'machine_cpu_us', 'kernel')} "
+            f"| {each(w, 'target_cpu_us', 1)} | {each(w, 'machine_switches', 2)} "
+            f"| {each(w, 'lat_p99_ms', 3)} |")
     return "\n".join(lines)
 
 
@@ -900,12 +965,14 @@ def memory_table(results):
 def runs_table(runs):
     lines = ["| round | workload | target | TPS | txns | lat avg ms | lat p99 ms "
              "| target CPU µs/txn | PgBouncers CPU µs/txn | TCP segments/txn "
-             "| proxy context switches/txn | noise, cores | error |",
-             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| proxy context switches/txn | machine CPU µs/txn | machine context switches/txn "
+             "| noise, cores | error |",
+             "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         lines.append(f"| {r.round} | {r.workload} | {r.target} | {fmt(r.tps)} | {r.txns} "
                      f"| {fmt(r.lat_avg_ms, 3)} | {fmt(r.lat_p99_ms, 3)} | {fmt(r.target_cpu_us)} "
                      f"| {fmt(r.bouncers_cpu_us)} | {fmt(r.segments)} | {fmt(r.switches, 2)} "
+                     f"| {fmt(r.machine_cpu_us)} | {fmt(r.machine_switches, 2)} "
                      f"| {fmt(r.noise_cores, 2)} "
                      f"| {r.error} |")
     return "\n".join(lines)
@@ -945,6 +1012,12 @@ def method_notes(settings):
         "start, each pgbench thread its own in turn). RSS: the proxy's largest VmRSS during the run (sampled every 0.5 s).",
         "- CPU µs/txn: utime+stime delta of the proxy process (all threads) / transactions. "
         "Direct column: the PgBouncer's own CPU (there is no proxy).",
+        "- Kernel relay table: a second pglb, identical but for relay = \"kernel\" (run as "
+        "root here; in production the systemd drop-in grants CAP_BPF and CAP_NET_ADMIN). Its "
+        "relaying happens in softirq context and kernel workers, charged to whatever runs, "
+        "so the comparison is by machine CPU: every CPU's busy time (/proc/stat) per "
+        "transaction, pgbench and PostgreSQL included, the same for every target. Context "
+        "switches likewise: the machine's (/proc/stat ctxt) per transaction.",
         "- noise: CPU-seconds per second used by processes other than PostgreSQL, the "
         "PgBouncers, the proxies, pgbench and this script (from /proc/stat), median (max) over "
         "that workload's runs.",
@@ -966,7 +1039,10 @@ def write_report(settings, workloads, runs, memory, elapsed):
                        for r in runs if r.error and any(w.key == r.workload for w in fleet))
     fleet_summary = (fleet_table(fleet, runs) + ("\n\n" + errors if errors else "")) if fleet else ""
     mem = memory_table(memory)
+    kernel = kernel_table(workloads, runs) if "kernel" in settings.targets else ""
     print("\n" + summary + "\n")
+    if kernel:
+        print(kernel + "\n")
     if fleet_summary:
         print(fleet_summary + "\n")
     if mem:
@@ -981,6 +1057,9 @@ def write_report(settings, workloads, runs, memory, elapsed):
         if fleet_summary:
             f.write("## Fleet-shaped: many pgbench threads (medians)\n\n"
                     f"{fleet_summary}\n\n")
+        if kernel:
+            f.write('## Kernel relay: relay = "kernel" beside pglb and HAProxy (medians)\n\n'
+                    f"{kernel}\n\n")
         if mem:
             f.write(f"## Memory per idle client\n\n{mem}\n\n")
         f.write(f"## Method\n\n{method_notes(settings)}\n\n## Every run\n\n{runs_table(runs)}\n")
@@ -1012,6 +1091,8 @@ def main():
         log("starting 3 PgBouncers, pglb, HAProxy")
         start_pgbouncers(procs, settings, stack)
         start_pglb(procs, settings, stack)
+        if "kernel" in settings.targets:
+            start_pglb(procs, settings, stack, relay="kernel")
         start_haproxy(procs, settings, stack)
         workloads, runs = run_workloads(settings, stack)
         memory = []

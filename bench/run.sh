@@ -23,6 +23,8 @@
 #                             "fleet" name a whole group
 #   BENCH_PGLB=path           use this pglb binary instead of building target/release/pglb
 #   BENCH_PGLB_LOG_LEVEL=lvl  pglb log_level (default warn: no per-session line, like HAProxy here)
+#   BENCH_TARGETS=a,b         targets, of pglb kernel haproxy direct (default all; kernel =
+#                             a pglb with relay = "kernel", started as root)
 #   BENCH_THREADS=N           pglb threads and HAProxy nbthread (default 2, one per core here)
 #   BENCH_OUT=path            where to write the report (default bench/results/latest.md)
 #   BENCH_PERF=1              perf-record the proxies in round 1; top symbols to

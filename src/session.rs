@@ -246,18 +246,34 @@ async fn cancel(
 /// session among them, for the whole session.)
 #[allow(clippy::manual_async_fn)]
 fn relay_and_log(
-    mut session: Established,
+    session: Established,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     stop: CancellationToken,
     accepted: Instant,
 ) -> impl Future<Output = ()> {
     async move {
-        let (session, listen, stop) = (&mut session, &*listen, &stop);
+        let (listen, stop) = (&*listen, &stop);
+        // Owned piece by piece: the kernel relay takes the sockets out of tokio's hands.
+        let Established {
+            client,
+            opened,
+            cancels,
+            _passes,
+            _current,
+        } = session;
+        let Opened {
+            slot,
+            server,
+            startup,
+            wait,
+            connect,
+            to_server,
+            to_client,
+        } = opened;
         let t = listen.cfg().timeouts;
-        let opened = &mut session.opened;
-        let srv = Arc::clone(opened.slot.server());
-        let client = &mut session.client;
+        let srv = Arc::clone(slot.server());
+        let tls = client.is_tls();
         let idle = Idle {
             client: t.client,
             server: t.server,
@@ -269,20 +285,19 @@ fn relay_and_log(
         for (m, n) in meters
             .to_server
             .iter()
-            .map(|m| (m, opened.to_server))
-            .chain(meters.to_client.iter().map(|m| (m, opened.to_client)))
+            .map(|m| (m, to_server))
+            .chain(meters.to_client.iter().map(|m| (m, to_client)))
         {
             m.add(n);
         }
-        let tracker = opened
-            .startup
+        let tracker = startup
             .as_ref()
-            .map(|_| relay::Tracker::new(Some((Arc::clone(&session.cancels), srv.cfg().addr))));
+            .map(|_| relay::Tracker::new(Some((Arc::clone(&cancels), srv.cfg().addr))));
         let ends = srv.session_signals();
         let _listed = srv.list_session(peer);
         for times in [&srv.counters.times, &listen.counters.times] {
-            times.queue.add(opened.wait.as_millis() as u64);
-            times.connect.add(opened.connect.as_millis() as u64);
+            times.queue.add(wait.as_millis() as u64);
+            times.connect.add(connect.as_millis() as u64);
         }
         let signals = relay::Signals {
             shutdown: stop,
@@ -295,37 +310,37 @@ fn relay_and_log(
             RelayMode::User => None,
         };
         let mut path = kernel_relay::Path::User;
-        let mut outcome = match (kernel, &tracker, client.is_tls()) {
+        let (mut sockets, mut outcome) = match (kernel, &tracker, tls) {
             // Boxed: the user-space relay's sessions stay as small as they were.
             (Some(kernel), Some(t), false) => {
-                let server = &mut opened.server;
-                Box::pin(kernel_relay::relay(
+                let relay = kernel_relay::relay(
                     kernel, client, server, idle, meters, signals, t, &mut path,
-                ))
-                .await
+                );
+                Box::pin(relay).await
             }
             _ => {
-                let server = &mut opened.server;
-                relay::relay(
-                    client,
-                    server,
+                let (mut client, mut server) = (client, server);
+                let outcome = relay::relay(
+                    &mut client,
+                    &mut server,
                     idle,
                     meters,
                     signals,
                     tracker.as_ref(),
                     false,
                 )
-                .await
+                .await;
+                (Some((client, server)), outcome)
             }
         };
-        outcome.to_server += opened.to_server;
-        outcome.to_client += opened.to_client;
+        outcome.to_server += to_server;
+        outcome.to_client += to_client;
         if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
-            session.cancels.remove(&key);
+            cancels.remove(&key);
         }
-        if matches!(outcome.end, relay::End::Drained) {
+        if let (relay::End::Drained, Some((client, server))) = (&outcome.end, &mut sockets) {
             // At a transaction boundary: say why, so pools reconnect elsewhere.
-            say_drained(client, &mut opened.server, &srv.name, &listen.name).await;
+            say_drained(client, server, &srv.name, &listen.name).await;
         }
 
         // 4. One line per finished session.
@@ -333,14 +348,15 @@ fn relay_and_log(
         for times in [&srv.counters.times, &listen.counters.times] {
             times.total.add(total.as_millis() as u64);
         }
+        let timing = (wait, connect, total);
         log_closed(
             peer,
             listen,
             &srv.name,
-            opened,
+            startup.as_ref(),
             &outcome,
-            total,
-            (client.is_tls(), path),
+            timing,
+            (tls, path),
         );
     }
 }
@@ -370,18 +386,17 @@ fn log_closed(
     peer: SocketAddr,
     listen: &ListenState,
     server: &str,
-    opened: &Opened,
+    params: Option<&StartupMessage>,
     outcome: &relay::Outcome,
-    total: Duration,
+    (wait, connect, total): (Duration, Duration, Duration),
     (tls, path): (bool, kernel_relay::Path),
 ) {
-    let params = opened.startup.as_ref();
     info!(
         client = %peer,
         listen = %listen.name,
         server = %server,
-        wait_ms = opened.wait.as_millis() as u64,
-        connect_ms = opened.connect.as_millis() as u64,
+        wait_ms = wait.as_millis() as u64,
+        connect_ms = connect.as_millis() as u64,
         total_ms = total.as_millis() as u64,
         bytes_in = outcome.to_server,
         bytes_out = outcome.to_client,

@@ -7,6 +7,7 @@
 //! and relays in user space. A session whose hand-over fails stays in user space too,
 //! and one the program hands back (a drain, data it could not redirect) continues there.
 
+mod hangups;
 mod maps;
 mod session;
 mod step;

@@ -8,14 +8,14 @@
 //! until the receiving socket's acknowledged bytes (TCP_INFO) reach what pglb wrote to it
 //! before the hand-over plus what the kernel redirected into it since.
 
-use std::io;
+use std::io::{self, Write};
 use std::mem::MaybeUninit;
-use std::net::Shutdown;
+use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, sleep_until};
 
+use super::hangups::Watch;
 use super::maps::{C_DRAIN, C_PASS, Flow, Loaded, Pair};
 use super::tcp_info;
 use crate::counters::Counter;
@@ -50,15 +50,21 @@ pub enum HandOverError {
     Map(io::Error),
     #[error("TCP_INFO: {0}")]
     Info(io::Error),
+    #[error("watching for hang-ups: {0}")]
+    Watch(io::Error),
+    #[error("moving the sockets out of the event loop: {0}")]
+    Reactor(io::Error),
 }
 
-/// A session in the kernel relay. Dropping it forgets the session's flows (its sockets
-/// leave the map when they close).
+/// A session in the kernel relay: its sockets are out of tokio's reactor (see
+/// `hangups`). Dropping it forgets the session's flows (its sockets leave the map when
+/// they close).
 pub struct Relayed<'a> {
     kernel: &'static Loaded,
     pair: Pair,
     client: &'a TcpStream,
     server: &'a TcpStream,
+    hangups: Watch<'a>,
     /// Bytes pglb itself wrote to each socket (acknowledged at the hand-over, plus the
     /// ReadyForQuery written after it).
     wrote_client: u64,
@@ -117,6 +123,7 @@ pub async fn hand_over<'a>(
     if has_unread(server) {
         return Err(HandOverError::Ahead("server"));
     }
+    let hangups = Watch::new(client, server).map_err(HandOverError::Watch)?;
     let pair = kernel
         .insert(client, server, pending)
         .map_err(HandOverError::Map)?;
@@ -130,6 +137,7 @@ pub async fn hand_over<'a>(
         pair,
         client,
         server,
+        hangups,
         wrote_client: sent_client + ready.len() as u64,
         wrote_server: sent_server,
         start_ns: now_ns(),
@@ -161,8 +169,17 @@ fn fd(s: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
 
 /// Whether a socket holds bytes nobody read yet (the sockets are non-blocking).
 fn has_unread(s: &TcpStream) -> bool {
+    matches!(peek(s), Some(Ok(n)) if n > 0)
+}
+
+/// A look at a non-blocking socket: Some(Ok(0)) at EOF, Some(Ok(n)) with bytes to read,
+/// None with nothing yet.
+fn peek(s: &TcpStream) -> Option<io::Result<usize>> {
     let mut one = [MaybeUninit::<u8>::uninit()];
-    matches!(socket2::SockRef::from(s).peek(&mut one), Ok(n) if n > 0)
+    match socket2::SockRef::from(s).peek(&mut one) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+        other => Some(other),
+    }
 }
 
 /// CLOCK_MONOTONIC in ns: the clock of `bpf_ktime_get_ns`.
@@ -173,15 +190,22 @@ fn now_ns() -> u64 {
 }
 
 impl Relayed<'_> {
-    /// Writes the ReadyForQuery that ended the login (see `hand_over`).
+    /// Writes the ReadyForQuery that ended the login (see `hand_over`: the client's
+    /// socket had everything acknowledged, so a few bytes go out at once; waits briefly
+    /// otherwise).
     pub async fn forward_ready(&self, ready: &[u8]) -> io::Result<()> {
         let mut rest = ready;
+        let give_up = Instant::now() + SETTLE;
         while !rest.is_empty() {
-            self.client.writable().await?;
-            match self.client.try_write(rest) {
+            match (&*self.client).write(rest) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
                 Ok(n) => rest = &rest[n..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= give_up {
+                        return Err(io::ErrorKind::TimedOut.into());
+                    }
+                    sleep(Duration::from_millis(1)).await;
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -229,7 +253,6 @@ struct Watching<'r, 'a, 'm> {
 impl Watching<'_, '_, '_> {
     async fn run(&mut self, signals: &Signals<'_>) -> Watched {
         let r = self.relayed;
-        let (mut cbuf, mut sbuf) = ([0u8; 1], [0u8; 1]);
         let mut next_stats = Instant::now() + STATS_EVERY;
         loop {
             let wake = SESSION_WAKE.notified();
@@ -266,24 +289,39 @@ impl Watching<'_, '_, '_> {
                 wake_at = wake_at.min(at).min(now + DRAIN_POLL);
             }
             tokio::select! {
-                seen = r.client.peek(&mut cbuf), if !self.client_eof => match seen {
-                    Ok(0) => {
-                        if let Err(end) = self.pass_client_eof().await {
-                            return Watched::Ended(end);
-                        }
+                _ = r.hangups.hung_up() => {
+                    if let Some(watched) = self.look_at_sockets().await {
+                        return watched;
                     }
-                    // Data passed up to pglb: the kernel could not redirect it.
-                    Ok(_) => return self.take_back(false).await,
-                    Err(e) => return Watched::Ended(End::ClientError(e)),
-                },
-                seen = r.server.peek(&mut sbuf) => match seen {
-                    Ok(0) => return Watched::Ended(self.pass_server_eof().await),
-                    Ok(_) => return self.take_back(false).await,
-                    Err(e) => return Watched::Ended(End::ServerError(e)),
-                },
+                }
                 _ = sleep_until(wake_at) => {}
                 _ = wake => {}
             }
+        }
+    }
+
+    /// After a hang-up wake-up: which socket closed (or failed, or has data the kernel
+    /// passed up), and what follows.
+    async fn look_at_sockets(&mut self) -> Option<Watched> {
+        let r = self.relayed;
+        if !self.client_eof {
+            match peek(r.client) {
+                Some(Ok(0)) => {
+                    if let Err(end) = self.pass_client_eof().await {
+                        return Some(Watched::Ended(end));
+                    }
+                }
+                // Data passed up to pglb: the kernel could not redirect it.
+                Some(Ok(_)) => return Some(self.take_back(false).await),
+                Some(Err(e)) => return Some(Watched::Ended(End::ClientError(e))),
+                None => {}
+            }
+        }
+        match peek(r.server) {
+            Some(Ok(0)) => Some(Watched::Ended(self.pass_server_eof().await)),
+            Some(Ok(_)) => Some(self.take_back(false).await),
+            Some(Err(e)) => Some(Watched::Ended(End::ServerError(e))),
+            None => None,
         }
     }
 

@@ -52,51 +52,76 @@ pub static COUNTS: Counts = Counts {
     handed_back: AtomicU64::new(0),
 };
 
-/// Relays a plaintext session (`tracker` follows it), in the kernel where it can.
+/// A session's sockets, in tokio's reactor (user-space relay) or out of it (kernel).
+type Sockets = (Client, TcpStream);
+
+/// Relays a plaintext session (`tracker` follows it), in the kernel where it can. The
+/// sockets come back unless the session ended in the kernel (then they are closed).
 #[allow(clippy::too_many_arguments)]
 pub async fn relay(
     kernel: &'static Loaded,
-    client: &mut Client,
-    server: &mut TcpStream,
+    client: Client,
+    server: TcpStream,
     idle: Idle,
     meters: Meters<'_>,
     signals: Signals<'_>,
     tracker: &Tracker,
     path: &mut Path,
-) -> Outcome {
+) -> (Option<Sockets>, Outcome) {
     let mut total = Outcome {
         to_server: 0,
         to_client: 0,
         end: End::ClientClosed,
     };
+    let (mut client, mut server) = (client, server);
     let mut armed = true;
     loop {
-        let out = relay::relay(client, server, idle, meters, signals, Some(tracker), armed).await;
+        let out = relay::relay(
+            &mut client,
+            &mut server,
+            idle,
+            meters,
+            signals,
+            Some(tracker),
+            armed,
+        )
+        .await;
         total.to_server += out.to_server;
         total.to_client += out.to_client;
         let End::HandOver(ready) = out.end else {
             total.end = out.end;
-            return total;
+            return (Some((client, server)), total);
         };
         // One hand-over per session: a session handed back stays in user space.
         armed = false;
         let mut moved = Moved::default();
-        let watched = match client {
-            Client::Plain(tcp) => {
-                in_kernel(
-                    kernel, tcp, server, &ready, tracker, idle, &meters, &signals, &mut moved,
-                )
-                .await
-            }
-            Client::Tls(_) => Err(HandOverError::Ahead("TLS client")),
-        };
+        let (watched, sockets) = in_kernel(
+            kernel,
+            (client, server),
+            &ready,
+            tracker,
+            idle,
+            &meters,
+            &signals,
+            &mut moved,
+        )
+        .await;
         total.to_server += moved.to_server;
         total.to_client += moved.to_client;
+        let Some(sockets) = sockets else {
+            total.end = match watched {
+                Ok(Watched::Ended(end)) => end,
+                _ => End::ServerError(std::io::Error::other("sockets lost after the kernel relay")),
+            };
+            *path = Path::Kernel;
+            return (None, total);
+        };
+        (client, server) = sockets;
         match watched {
             Ok(Watched::Ended(end)) => {
                 *path = Path::Kernel;
                 total.end = end;
-                return total;
+                return (None, total);
             }
             Ok(Watched::Back(resume)) => {
                 COUNTS.handed_back.fetch_add(1, Relaxed);
@@ -105,7 +130,7 @@ pub async fn relay(
                     // Over at the boundary: only pglb's FATAL is left to send.
                     *path = Path::Kernel;
                     total.end = End::Drained;
-                    return total;
+                    return (Some((client, server)), total);
                 }
                 *path = Path::KernelThenUser;
             }
@@ -121,7 +146,7 @@ pub async fn relay(
                 }
                 if let Err(e) = client.write_all(&ready).await {
                     total.end = End::ClientError(e);
-                    return total;
+                    return (Some((client, server)), total);
                 }
                 add(&meters.to_client, ready.len() as u64);
                 total.to_client += ready.len() as u64;
@@ -130,12 +155,51 @@ pub async fn relay(
     }
 }
 
-/// Hands the session to the kernel, forwards the ReadyForQuery, watches it there.
+/// Takes the sockets out of tokio's reactor, hands the session to the kernel, forwards
+/// the ReadyForQuery, watches it there; the sockets go back into the reactor when the
+/// user-space relay needs them again. None: the session ended in the kernel.
 #[allow(clippy::too_many_arguments)]
 async fn in_kernel(
     kernel: &'static Loaded,
-    client: &TcpStream,
-    server: &TcpStream,
+    (client, server): Sockets,
+    ready: &[u8],
+    tracker: &Tracker,
+    idle: Idle,
+    meters: &Meters<'_>,
+    signals: &Signals<'_>,
+    moved: &mut Moved,
+) -> (Result<Watched, HandOverError>, Option<Sockets>) {
+    let Client::Plain(client) = client else {
+        return (
+            Err(HandOverError::Ahead("TLS client")),
+            Some((client, server)),
+        );
+    };
+    let (client, server) = match (client.into_std(), server.into_std()) {
+        (Ok(c), Ok(s)) => (c, s),
+        (Err(e), _) | (_, Err(e)) => {
+            // into_std only fails on a socket already deregistered: the session is over.
+            return (Err(HandOverError::Reactor(e)), None);
+        }
+    };
+    let watched = watch_in_kernel(
+        kernel, &client, &server, ready, tracker, idle, meters, signals, moved,
+    )
+    .await;
+    if matches!(watched, Ok(Watched::Ended(_))) {
+        return (watched, None);
+    }
+    match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+        (Ok(c), Ok(s)) => (watched, Some((Client::Plain(c), s))),
+        (Err(e), _) | (_, Err(e)) => (Ok(Watched::Ended(End::ServerError(e))), None),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn watch_in_kernel(
+    kernel: &'static Loaded,
+    client: &std::net::TcpStream,
+    server: &std::net::TcpStream,
     ready: &[u8],
     tracker: &Tracker,
     idle: Idle,
