@@ -246,34 +246,20 @@ async fn cancel(
 /// session among them, for the whole session.)
 #[allow(clippy::manual_async_fn)]
 fn relay_and_log(
-    session: Established,
+    mut session: Established,
     peer: SocketAddr,
     listen: Arc<ListenState>,
     stop: CancellationToken,
     accepted: Instant,
 ) -> impl Future<Output = ()> {
     async move {
+        // Captures the whole session, not just the fields used below (an async block
+        // captures only those): its passes hold the maxconn places until it ends.
+        let _whole = &session;
         let (listen, stop) = (&*listen, &stop);
-        // Owned piece by piece: the kernel relay takes the sockets out of tokio's hands.
-        let Established {
-            client,
-            opened,
-            cancels,
-            _passes,
-            _current,
-        } = session;
-        let Opened {
-            slot,
-            server,
-            startup,
-            wait,
-            connect,
-            to_server,
-            to_client,
-        } = opened;
         let t = listen.cfg().timeouts;
-        let srv = Arc::clone(slot.server());
-        let tls = client.is_tls();
+        let srv = Arc::clone(session.opened.slot.server());
+        let tls = session.client.is_tls();
         let idle = Idle {
             client: t.client,
             server: t.server,
@@ -282,22 +268,25 @@ fn relay_and_log(
             to_server: [&listen.counters.bin, &srv.counters.bin],
             to_client: [&listen.counters.bout, &srv.counters.bout],
         };
+        let (opened_up, opened_down) = (session.opened.to_server, session.opened.to_client);
         for (m, n) in meters
             .to_server
             .iter()
-            .map(|m| (m, to_server))
-            .chain(meters.to_client.iter().map(|m| (m, to_client)))
+            .map(|m| (m, opened_up))
+            .chain(meters.to_client.iter().map(|m| (m, opened_down)))
         {
             m.add(n);
         }
-        let tracker = startup
+        let tracker = session
+            .opened
+            .startup
             .as_ref()
-            .map(|_| relay::Tracker::new(Some((Arc::clone(&cancels), srv.cfg().addr))));
+            .map(|_| relay::Tracker::new(Some((Arc::clone(&session.cancels), srv.cfg().addr))));
         let ends = srv.session_signals();
         let _listed = srv.list_session(peer);
         for times in [&srv.counters.times, &listen.counters.times] {
-            times.queue.add(wait.as_millis() as u64);
-            times.connect.add(connect.as_millis() as u64);
+            times.queue.add(session.opened.wait.as_millis() as u64);
+            times.connect.add(session.opened.connect.as_millis() as u64);
         }
         let signals = relay::Signals {
             shutdown: stop,
@@ -305,42 +294,49 @@ fn relay_and_log(
             drain: &ends.drain,
             drain_deadline: t.drain,
         };
-        let kernel = match listen.cfg().relay {
-            RelayMode::Kernel => kernel_relay::get(),
-            RelayMode::User => None,
+        let kernel = match (listen.cfg().relay, &tracker, tls) {
+            (RelayMode::Kernel, Some(t), false) => kernel_relay::get().map(|k| (k, t)),
+            _ => None,
         };
         let mut path = kernel_relay::Path::User;
-        let (mut sockets, mut outcome) = match (kernel, &tracker, tls) {
-            // Boxed: the user-space relay's sessions stay as small as they were.
-            (Some(kernel), Some(t), false) => {
-                let relay = kernel_relay::relay(
-                    kernel, client, server, idle, meters, signals, t, &mut path,
-                );
-                Box::pin(relay).await
-            }
-            _ => {
-                let (mut client, mut server) = (client, server);
-                let outcome = relay::relay(
-                    &mut client,
-                    &mut server,
-                    idle,
-                    meters,
-                    signals,
-                    tracker.as_ref(),
-                    false,
+        let mut outcome = if let Some((kernel, tracker)) = kernel {
+            // The kernel relay takes the sockets out of tokio's hands (and closes them
+            // when the session ends there). Boxed: user-space sessions stay as small.
+            let (client, server) = (session.client, session.opened.server);
+            let (words, path) = ((&*srv.name, &*listen.name), &mut path);
+            Box::pin(async move {
+                let (sockets, outcome) = kernel_relay::relay(
+                    kernel, client, server, idle, meters, signals, tracker, path,
                 )
                 .await;
-                (Some((client, server)), outcome)
+                if let (relay::End::Drained, Some((mut c, mut s))) = (&outcome.end, sockets) {
+                    say_drained(&mut c, &mut s, words.0, words.1).await;
+                }
+                outcome
+            })
+            .await
+        } else {
+            let (client, server) = (&mut session.client, &mut session.opened.server);
+            let outcome = relay::relay(
+                client,
+                server,
+                idle,
+                meters,
+                signals,
+                tracker.as_ref(),
+                false,
+            )
+            .await;
+            if matches!(outcome.end, relay::End::Drained) {
+                // At a transaction boundary: say why, so pools reconnect elsewhere.
+                say_drained(client, server, &srv.name, &listen.name).await;
             }
+            outcome
         };
-        outcome.to_server += to_server;
-        outcome.to_client += to_client;
+        outcome.to_server += opened_up;
+        outcome.to_client += opened_down;
         if let Some(key) = tracker.as_ref().and_then(|t| state::lock(&t.key).take()) {
-            cancels.remove(&key);
-        }
-        if let (relay::End::Drained, Some((client, server))) = (&outcome.end, &mut sockets) {
-            // At a transaction boundary: say why, so pools reconnect elsewhere.
-            say_drained(client, server, &srv.name, &listen.name).await;
+            session.cancels.remove(&key);
         }
 
         // 4. One line per finished session.
@@ -348,12 +344,13 @@ fn relay_and_log(
         for times in [&srv.counters.times, &listen.counters.times] {
             times.total.add(total.as_millis() as u64);
         }
-        let timing = (wait, connect, total);
+        let timing = (session.opened.wait, session.opened.connect, total);
+        let startup = session.opened.startup.as_ref();
         log_closed(
             peer,
             listen,
             &srv.name,
-            startup.as_ref(),
+            startup,
             &outcome,
             timing,
             (tls, path),
