@@ -95,17 +95,16 @@ pub async fn relay(
         // One hand-over per session: a session handed back stays in user space.
         armed = false;
         let mut moved = Moved::default();
-        let (watched, sockets) = in_kernel(
+        let session = Session {
             kernel,
-            (client, server),
-            &ready,
             tracker,
             idle,
-            &meters,
-            &signals,
-            &mut moved,
-        )
-        .await;
+            meters: &meters,
+            signals: &signals,
+        };
+        let (watched, sockets) = session
+            .in_kernel((client, server), &ready, &mut moved)
+            .await;
         total.to_server += moved.to_server;
         total.to_client += moved.to_client;
         let Some(sockets) = sockets else {
@@ -155,71 +154,69 @@ pub async fn relay(
     }
 }
 
-/// Takes the sockets out of tokio's reactor, hands the session to the kernel, forwards
-/// the ReadyForQuery, watches it there; the sockets go back into the reactor when the
-/// user-space relay needs them again. None: the session ended in the kernel.
-#[allow(clippy::too_many_arguments)]
-async fn in_kernel(
+/// What the kernel part of a session works with.
+struct Session<'a, 'm> {
     kernel: &'static Loaded,
-    (client, server): Sockets,
-    ready: &[u8],
-    tracker: &Tracker,
+    tracker: &'a Tracker,
     idle: Idle,
-    meters: &Meters<'_>,
-    signals: &Signals<'_>,
-    moved: &mut Moved,
-) -> (Result<Watched, HandOverError>, Option<Sockets>) {
-    let Client::Plain(client) = client else {
-        return (
-            Err(HandOverError::Ahead("TLS client")),
-            Some((client, server)),
-        );
-    };
-    let (client, server) = match (client.into_std(), server.into_std()) {
-        (Ok(c), Ok(s)) => (c, s),
-        (Err(e), _) | (_, Err(e)) => {
-            // into_std only fails on a socket already deregistered: the session is over.
-            return (Err(HandOverError::Reactor(e)), None);
-        }
-    };
-    let watched = watch_in_kernel(
-        kernel, &client, &server, ready, tracker, idle, meters, signals, moved,
-    )
-    .await;
-    if matches!(watched, Ok(Watched::Ended(_))) {
-        return (watched, None);
-    }
-    match (TcpStream::from_std(client), TcpStream::from_std(server)) {
-        (Ok(c), Ok(s)) => (watched, Some((Client::Plain(c), s))),
-        (Err(e), _) | (_, Err(e)) => (Ok(Watched::Ended(End::ServerError(e))), None),
-    }
+    meters: &'a Meters<'m>,
+    signals: &'a Signals<'m>,
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn watch_in_kernel(
-    kernel: &'static Loaded,
-    client: &std::net::TcpStream,
-    server: &std::net::TcpStream,
-    ready: &[u8],
-    tracker: &Tracker,
-    idle: Idle,
-    meters: &Meters<'_>,
-    signals: &Signals<'_>,
-    moved: &mut Moved,
-) -> Result<Watched, HandOverError> {
-    let pending = tracker.pending().max(0) as u64;
-    let relayed = hand_over(kernel, client, server, ready, pending).await?;
-    COUNTS.handed_over.fetch_add(1, Relaxed);
-    if let Err(e) = relayed.forward_ready(ready).await {
-        return Ok(Watched::Ended(End::ClientError(e)));
+impl Session<'_, '_> {
+    /// Takes the sockets out of tokio's reactor, hands the session to the kernel,
+    /// forwards the ReadyForQuery, watches it there; the sockets go back into the reactor
+    /// when the user-space relay needs them again. None: the session ended in the kernel.
+    async fn in_kernel(
+        &self,
+        (client, server): Sockets,
+        ready: &[u8],
+        moved: &mut Moved,
+    ) -> (Result<Watched, HandOverError>, Option<Sockets>) {
+        let Client::Plain(client) = client else {
+            let tls = Err(HandOverError::Ahead("TLS client"));
+            return (tls, Some((client, server)));
+        };
+        let (client, server) = match (client.into_std(), server.into_std()) {
+            (Ok(c), Ok(s)) => (c, s),
+            (Err(e), _) | (_, Err(e)) => {
+                // into_std only fails on a socket already deregistered: the session is over.
+                return (Err(HandOverError::Reactor(e)), None);
+            }
+        };
+        let watched = self.watch(&client, &server, ready, moved).await;
+        if matches!(watched, Ok(Watched::Ended(_))) {
+            return (watched, None);
+        }
+        match (TcpStream::from_std(client), TcpStream::from_std(server)) {
+            (Ok(c), Ok(s)) => (watched, Some((Client::Plain(c), s))),
+            (Err(e), _) | (_, Err(e)) => (Ok(Watched::Ended(End::ServerError(e))), None),
+        }
     }
-    add(&meters.to_client, ready.len() as u64);
-    moved.to_client += ready.len() as u64;
-    let mut in_kernel = Moved::default();
-    let watched = relayed.watch(idle, meters, signals, &mut in_kernel).await;
-    moved.to_server += in_kernel.to_server;
-    moved.to_client += in_kernel.to_client;
-    Ok(watched)
+
+    async fn watch(
+        &self,
+        client: &std::net::TcpStream,
+        server: &std::net::TcpStream,
+        ready: &[u8],
+        moved: &mut Moved,
+    ) -> Result<Watched, HandOverError> {
+        let pending = self.tracker.pending().max(0) as u64;
+        let relayed = hand_over(self.kernel, client, server, ready, pending).await?;
+        COUNTS.handed_over.fetch_add(1, Relaxed);
+        if let Err(e) = relayed.forward_ready(ready).await {
+            return Ok(Watched::Ended(End::ClientError(e)));
+        }
+        add(&self.meters.to_client, ready.len() as u64);
+        moved.to_client += ready.len() as u64;
+        let mut in_kernel = Moved::default();
+        let watched = relayed
+            .watch(self.idle, self.meters, self.signals, &mut in_kernel)
+            .await;
+        moved.to_server += in_kernel.to_server;
+        moved.to_client += in_kernel.to_client;
+        Ok(watched)
+    }
 }
 
 fn add(meters: &[&crate::counters::StripedCounter; 2], n: u64) {

@@ -174,14 +174,18 @@ async fn send_in_pieces(from: &mut TcpStream, to: &mut TcpStream, stream: &[u8],
     }
 }
 
+/// Every way to cut a stream of `len` bytes in two, then one byte at a time.
+fn cut_plans(len: usize) -> impl Iterator<Item = Vec<usize>> {
+    let halves = (1..len).map(|k| vec![k]);
+    halves.chain(std::iter::once((1..len).collect()))
+}
+
 #[tokio::test]
 async fn the_program_frames_server_messages_split_at_every_byte() {
     let mut j = joined().await;
     let stream = backend_stream();
     let mut rounds = 0;
-    let splits = (1..stream.len()).map(|k| vec![k]);
-    let one_by_one = std::iter::once((1..stream.len()).collect::<Vec<_>>());
-    for cuts in splits.chain(one_by_one) {
+    for cuts in cut_plans(stream.len()) {
         send_in_pieces(&mut j.far_server, &mut j.far_client, &stream, &cuts).await;
         rounds += 1;
         let (_, s) = j.k.flows(j.pair).expect("flows");
@@ -198,9 +202,7 @@ async fn the_program_counts_client_requests_split_at_every_byte() {
     let mut j = joined().await;
     let stream = frontend_stream();
     let mut rounds = 0;
-    let splits = (1..stream.len()).map(|k| vec![k]);
-    let one_by_one = std::iter::once((1..stream.len()).collect::<Vec<_>>());
-    for cuts in splits.chain(one_by_one) {
+    for cuts in cut_plans(stream.len()) {
         send_in_pieces(&mut j.far_client, &mut j.far_server, &stream, &cuts).await;
         rounds += 1;
         let (c, _) = j.k.flows(j.pair).expect("flows");
