@@ -341,3 +341,40 @@ fn an_unprivileged_pglb_needs_exactly_cap_bpf_and_cap_net_admin() {
         );
     }
 }
+
+/// TLS sessions stay in user space on a `relay = "kernel"` listen (the kernel would move
+/// ciphertext pglb must decrypt); plaintext ones on the same listen go to the kernel,
+/// and /metrics counts both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_kernel_listen_tls_stays_in_user_space_and_metrics_count_both() {
+    let stack = Stack::start(1);
+    let certs = tempfile::tempdir().expect("tempdir");
+    harness::make_ca(certs.path());
+    let (port, stats) = (free_port(), free_port());
+    let text = harness::tls_config(port, certs.path(), &stack.servers_toml());
+    let text = harness::edit(&text, "[listen.tls]", "relay = \"kernel\"\n[listen.tls]");
+    let pglb = Pglb::start(&format!("{text}\n{}", harness::stats_toml(stats)), port);
+    pglb.wait_log(&["kernel relay ready"], 1, Duration::from_secs(5));
+    for sslmode in ["require", "disable"] {
+        let out = Command::new("psql")
+            .arg(format!("{} sslmode={sslmode}", pglb.dsn()))
+            .args(["-X", "-At", "-c", "SELECT 'through pglb'"])
+            .output()
+            .expect("psql");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && said.contains("through pglb"), "{sslmode}: {said}");
+    }
+    let log = pglb.wait_log(&["session closed"], 2, Duration::from_secs(5));
+    let closed: Vec<&str> = log.lines().filter(|l| l.contains("session closed")).collect();
+    let tls = closed.iter().find(|l| l.contains("tls=\"terminated\"")).expect("TLS session");
+    assert!(tls.contains("relay=\"user\""), "{tls}");
+    let plain = closed.iter().find(|l| l.contains("tls=\"none\"")).expect("plain session");
+    assert!(plain.contains("relay=\"kernel\""), "{plain}");
+    let (_, metrics) = harness::http_get(stats, "/metrics").await;
+    for line in [
+        "pglb_kernel_relay_available 1.0",
+        "pglb_kernel_relay_sessions_total{outcome=\"handed_over\"} 1.0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+    }
+}
