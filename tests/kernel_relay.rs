@@ -362,19 +362,34 @@ async fn on_a_kernel_listen_tls_stays_in_user_space_and_metrics_count_both() {
             .output()
             .expect("psql");
         let said = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && said.contains("through pglb"), "{sslmode}: {said}");
+        assert!(
+            out.status.success() && said.contains("through pglb"),
+            "{sslmode}: {said}"
+        );
     }
     let log = pglb.wait_log(&["session closed"], 2, Duration::from_secs(5));
-    let closed: Vec<&str> = log.lines().filter(|l| l.contains("session closed")).collect();
-    let tls = closed.iter().find(|l| l.contains("tls=\"terminated\"")).expect("TLS session");
+    let closed: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("session closed"))
+        .collect();
+    let tls = closed
+        .iter()
+        .find(|l| l.contains("tls=\"terminated\""))
+        .expect("TLS session");
     assert!(tls.contains("relay=\"user\""), "{tls}");
-    let plain = closed.iter().find(|l| l.contains("tls=\"none\"")).expect("plain session");
+    let plain = closed
+        .iter()
+        .find(|l| l.contains("tls=\"none\""))
+        .expect("plain session");
     assert!(plain.contains("relay=\"kernel\""), "{plain}");
     let (_, metrics) = harness::http_get(stats, "/metrics").await;
     for line in [
         "pglb_kernel_relay_available 1.0",
         "pglb_kernel_relay_sessions_total{outcome=\"handed_over\"} 1.0",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "no {line:?} in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in:\n{metrics}"
+        );
     }
 }

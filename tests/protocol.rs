@@ -58,9 +58,51 @@ async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_waits_for_the_transaction_then_closes_with_57p01() {
+    drain_waits_for_the_transaction(RelayMode::User).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_kernel_relay_drain_waits_for_the_transaction_then_closes_with_57p01() {
+    drain_waits_for_the_transaction(RelayMode::Kernel).await;
+}
+
+/// `[listen] relay`: the same promises hold in both modes.
+#[derive(Clone, Copy, PartialEq)]
+enum RelayMode {
+    User,
+    Kernel,
+}
+
+impl RelayMode {
+    fn listen_key(self) -> &'static str {
+        match self {
+            RelayMode::User => "",
+            RelayMode::Kernel => "relay = \"kernel\"",
+        }
+    }
+
+    /// Asserts the sessions in `log` went where this mode sends them.
+    fn assert_relayed(self, log: &str) {
+        let closed = log.lines().filter(|l| l.contains("session closed"));
+        let want = match self {
+            RelayMode::User => "relay=\"user\"",
+            RelayMode::Kernel => "relay=\"kernel",
+        };
+        let (mut n, mut elsewhere) = (0, Vec::new());
+        for line in closed {
+            n += 1;
+            if !line.contains(want) {
+                elsewhere.push(line);
+            }
+        }
+        assert!(n > 0 && elsewhere.is_empty(), "not {want}: {elsewhere:?}");
+    }
+}
+
+async fn drain_waits_for_the_transaction(mode: RelayMode) {
     let stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
+    let config = Pglb::config_with_stats(port, mode.listen_key(), &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     let client = pglb.connect().await.expect("connect");
     let on = if stack.bouncers[0].app_clients().await == 1 {
@@ -114,14 +156,24 @@ async fn drain_waits_for_the_transaction_then_closes_with_57p01() {
         _ => None,
     });
     assert_eq!(count.as_deref(), Some("2"));
+    mode.assert_relayed(&pglb.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgbench_tpcb_while_draining_loses_no_transaction() {
+    pgbench_while_draining(RelayMode::User).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_kernel_relay_pgbench_tpcb_while_draining_loses_no_transaction() {
+    pgbench_while_draining(RelayMode::Kernel).await;
+}
+
+async fn pgbench_while_draining(mode: RelayMode) {
     let stack = Stack::start(3);
     stack.pg.pgbench_init();
     let (port, stats) = (free_port(), free_port());
-    let config = Pglb::config_with_stats(port, "", &stack.servers_toml(), stats);
+    let config = Pglb::config_with_stats(port, mode.listen_key(), &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     // -C: a connection per transaction, as a pool that reconnects after a drain would.
     let bench = harness::pgbench(port, &["-n", "-C", "-c", "6", "-j", "2", "-T", "8"]).output();
@@ -156,6 +208,7 @@ async fn pgbench_tpcb_while_draining_loses_no_transaction() {
         sessions("pgb2") > sessions("pgb1") && sessions("pgb3") > sessions("pgb1"),
         "{log}"
     );
+    mode.assert_relayed(&log);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

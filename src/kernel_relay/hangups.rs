@@ -60,6 +60,17 @@ impl<'a> Watch<'a> {
         Ok(watch)
     }
 
+    /// From now on, data on either socket wakes the watch too (a drained session, whose
+    /// hand-back comes with a packet).
+    pub fn wake_on_data(&self) -> io::Result<()> {
+        let flags = EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLIN | EpollFlags::EPOLLET;
+        for fd in self.fds {
+            let mut event = EpollEvent::new(flags, self.token);
+            self.hangups.epoll.modify(fd.as_fd(), &mut event)?;
+        }
+        Ok(())
+    }
+
     /// Waits until either socket may have hung up (look at both: a wake-up may also be
     /// left over from before).
     pub async fn hung_up(&self) {

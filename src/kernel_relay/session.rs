@@ -25,8 +25,9 @@ use crate::state::SESSION_WAKE;
 /// How often a relayed session's byte counts reach the stats.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 
-/// While a drain is pending, how often pglb looks at the session's framing state.
-const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// While a drain is pending, how often pglb looks at the session's framing state even
+/// without traffic (for the quiet check; traffic wakes it at once, see `signalled`).
+const DRAIN_POLL: Duration = Duration::from_millis(100);
 
 /// A drained session idle this long is closed without waiting for a transaction to end
 /// (as in the user-space relay).
@@ -338,6 +339,11 @@ impl Watching<'_, '_, '_> {
             if let Err(e) = self.relayed.kernel.control(self.relayed.pair, C_DRAIN) {
                 return Some(Watched::Ended(End::ServerError(e)));
             }
+            // From now on every packet wakes the watch: the one that ends the
+            // transaction is when the program hands the session back.
+            if let Err(e) = self.relayed.hangups.wake_on_data() {
+                return Some(Watched::Ended(End::ServerError(e)));
+            }
         }
         None
     }
@@ -387,6 +393,8 @@ impl Watching<'_, '_, '_> {
     async fn take_back(&mut self, by_program: bool) -> Watched {
         let r = self.relayed;
         let before = r.flows().ok();
+        // However the watch noticed, the program may have stopped at the boundary itself.
+        let by_program = by_program || before.is_some_and(|(c, s)| c.back || s.back);
         if let Err(e) = r.kernel.control(r.pair, C_PASS | C_DRAIN) {
             return Watched::Ended(End::ServerError(e));
         }
