@@ -10,9 +10,19 @@ use harness::{Bouncer, BouncerOpts, Pglb, Stack, db_error, free_port};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
+    cancels_reach_their_pgbouncer(RelayMode::User).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_kernel_relay_cancels_reach_the_session_s_pgbouncer_20_of_20() {
+    cancels_reach_their_pgbouncer(RelayMode::Kernel).await;
+}
+
+async fn cancels_reach_their_pgbouncer(mode: RelayMode) {
     let stack = Stack::start(3);
     let port = free_port();
-    let pglb = Pglb::start(&Pglb::config(port, "", &stack.servers_toml()), port);
+    let config = Pglb::config(port, mode.listen_key(), &stack.servers_toml());
+    let pglb = Pglb::start(&config, port);
     // Three sessions at once, one per PgBouncer, so a wrongly routed cancel would show.
     for round in 0..20 {
         let client = pglb.connect().await.expect("connect");
@@ -54,6 +64,7 @@ async fn cancels_reach_the_session_s_pgbouncer_20_of_20() {
         routed, 20,
         "every cancel went to its owner, none broadcast:\n{log}"
     );
+    mode.assert_relayed(&pglb.wait_log(&["session closed"], 10, Duration::from_secs(3)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
