@@ -22,8 +22,10 @@ use crate::counters::Counter;
 use crate::relay::{End, Idle, Meters, Signals};
 use crate::state::SESSION_WAKE;
 
-/// How often a relayed session's byte counts reach the stats.
+/// How often a relayed session's byte counts reach the stats while bytes move; a quiet
+/// session looks less and less often, up to `STATS_QUIET` (nothing to count).
 const STATS_EVERY: Duration = Duration::from_secs(2);
+const STATS_QUIET: Duration = Duration::from_secs(32);
 
 /// While a drain is pending, how often pglb looks at the session's framing state even
 /// without traffic (for the quiet check; traffic wakes it at once, see `signalled`).
@@ -254,7 +256,8 @@ struct Watching<'r, 'a, 'm> {
 impl Watching<'_, '_, '_> {
     async fn run(&mut self, signals: &Signals<'_>) -> Watched {
         let r = self.relayed;
-        let mut next_stats = Instant::now() + STATS_EVERY;
+        let mut stats_every = STATS_EVERY;
+        let mut next_stats = Instant::now() + stats_every;
         loop {
             let wake = SESSION_WAKE.notified();
             tokio::pin!(wake);
@@ -267,8 +270,12 @@ impl Watching<'_, '_, '_> {
                 Err(e) => return Watched::Ended(End::ServerError(e)),
             };
             if Instant::now() >= next_stats {
-                self.count_from(flows);
-                next_stats = Instant::now() + STATS_EVERY;
+                stats_every = if self.count_from(flows) {
+                    STATS_EVERY
+                } else {
+                    (stats_every * 2).min(STATS_QUIET)
+                };
+                next_stats = Instant::now() + stats_every;
             }
             if flows.0.back || flows.1.back {
                 // The program handed the session back at an idle ReadyForQuery.
@@ -430,7 +437,8 @@ impl Watching<'_, '_, '_> {
         }
     }
 
-    fn count_from(&mut self, (c, s): (Flow, Flow)) {
+    /// Whether any byte moved since the last count.
+    fn count_from(&mut self, (c, s): (Flow, Flow)) -> bool {
         let up = c.bytes.saturating_sub(self.moved.to_server);
         let down = s.bytes.saturating_sub(self.moved.to_client);
         for m in self.meters.to_server {
@@ -441,6 +449,7 @@ impl Watching<'_, '_, '_> {
         }
         self.moved.to_server += up;
         self.moved.to_client += down;
+        up + down > 0
     }
 }
 

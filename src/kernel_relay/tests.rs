@@ -481,3 +481,34 @@ async fn ten_thousand_short_sessions_all_go_through_the_kernel_and_leave_no_trac
     use crate::counters::Counter;
     assert_eq!(listen.counters.stot.get(), SESSIONS as u64);
 }
+
+#[tokio::test]
+async fn stats_count_a_kernel_session_s_bytes_while_it_runs() {
+    use crate::counters::Counter;
+    kernel();
+    let listen = listen_with(&[fake(Fake::Echo).await], |cfg| {
+        cfg.relay = RelayMode::Kernel;
+        cfg.timeouts.client = Duration::from_secs(30);
+        cfg.timeouts.server = Duration::from_secs(30);
+    });
+    let (addr, _workers) = serve(&listen, 100);
+    let mut c = login(addr).await;
+    eventually("handed to the kernel", || handed_over() == 1).await;
+    let data = pattern(1 << 20, 5);
+    let (mut r, mut w) = c.split();
+    let mut got = vec![0u8; data.len()];
+    let (wrote, read) = tokio::join!(w.write_all(&data), r.read_exact(&mut got));
+    wrote.expect("write");
+    read.expect("read");
+    // Counted within one stats period (2 s), the session still open.
+    let counted = || listen.counters.bin.get() >= data.len() as u64;
+    for _ in 0..40 {
+        if counted() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(counted(), "bytes in: {}", listen.counters.bin.get());
+    assert!(listen.counters.bout.get() >= data.len() as u64);
+    assert_eq!(listen.servers()[0].sessions(), 1, "still running");
+}
