@@ -350,7 +350,15 @@ fn prepare_kernel_relay(config: &Config) {
     }
     let sessions = u32::try_from(config.global.maxconn).unwrap_or(u32::MAX);
     match kernel_relay::prepare(sessions) {
-        Ok(()) => info!(
+        Ok(held) if held < sessions => warn!(
+            listens = ?wanted,
+            kernel_sessions = held,
+            maxconn = sessions,
+            "kernel relay ready, but its maps were sized at start for fewer sessions than \
+             [global] maxconn now allows: sessions past that relay in user space until pglb \
+             restarts"
+        ),
+        Ok(_) => info!(
             listens = ?wanted,
             "kernel relay ready (self-test passed): plaintext sessions of these listens are relayed in the kernel after their login"
         ),

@@ -30,7 +30,7 @@ fn check_kernel_relay(config: &pglb::Config) {
     }
     let sessions = u32::try_from(config.global.maxconn).unwrap_or(u32::MAX);
     match pglb::kernel_relay::prepare(sessions) {
-        Ok(()) => println!("kernel relay: ready (self-test passed)"),
+        Ok(_) => println!("kernel relay: ready (self-test passed)"),
         Err(why) => {
             println!("kernel relay: unavailable ({why}); those listens relay in user space")
         }

@@ -657,7 +657,11 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
                 let up = &self.up;
                 if up.buf.is_empty() && !up.eof && !*self.up_done && up.scanner.at_boundary() {
                     self.down.hand_over = false;
-                    Turn::End(End::HandOver(std::mem::take(&mut self.down.buf)))
+                    // A copy of just the chunk: the session may live in the kernel for
+                    // hours, and the 16 KiB buffer goes back to the pool.
+                    let chunk = self.down.buf.clone();
+                    give_buffer(std::mem::take(&mut self.down.buf));
+                    Turn::End(End::HandOver(chunk))
                 } else {
                     // Sent in user space (already scanned); armed again for the next one.
                     Turn::Again

@@ -83,6 +83,8 @@ pub struct Pair {
 /// process; each operation is one bpf() call, made under the lock.
 pub struct Loaded {
     maps: Mutex<Maps>,
+    /// How many sessions the maps hold at once (fixed when the program loads).
+    pub sessions: u32,
     /// Keeps the program loaded and attached for the life of the process.
     _ebpf: Mutex<Ebpf>,
 }
@@ -137,6 +139,7 @@ impl Loaded {
                 flows,
                 control,
             }),
+            sessions,
             _ebpf: Mutex::new(ebpf),
         })
     }

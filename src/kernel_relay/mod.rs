@@ -26,14 +26,16 @@ pub(crate) use step::{COUNTS, Path, relay};
 static KERNEL: OnceLock<Result<Loaded, String>> = OnceLock::new();
 
 /// Loads the program and self-tests it (once per process; later calls return the first
-/// answer). `sessions`: how many sessions the maps must hold at once.
-pub fn prepare(sessions: u32) -> Result<(), String> {
+/// answer). `sessions`: how many sessions the maps must hold at once. Returns how many
+/// they hold: fewer than asked when a reload raised maxconn past the size they were
+/// loaded with (sessions past it stay in user space).
+pub fn prepare(sessions: u32) -> Result<u32, String> {
     let loaded = KERNEL.get_or_init(|| {
         let loaded = Loaded::load(sessions).map_err(|e| explain(&e))?;
         self_test(&loaded).map_err(|e| format!("self-test failed: {e}"))?;
         Ok(loaded)
     });
-    loaded.as_ref().map(|_| ()).map_err(Clone::clone)
+    loaded.as_ref().map(|l| l.sessions).map_err(Clone::clone)
 }
 
 /// An error with its causes (aya's top-level words alone rarely say why), and what to do

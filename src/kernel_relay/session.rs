@@ -325,7 +325,17 @@ impl Watching<'_, '_, '_> {
                 None => {}
             }
         }
-        match peek(r.server) {
+        let mut server = peek(r.server);
+        if self.client_eof
+            && matches!(&server, Some(Err(e)) if e.raw_os_error() == Some(libc::EPIPE))
+        {
+            // The client's FIN, an empty packet, was redirected too, and the kernel's
+            // worker sent it after pglb had half-closed the server itself: that failed
+            // send is all the error says (every byte before it was acknowledged). The
+            // look took the error; look again.
+            server = peek(r.server);
+        }
+        match server {
             Some(Ok(0)) => Some(Watched::Ended(self.pass_server_eof().await)),
             Some(Ok(_)) => Some(self.take_back(false).await),
             Some(Err(e)) => Some(Watched::Ended(End::ServerError(e))),
