@@ -830,6 +830,9 @@ def restart_proxy(procs, settings, stack, target):
     if target == "pglb":
         procs.stop(stack.pglb)
         start_pglb(procs, settings, stack)
+    elif target == "kernel":
+        procs.stop(stack.kernel)
+        start_pglb(procs, settings, stack, relay="kernel")
     else:
         procs.stop(stack.haproxy)
         start_haproxy(procs, settings, stack)
@@ -1097,7 +1100,7 @@ def main():
         workloads, runs = run_workloads(settings, stack)
         memory = []
         if settings.memory_counts:
-            for target in ("pglb", "haproxy"):
+            for target in [t for t in ("pglb", "kernel", "haproxy") if t in settings.targets]:
                 memory.append(measure_idle_memory(procs, settings, stack, target))
         write_report(settings, workloads, runs, memory, time.monotonic() - started)
     except KeyboardInterrupt as e:
