@@ -537,3 +537,48 @@ async fn full_maps_refuse_a_session_whole_and_leave_nothing_behind() {
     k.remove(again);
     assert_eq!(k.flow_count(), 0);
 }
+
+/// A connected pair of loopback sockets on `ip`.
+async fn pair_on(ip: &str) -> (TcpStream, TcpStream) {
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
+    let far = TcpStream::connect(l.local_addr().expect("addr"))
+        .await
+        .expect("connect");
+    let (near, _) = l.accept().await.expect("accept");
+    (near, far)
+}
+
+/// Writes `data` into `from` while reading as much from `to`, bounded.
+async fn through(from: &mut TcpStream, to: &mut TcpStream, data: &[u8]) -> Vec<u8> {
+    let mut got = vec![0u8; data.len()];
+    let (wrote, read) = tokio::join!(
+        from.write_all(data),
+        timeout(Duration::from_secs(20), to.read_exact(&mut got))
+    );
+    wrote.expect("write");
+    read.expect("in time").expect("read");
+    got
+}
+
+#[tokio::test]
+async fn an_ipv6_client_and_an_ipv4_server_are_joined_byte_exact() {
+    let k = kernel();
+    let (near_client, mut far_client) = pair_on("::1").await;
+    let (near_server, mut far_server) = pair_on("127.0.0.1").await;
+    let pair = k
+        .insert(&near_client, &near_server, 0)
+        .expect("into the map");
+    let up = pattern(1 << 20, 11);
+    let down = pattern(1 << 20, 12);
+    assert!(
+        through(&mut far_client, &mut far_server, &up).await == up,
+        "to the server"
+    );
+    assert!(
+        through(&mut far_server, &mut far_client, &down).await == down,
+        "to the client"
+    );
+    let (c, s) = k.flows(pair).expect("flows");
+    assert_eq!((c.bytes, s.bytes), (up.len() as u64, down.len() as u64));
+    k.remove(pair);
+}
