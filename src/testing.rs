@@ -163,7 +163,12 @@ pub fn serve(listen: &Arc<ListenState>, global_maxconn: usize) -> (SocketAddr, W
 
 /// A connected TCP pair on loopback: (the side pglb holds, the other end).
 pub async fn socket_pair() -> (TcpStream, TcpStream) {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    socket_pair_on("127.0.0.1").await
+}
+
+/// `socket_pair` on another loopback address (`"::1"`).
+pub async fn socket_pair_on(ip: &str) -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind((ip, 0)).await.expect("bind");
     let peer = TcpStream::connect(l.local_addr().expect("addr"))
         .await
         .expect("connect");

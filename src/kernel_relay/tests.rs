@@ -14,7 +14,7 @@ use super::{Loaded, get, prepare};
 use crate::config::RelayMode;
 use crate::state::ListenState;
 use crate::testing::{AUTH_OK, Fake, KEY_DATA, READY_IDLE, fake, listen_with, pattern};
-use crate::testing::{read_exactly, serve, socket_pair, startup_packet};
+use crate::testing::{read_exactly, serve, socket_pair, socket_pair_on, startup_packet};
 
 fn kernel() -> &'static Loaded {
     if let Err(why) = prepare(8192) {
@@ -61,14 +61,8 @@ async fn after_the_login_the_kernel_relays_bytes_unchanged_both_ways() {
     let mut c = login(addr).await;
     eventually("the session is in the kernel", || in_kernel(k) > before).await;
     let data = pattern(5 << 20, 1);
-    let (mut r, mut w) = c.split();
-    let write = async {
-        w.write_all(&data).await.expect("write");
-    };
-    let mut got = vec![0u8; data.len()];
-    let read = timeout(Duration::from_secs(20), r.read_exact(&mut got));
-    let (_, read) = tokio::join!(write, read);
-    read.expect("in time").expect("read");
+    let (r, w) = c.split();
+    let got = through(w, r, &data).await;
     assert!(got == data, "5 MiB echoed through the kernel unchanged");
     drop(c);
     eventually("the session ends and leaves the map", || {
@@ -225,6 +219,22 @@ async fn a_message_that_cannot_be_postgresql_makes_the_stream_opaque_not_stuck()
         s.messages, 0,
         "nothing counted after the stream stopped making sense"
     );
+}
+
+/// Writes `data` into `w` while reading as much from `r` (bounded), and returns it.
+async fn through(
+    mut w: impl AsyncWriteExt + Unpin,
+    mut r: impl AsyncReadExt + Unpin,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut got = vec![0u8; data.len()];
+    let (wrote, read) = tokio::join!(
+        w.write_all(data),
+        timeout(Duration::from_secs(20), r.read_exact(&mut got))
+    );
+    wrote.expect("write");
+    read.expect("in time").expect("read");
+    got
 }
 
 /// Everything until the server's side closes, within `limit`.
@@ -502,11 +512,8 @@ async fn stats_count_a_kernel_session_s_bytes_while_it_runs() {
     let mut c = login(addr).await;
     eventually("handed to the kernel", || handed_over() == 1).await;
     let data = pattern(1 << 20, 5);
-    let (mut r, mut w) = c.split();
-    let mut got = vec![0u8; data.len()];
-    let (wrote, read) = tokio::join!(w.write_all(&data), r.read_exact(&mut got));
-    wrote.expect("write");
-    read.expect("read");
+    let (r, w) = c.split();
+    through(w, r, &data).await;
     // Counted within one stats period (2 s), the session still open.
     let counted = || listen.counters.bin.get() >= data.len() as u64;
     for _ in 0..40 {
@@ -538,33 +545,11 @@ async fn full_maps_refuse_a_session_whole_and_leave_nothing_behind() {
     assert_eq!(k.flow_count(), 0);
 }
 
-/// A connected pair of loopback sockets on `ip`.
-async fn pair_on(ip: &str) -> (TcpStream, TcpStream) {
-    let l = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
-    let far = TcpStream::connect(l.local_addr().expect("addr"))
-        .await
-        .expect("connect");
-    let (near, _) = l.accept().await.expect("accept");
-    (near, far)
-}
-
-/// Writes `data` into `from` while reading as much from `to`, bounded.
-async fn through(from: &mut TcpStream, to: &mut TcpStream, data: &[u8]) -> Vec<u8> {
-    let mut got = vec![0u8; data.len()];
-    let (wrote, read) = tokio::join!(
-        from.write_all(data),
-        timeout(Duration::from_secs(20), to.read_exact(&mut got))
-    );
-    wrote.expect("write");
-    read.expect("in time").expect("read");
-    got
-}
-
 #[tokio::test]
 async fn an_ipv6_client_and_an_ipv4_server_are_joined_byte_exact() {
     let k = kernel();
-    let (near_client, mut far_client) = pair_on("::1").await;
-    let (near_server, mut far_server) = pair_on("127.0.0.1").await;
+    let (near_client, mut far_client) = socket_pair_on("::1").await;
+    let (near_server, mut far_server) = socket_pair_on("127.0.0.1").await;
     let pair = k
         .insert(&near_client, &near_server, 0)
         .expect("into the map");
