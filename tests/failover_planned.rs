@@ -56,10 +56,18 @@ fn scenario(lab: &mut Lab) {
         "connections after the move failed: {after:?} {:?}",
         row.probe.errors
     );
+    // How many are in flight at the move depends on how slowly psql logs in on a loaded
+    // machine; what must hold is that each failure was open while the VIP left lb1 (the
+    // move is polled every 20 ms): one that ended before was cut by pglb itself.
+    let before: Vec<_> = row
+        .probe
+        .fails
+        .iter()
+        .filter(|(at, took)| at + (*took as i128) < off - 50)
+        .collect();
     assert!(
-        row.probe.failed <= 1,
-        "{} failed: {:?}",
-        row.probe.failed,
+        before.is_empty(),
+        "connections ended failing before the VIP left lb1: {before:?} {:?}",
         row.probe.errors
     );
     row.note = format!(
