@@ -141,9 +141,18 @@ pub fn listen_with(
 /// pglb's accept loop for `listen` on a worker of its own, under a global maxconn;
 /// returns the address clients connect to. Keep the workers alive for the test.
 pub fn serve(listen: &Arc<ListenState>, global_maxconn: usize) -> (SocketAddr, Workers) {
+    serve_on("127.0.0.1:0", listen, global_maxconn)
+}
+
+/// `serve` with its listening socket bound to `bind` (`"[::1]:0"`).
+pub fn serve_on(
+    bind: &str,
+    listen: &Arc<ListenState>,
+    global_maxconn: usize,
+) -> (SocketAddr, Workers) {
     let workers = Workers::start(1).expect("worker");
     let pool = workers.pool();
-    let listener = crate::net::bind_std("127.0.0.1:0".parse().expect("addr"), 64).expect("bind");
+    let listener = crate::net::bind_std(bind.parse().expect("addr"), 64).expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shared = Shared::new(
         Gate::new(global_maxconn),

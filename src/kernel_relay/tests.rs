@@ -14,7 +14,7 @@ use super::{Loaded, get, prepare};
 use crate::config::RelayMode;
 use crate::state::ListenState;
 use crate::testing::{AUTH_OK, Fake, KEY_DATA, READY_IDLE, fake, listen_with, pattern};
-use crate::testing::{read_exactly, serve, socket_pair, socket_pair_on, startup_packet};
+use crate::testing::{read_exactly, serve, serve_on, socket_pair, socket_pair_on, startup_packet};
 
 fn kernel() -> &'static Loaded {
     if let Err(why) = prepare(8192) {
@@ -566,4 +566,25 @@ async fn an_ipv6_client_and_an_ipv4_server_are_joined_byte_exact() {
     let (c, s) = k.flows(pair).expect("flows");
     assert_eq!((c.bytes, s.bytes), (up.len() as u64, down.len() as u64));
     k.remove(pair);
+}
+
+#[tokio::test]
+async fn a_session_from_an_ipv6_client_goes_through_the_kernel_byte_exact() {
+    let k = kernel();
+    let listen = kernel_listen(&[fake(Fake::Echo).await]);
+    let (addr, _workers) = serve_on("[::1]:0", &listen, 100);
+    let before = in_kernel(k);
+    let mut c = login(addr).await;
+    eventually("the IPv6 session is in the kernel", || {
+        in_kernel(k) > before
+    })
+    .await;
+    let data = pattern(1 << 20, 13);
+    let (r, w) = c.split();
+    assert!(through(w, r, &data).await == data, "1 MiB echoed unchanged");
+    drop(c);
+    eventually("the session ends and leaves the map", || {
+        listen.servers()[0].sessions() == 0 && in_kernel(k) == before
+    })
+    .await;
 }
