@@ -428,6 +428,17 @@ impl Watching<'_, '_, '_> {
                 return Watched::Ended(end);
             }
         }
+        // The failed send of a redirected client FIN (see `look_at_sockets`) would
+        // otherwise reach the user-space relay as a server error.
+        if self.client_eof {
+            match r.server.take_error() {
+                Ok(Some(e)) if e.raw_os_error() != Some(libc::EPIPE) => {
+                    return Watched::Ended(End::ServerError(e));
+                }
+                Ok(_) => {}
+                Err(e) => return Watched::Ended(End::ServerError(e)),
+            }
+        }
         // A quiet drain ends here only if nothing moved while the redirects stopped.
         let still = before.is_some_and(|(bc, bs)| bc.bytes == c.bytes && bs.bytes == s.bytes);
         let drained = self.drain_deadline.is_some() && (by_program || (still && idle((c, s))));
