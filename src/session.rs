@@ -200,7 +200,7 @@ async fn establish(
     match Box::pin(login::open(&mut client, &listen, &mut hello)).await {
         Ok(opened) => Some(Established {
             client,
-            opened,
+            opened: count_opening(&listen, opened),
             cancels,
             _passes: passes,
             _current: current,
@@ -216,6 +216,17 @@ async fn establish(
         }
         Err(Failed::Done) => None,
     }
+}
+
+/// Adds a successful opening's queue and connect times to the server's and the listen's
+/// averages.
+fn count_opening(listen: &ListenState, opened: Opened) -> Opened {
+    let srv = opened.slot.server();
+    for times in [&srv.counters.times, &listen.counters.times] {
+        times.queue.add(opened.wait.as_millis() as u64);
+        times.connect.add(opened.connect.as_millis() as u64);
+    }
+    opened
 }
 
 /// Routes a CancelRequest, then ends its connection as PostgreSQL does: once the cancel
@@ -257,26 +268,9 @@ fn relay_and_log(
         // captures only those): its passes hold the maxconn places until it ends.
         let _whole = &session;
         let (listen, stop) = (&*listen, &stop);
-        let t = listen.cfg().timeouts;
         let srv = Arc::clone(session.opened.slot.server());
         let tls = session.client.is_tls();
-        let idle = Idle {
-            client: t.client,
-            server: t.server,
-        };
-        let meters = Meters {
-            to_server: [&listen.counters.bin, &srv.counters.bin],
-            to_client: [&listen.counters.bout, &srv.counters.bout],
-        };
         let (opened_up, opened_down) = (session.opened.to_server, session.opened.to_client);
-        for (m, n) in meters
-            .to_server
-            .iter()
-            .map(|m| (m, opened_up))
-            .chain(meters.to_client.iter().map(|m| (m, opened_down)))
-        {
-            m.add(n);
-        }
         let tracker = session
             .opened
             .startup
@@ -284,54 +278,37 @@ fn relay_and_log(
             .map(|_| relay::Tracker::new(Some((Arc::clone(&session.cancels), srv.cfg().addr))));
         let ends = srv.session_signals();
         let _listed = srv.list_session(peer);
-        for times in [&srv.counters.times, &listen.counters.times] {
-            times.queue.add(session.opened.wait.as_millis() as u64);
-            times.connect.add(session.opened.connect.as_millis() as u64);
-        }
-        let signals = relay::Signals {
-            shutdown: stop,
-            kill: &ends.kill,
-            drain: &ends.drain,
-            drain_deadline: t.drain,
-        };
+        let terms = Terms::of(listen, &srv, &ends, stop, (opened_up, opened_down));
         let kernel = match (listen.cfg().relay, &tracker, tls) {
             (RelayMode::Kernel, Some(t), false) => kernel_relay::get().map(|k| (k, t)),
             _ => None,
         };
         let mut path = kernel_relay::Path::User;
-        let mut outcome = if let Some((kernel, tracker)) = kernel {
-            // The kernel relay takes the sockets out of tokio's hands (and closes them
-            // when the session ends there). Boxed: user-space sessions stay as small.
-            let (client, server) = (session.client, session.opened.server);
-            let (words, path) = ((&*srv.name, &*listen.name), &mut path);
-            Box::pin(async move {
-                let (sockets, outcome) = kernel_relay::relay(
-                    kernel, client, server, idle, meters, signals, tracker, path,
-                )
-                .await;
-                if let (relay::End::Drained, Some((mut c, mut s))) = (&outcome.end, sockets) {
-                    say_drained(&mut c, &mut s, words.0, words.1).await;
+        let mut outcome = match kernel {
+            Some((kernel, tracker)) => {
+                let sockets = (session.client, session.opened.server);
+                // Boxed: user-space sessions stay as small.
+                Box::pin(relay_in_kernel(kernel, tracker, sockets, terms, &mut path)).await
+            }
+            // Inline, not a helper `async fn`: its future would keep a second copy of
+            // the terms for the whole session (168 bytes more per client).
+            None => {
+                let (client, server) = (&mut session.client, &mut session.opened.server);
+                let Terms {
+                    idle,
+                    meters,
+                    signals,
+                    names: (srv, listen),
+                } = terms;
+                let tracker = tracker.as_ref();
+                let outcome =
+                    relay::relay(client, server, idle, meters, signals, tracker, false).await;
+                if matches!(outcome.end, relay::End::Drained) {
+                    // At a transaction boundary: say why, so pools reconnect elsewhere.
+                    say_drained(client, server, srv, listen).await;
                 }
                 outcome
-            })
-            .await
-        } else {
-            let (client, server) = (&mut session.client, &mut session.opened.server);
-            let outcome = relay::relay(
-                client,
-                server,
-                idle,
-                meters,
-                signals,
-                tracker.as_ref(),
-                false,
-            )
-            .await;
-            if matches!(outcome.end, relay::End::Drained) {
-                // At a transaction boundary: say why, so pools reconnect elsewhere.
-                say_drained(client, server, &srv.name, &listen.name).await;
             }
-            outcome
         };
         outcome.to_server += opened_up;
         outcome.to_client += opened_down;
@@ -356,6 +333,72 @@ fn relay_and_log(
             (tls, path),
         );
     }
+}
+
+/// What either relay is given besides the sockets.
+struct Terms<'a> {
+    idle: Idle,
+    meters: Meters<'a>,
+    signals: relay::Signals<'a>,
+    /// The server's and the listen's names, for a drained client's last message.
+    names: (&'a str, &'a str),
+}
+
+impl<'a> Terms<'a> {
+    /// The listen's timeouts, the server's and pglb's signals, and the listen's and the
+    /// server's byte meters, charged with the login's bytes (`up`, `down`).
+    fn of(
+        listen: &'a ListenState,
+        srv: &'a state::ServerState,
+        ends: &'a state::SessionSignals,
+        stop: &'a CancellationToken,
+        (up, down): (u64, u64),
+    ) -> Self {
+        let t = listen.cfg().timeouts;
+        let meters = Meters {
+            to_server: [&listen.counters.bin, &srv.counters.bin],
+            to_client: [&listen.counters.bout, &srv.counters.bout],
+        };
+        meters.to_server.iter().for_each(|m| m.add(up));
+        meters.to_client.iter().for_each(|m| m.add(down));
+        Terms {
+            idle: Idle {
+                client: t.client,
+                server: t.server,
+            },
+            meters,
+            signals: relay::Signals {
+                shutdown: stop,
+                kill: &ends.kill,
+                drain: &ends.drain,
+                drain_deadline: t.drain,
+            },
+            names: (&srv.name, &listen.name),
+        }
+    }
+}
+
+/// Step 3 in the kernel. The sockets leave tokio's hands: the kernel relay closes them
+/// when the session ends there, or gives them back for a drained client's last message.
+async fn relay_in_kernel(
+    kernel: &'static kernel_relay::Loaded,
+    tracker: &relay::Tracker,
+    (client, server): (Client, TcpStream),
+    terms: Terms<'_>,
+    path: &mut kernel_relay::Path,
+) -> relay::Outcome {
+    let Terms {
+        idle,
+        meters,
+        signals,
+        names: (srv, listen),
+    } = terms;
+    let (sockets, outcome) =
+        kernel_relay::relay(kernel, client, server, idle, meters, signals, tracker, path).await;
+    if let (relay::End::Drained, Some((mut c, mut s))) = (&outcome.end, sockets) {
+        say_drained(&mut c, &mut s, srv, listen).await;
+    }
+    outcome
 }
 
 /// Tells a client drained at a transaction boundary why its session ends (so pools

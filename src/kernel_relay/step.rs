@@ -94,7 +94,6 @@ pub async fn relay(
         };
         // One hand-over per session: a session handed back stays in user space.
         armed = false;
-        let mut moved = Moved::default();
         let session = Session {
             kernel,
             tracker,
@@ -102,55 +101,33 @@ pub async fn relay(
             meters: &meters,
             signals: &signals,
         };
-        let (watched, sockets) = session
-            .in_kernel((client, server), &ready, &mut moved)
-            .await;
-        total.to_server += moved.to_server;
-        total.to_client += moved.to_client;
-        let Some(sockets) = sockets else {
-            total.end = match watched {
-                Ok(Watched::Ended(end)) => end,
-                _ => End::ServerError(std::io::Error::other("sockets lost after the kernel relay")),
-            };
-            *path = Path::Kernel;
-            return (None, total);
-        };
-        (client, server) = sockets;
-        match watched {
-            Ok(Watched::Ended(end)) => {
-                *path = Path::Kernel;
-                total.end = end;
-                return (None, total);
-            }
-            Ok(Watched::Back(resume)) => {
-                COUNTS.handed_back.fetch_add(1, Relaxed);
-                tracker.resume(&resume);
-                if resume.drained {
-                    // Over at the boundary: only pglb's FATAL is left to send.
-                    *path = Path::Kernel;
-                    total.end = End::Drained;
-                    return (Some((client, server)), total);
-                }
-                *path = Path::KernelThenUser;
-            }
-            Err(e) => {
-                COUNTS.stayed.fetch_add(1, Relaxed);
-                match e {
-                    HandOverError::Ahead(_) | HandOverError::Unsettled(_) => {
-                        debug!(error = %e, "session stays in the user-space relay")
-                    }
-                    _ => {
-                        warn!(error = %e, "kernel relay hand-over failed; session stays in user space")
-                    }
-                }
-                if let Err(e) = client.write_all(&ready).await {
-                    total.end = End::ClientError(e);
-                    return (Some((client, server)), total);
-                }
-                add(&meters.to_client, ready.len() as u64);
-                total.to_client += ready.len() as u64;
-            }
+        match session
+            .through_kernel((client, server), &ready, &mut total, path)
+            .await
+        {
+            Next::Done(sockets) => return (sockets, total),
+            Next::User(sockets) => (client, server) = sockets,
         }
+    }
+}
+
+/// Where a session goes on after its time in the kernel.
+enum Next {
+    /// It is over; the sockets come back when the user-space side still has something
+    /// to send (a drained client's last message) or the relay ended in user space.
+    Done(Option<Sockets>),
+    /// In the user-space relay again.
+    User(Sockets),
+}
+
+/// Why a session stays in user space at its hand-over: expected (debug) or not (warn).
+fn stayed(e: &HandOverError) {
+    COUNTS.stayed.fetch_add(1, Relaxed);
+    match e {
+        HandOverError::Ahead(_) | HandOverError::Unsettled(_) => {
+            debug!(error = %e, "session stays in the user-space relay")
+        }
+        _ => warn!(error = %e, "kernel relay hand-over failed; session stays in user space"),
     }
 }
 
@@ -164,6 +141,59 @@ struct Session<'a, 'm> {
 }
 
 impl Session<'_, '_> {
+    /// Hands the session to the kernel at `ready` (the ReadyForQuery the user-space relay
+    /// held back) and follows it until it ends or comes back; adds what moved to `total`.
+    async fn through_kernel(
+        &self,
+        sockets: Sockets,
+        ready: &[u8],
+        total: &mut Outcome,
+        path: &mut Path,
+    ) -> Next {
+        let mut moved = Moved::default();
+        let (watched, sockets) = self.in_kernel(sockets, ready, &mut moved).await;
+        total.to_server += moved.to_server;
+        total.to_client += moved.to_client;
+        let Some((mut client, server)) = sockets else {
+            // Ended in the kernel (its sockets closed there), or lost on the way back.
+            *path = Path::Kernel;
+            total.end = match watched {
+                Ok(Watched::Ended(end)) => end,
+                _ => End::ServerError(std::io::Error::other("sockets lost after the kernel relay")),
+            };
+            return Next::Done(None);
+        };
+        match watched {
+            Ok(Watched::Ended(end)) => {
+                *path = Path::Kernel;
+                total.end = end;
+                Next::Done(None)
+            }
+            Ok(Watched::Back(resume)) => {
+                COUNTS.handed_back.fetch_add(1, Relaxed);
+                self.tracker.resume(&resume);
+                if resume.drained {
+                    // Over at the boundary: only pglb's FATAL is left to send.
+                    *path = Path::Kernel;
+                    total.end = End::Drained;
+                    return Next::Done(Some((client, server)));
+                }
+                *path = Path::KernelThenUser;
+                Next::User((client, server))
+            }
+            Err(e) => {
+                stayed(&e);
+                if let Err(e) = client.write_all(ready).await {
+                    total.end = End::ClientError(e);
+                    return Next::Done(Some((client, server)));
+                }
+                add(&self.meters.to_client, ready.len() as u64);
+                total.to_client += ready.len() as u64;
+                Next::User((client, server))
+            }
+        }
+    }
+
     /// Takes the sockets out of tokio's reactor, hands the session to the kernel,
     /// forwards the ReadyForQuery, watches it there; the sockets go back into the reactor
     /// when the user-space relay needs them again. None: the session ended in the kernel.
