@@ -17,7 +17,10 @@
 //! connection may ask `/health` once, then it is closed), a connection serves at most
 //! [`MAX_REQUESTS`] requests, and the pages that render the whole state are paced
 //! ([`RENDERS_PER_SECOND`]), so a flood waits instead of burning the main thread.
-//! `/health` is never paced.
+//! `/health` is never paced. One source address gets at most
+//! [`MAX_CONNECTIONS_PER_SOURCE`] of the full-service connections and
+//! [`RENDERS_PER_SOURCE`] places in the render queue: a flood from one host waits behind
+//! itself, and an operator elsewhere still gets the dashboard.
 //!
 //! Admin actions are taken only from the dashboard's own origin (a browser with cached
 //! credentials visiting another site must not be able to drain servers): a request whose
@@ -28,8 +31,9 @@
 // at one per request.
 #![allow(clippy::result_large_err)]
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
@@ -47,7 +51,7 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -64,6 +68,10 @@ const MAX_BODY: usize = 16 * 1024;
 pub const BACKLOG: u32 = 4096;
 /// Connections served in full at once; more are answered `/health` only.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Full-service connections one source address may hold.
+pub const MAX_CONNECTIONS_PER_SOURCE: usize = MAX_CONNECTIONS / 4;
+/// Renders one source address may have waiting or running at once.
+pub const RENDERS_PER_SOURCE: usize = 4;
 /// Requests one keep-alive connection may make before it is closed.
 pub const MAX_REQUESTS: usize = 100;
 /// Renders of the whole state (dashboard, CSV, metrics, JSON) per second beyond a burst.
@@ -76,6 +84,7 @@ pub struct Context {
     /// The other nodes of the pair: operator actions go to them too.
     pub peers: Arc<peers::Peers>,
     connections: Arc<Semaphore>,
+    sources: Arc<Sources>,
     renders: Pacer,
 }
 
@@ -86,6 +95,7 @@ impl Context {
             process,
             peers,
             connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            sources: Arc::default(),
             renders: Pacer::new(RENDERS_PER_SECOND),
         }
     }
@@ -106,7 +116,10 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, stop: CancellationT
             _ = stop.cancelled() => return,
         };
         let ctx = Arc::clone(&ctx);
-        let full = Arc::clone(&ctx.connections).try_acquire_owned().ok();
+        let full = Sources::admit(&ctx.sources, peer.ip()).and_then(|share| {
+            let permit = Arc::clone(&ctx.connections).try_acquire_owned().ok()?;
+            Some((share, permit))
+        });
         tokio::spawn(async move {
             let served = AtomicUsize::new(0);
             let lite = full.is_none();
@@ -156,6 +169,62 @@ fn over_capacity(ctx: &Context, req: &Request<Incoming>) -> Resp {
             StatusCode::SERVICE_UNAVAILABLE,
             "stats server busy: too many connections",
         ),
+    }
+}
+
+/// What each source address holds of the port's full service: its connections, and
+/// its places in the render queue (shared by those connections).
+#[derive(Default)]
+struct Sources(std::sync::Mutex<HashMap<IpAddr, Source>>);
+
+struct Source {
+    connections: usize,
+    renders: Arc<Semaphore>,
+}
+
+/// One full-service connection of a source address, given back on drop.
+struct Share {
+    sources: Arc<Sources>,
+    ip: IpAddr,
+}
+
+impl Sources {
+    /// A full-service place for a connection from `ip`, unless it holds its share.
+    fn admit(sources: &Arc<Sources>, ip: IpAddr) -> Option<Share> {
+        let mut all = crate::counters::lock(&sources.0);
+        let source = all.entry(ip).or_insert_with(|| Source {
+            connections: 0,
+            renders: Arc::new(Semaphore::new(RENDERS_PER_SOURCE)),
+        });
+        if source.connections >= MAX_CONNECTIONS_PER_SOURCE {
+            return None;
+        }
+        source.connections += 1;
+        Some(Share {
+            sources: Arc::clone(sources),
+            ip,
+        })
+    }
+
+    /// Waits for one of `ip`'s places in the render queue (held until the render is
+    /// done). `ip` has a full-service connection while it asks, so its entry exists.
+    async fn render_place(&self, ip: IpAddr) -> Option<OwnedSemaphorePermit> {
+        let places = crate::counters::lock(&self.0)
+            .get(&ip)
+            .map(|s| Arc::clone(&s.renders))?;
+        places.acquire_owned().await.ok()
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let mut all = crate::counters::lock(&self.sources.0);
+        if let Some(source) = all.get_mut(&self.ip) {
+            source.connections -= 1;
+            if source.connections == 0 {
+                all.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -230,13 +299,18 @@ async fn handle(ctx: &Context, req: Request<Incoming>, peer: SocketAddr) -> Resp
         || path
             .strip_prefix(uri)
             .is_some_and(|rest| rest == "/" || rest.starts_with(';') || rest.starts_with("/;"));
-    match (req.method(), path.as_str()) {
+    // Held until the answer is rendered.
+    let _place = match (req.method(), path.as_str()) {
         (&Method::GET | &Method::HEAD, "/health") => {
             return health(ctx, query.split('&').any(|q| q == "servers"));
         }
-        (&Method::GET, _) => ctx.renders.wait().await,
-        _ => {}
-    }
+        (&Method::GET, _) => {
+            let place = ctx.sources.render_place(peer.ip()).await;
+            ctx.renders.wait().await;
+            place
+        }
+        _ => None,
+    };
     match (req.method(), path.as_str()) {
         (&Method::GET, "/metrics") => {
             let accept = req.headers().get(ACCEPT).and_then(|v| v.to_str().ok());
@@ -642,4 +716,41 @@ fn servers_json(ctx: &Context) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({"listens": listens})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_address_gets_its_share_of_full_service_and_leaves_no_entry_behind() {
+        let sources = Arc::new(Sources::default());
+        let (flood, other): (IpAddr, IpAddr) = ([127, 0, 0, 1].into(), [127, 0, 0, 2].into());
+        let held: Vec<_> = (0..MAX_CONNECTIONS_PER_SOURCE)
+            .map(|_| Sources::admit(&sources, flood).expect("within its share"))
+            .collect();
+        assert!(Sources::admit(&sources, flood).is_none(), "past its share");
+        let operator = Sources::admit(&sources, other).expect("another address");
+        let places: Vec<_> = render_places(&sources, flood).await;
+        assert_eq!(places.len(), RENDERS_PER_SOURCE);
+        let waiting = tokio::time::timeout(Duration::from_millis(50), sources.render_place(flood));
+        assert!(
+            waiting.await.is_err(),
+            "a fifth render waits for its own address"
+        );
+        assert!(
+            sources.render_place(other).await.is_some(),
+            "not for others"
+        );
+        drop((held, operator, places));
+        assert!(crate::counters::lock(&sources.0).is_empty());
+    }
+
+    async fn render_places(sources: &Sources, ip: IpAddr) -> Vec<OwnedSemaphorePermit> {
+        let mut places = Vec::new();
+        for _ in 0..RENDERS_PER_SOURCE {
+            places.push(sources.render_place(ip).await.expect("a place"));
+        }
+        places
+    }
 }
