@@ -148,9 +148,6 @@ pub fn record(listen: &Arc<ListenState>, server: &Arc<ServerState>, result: Chec
         server.set_up(h.up || server.checks_disabled());
         (t, before, first_up)
     };
-    if result.status.passed() {
-        server.consecutive_errors.store(0, Relaxed);
-    }
     if let Some(t) = transition {
         // A new server passing its first checks is no change worth an alert: it is
         // logged (in HAProxy's words, as every transition), not published.
@@ -171,10 +168,14 @@ pub fn connect_failed(
     if limit == 0 || cfg.check.kind == CheckKind::None {
         return;
     }
+    // The run is ended by live traffic only (a server's answer, see `connect_succeeded`),
+    // not by a passing check: a stopped process's kernel still passes a TCP check. As
+    // HAProxy's error-limit, a run that marks the server DOWN starts over.
     let errors = server.consecutive_errors.fetch_add(1, Relaxed) + 1;
     if errors < limit {
         return;
     }
+    server.consecutive_errors.store(0, Relaxed);
     let mut result = CheckResult::new(
         CheckStatus::L4Con,
         format!("{errors} consecutive connection errors on live traffic, last: {error}"),
@@ -193,7 +194,7 @@ pub fn connect_failed(
     }
 }
 
-/// A connect on live traffic succeeded: the passive error streak ends.
+/// A server answered a login on live traffic: the passive error streak ends.
 pub fn connect_succeeded(server: &ServerState) {
     if server.consecutive_errors.load(Relaxed) != 0 {
         server.consecutive_errors.store(0, Relaxed);

@@ -194,10 +194,9 @@ async fn connect(
     let addr = server.cfg().addr;
     server.counters.connects.inc();
     match net::connect(addr, listen.cfg().timeouts.connect).await {
-        Ok(stream) => {
-            checker::connect_succeeded(server);
-            Ok(stream)
-        }
+        // Its run of errors ends at its first answer, not here: a stopped process's
+        // kernel still accepts connections.
+        Ok(stream) => Ok(stream),
         Err(e) => {
             server.counters.econ.inc();
             checker::connect_failed(listen, server, &e);
@@ -316,7 +315,10 @@ async fn first_answer<T>(
         _ = kill.cancelled() => return Err(LoginError::MarkedDown),
     };
     match outcome {
-        Ok(Ok(answer)) => Ok(answer),
+        Ok(Ok(answer)) => {
+            checker::connect_succeeded(server);
+            Ok(answer)
+        }
         Ok(Err(e)) => Err(LoginError::Lost(e)),
         Err(_) => {
             let missed = LoginError::NoAnswer(limit);
@@ -432,6 +434,40 @@ mod tests {
             waited >= Duration::from_secs(5) && waited < Duration::from_secs(6),
             "{waited:?}"
         );
+    }
+
+    /// A stopped process's kernel still accepts connections: only its silence counts,
+    /// and error_limit (3) silent logins in a row mark it DOWN, so the next login does
+    /// not wait for it at all.
+    #[tokio::test(start_paused = true)]
+    async fn logins_a_hung_server_never_answers_mark_it_down() {
+        let l = crate::testing::listen_with(
+            &[fake(Fake::Hang).await, fake(Fake::Accept).await],
+            |cfg| {
+                for s in &mut cfg.servers {
+                    s.check.kind = crate::config::CheckKind::Tcp;
+                    s.check.rise = 1;
+                    s.check.error_limit = 3;
+                }
+            },
+        );
+        // Both pass their first check (rise 1), as a stopped PgBouncer's TCP check would.
+        for s in l.servers().iter() {
+            let passed = crate::health::CheckResult::new(crate::health::CheckStatus::L4Ok, "");
+            let mut h = s.health();
+            h.record(passed, std::time::Instant::now());
+            s.set_up(h.up);
+        }
+        assert!(l.servers()[0].is_up());
+        for _ in 0..3 {
+            let (mut c, _peer) = client().await;
+            assert_eq!(opened_on(&open(&mut c, &l, &mut startup()).await), "s2");
+        }
+        assert!(!l.servers()[0].is_up(), "three misses in a row: DOWN");
+        let (mut c, _peer) = client().await;
+        let t0 = tokio::time::Instant::now();
+        assert_eq!(opened_on(&open(&mut c, &l, &mut startup()).await), "s2");
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
     }
 
     #[tokio::test]
