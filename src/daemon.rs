@@ -133,13 +133,14 @@ pub async fn run<S: Future<Output = ()>>(
     let peers = Arc::new(peers::Peers::new(&config));
     take_operator_state(&peers, &process, &inherited).await;
     let stop_http = CancellationToken::new();
+    let http_tasks = TaskTracker::new();
     let (stats_handover, socket_handover) = start_stats(
         &config,
         &process,
         &peers,
         &mut inherited,
         control.workers.len(),
-        &stop_http,
+        (&stop_http, &http_tasks),
     )?;
     let (alerter, stop_alerts) = start_alerts(&config, &events);
 
@@ -180,6 +181,9 @@ pub async fn run<S: Future<Output = ()>>(
     }
     daemon.checks.cancel();
     stop_http.cancel();
+    http_tasks.close();
+    // The runtime API removes its socket file on its way out.
+    let _ = tokio::time::timeout(Duration::from_secs(1), http_tasks.wait()).await;
     flush_alerts(alerter, &stop_alerts).await;
     info!("pglb stopped");
     Ok(())
@@ -273,7 +277,7 @@ fn start_stats(
     peers: &Arc<peers::Peers>,
     inherited: &mut upgrade::Inherited,
     threads: usize,
-    stop: &CancellationToken,
+    (stop, tasks): (&CancellationToken, &TaskTracker),
 ) -> anyhow::Result<Handovers> {
     let Some(stats) = &config.stats else {
         return Ok((None, None));
@@ -291,7 +295,7 @@ fn start_stats(
         Arc::clone(process),
         Arc::clone(peers),
     ));
-    tokio::spawn(http::serve(listener, ctx, stop.clone()));
+    tasks.spawn(http::serve(listener, ctx, stop.clone()));
     let Some(spec) = &stats.socket else {
         return Ok((stats_handover, None));
     };
@@ -314,7 +318,7 @@ fn start_stats(
         state_file: stats.state_file.clone(),
         threads,
     });
-    tokio::spawn(runtime_api::serve(socket, ctx, stop.clone()));
+    tasks.spawn(runtime_api::serve(socket, ctx, stop.clone()));
     Ok((stats_handover, socket_handover))
 }
 

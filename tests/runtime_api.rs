@@ -99,7 +99,7 @@ fn stable(csv: &str, row: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socat_scripts_drive_the_socket_like_haproxys() {
     let stack = Stack::start(2);
-    let lb = start(&stack);
+    let mut lb = start(&stack);
     let sock = lb.socket.as_path();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(sock)
@@ -201,6 +201,21 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
     );
     assert_eq!(socat(sock, "show backend"), "# name\npostgres\n\n");
 
+    // HAProxy's older pair of words for maintenance.
+    assert_eq!(socat(sock, "disable server postgres/pgb2"), "\n");
+    assert!(
+        stable(&socat(sock, "show stat"), "postgres,pgb2").contains(&"status=MAINT".to_owned())
+    );
+    assert_eq!(socat(sock, "enable server postgres/pgb2"), "\n");
+    assert!(stable(&socat(sock, "show stat"), "postgres,pgb2").contains(&"status=UP".to_owned()));
+    let help = socat(sock, "help");
+    assert!(
+        help.starts_with("The following commands are valid at this level:\n")
+            && help.contains("enable server <bk>/<srv>")
+            && help.contains("clear counters [all]"),
+        "{help}"
+    );
+
     // Health checks off and on; a runtime maxconn.
     assert_eq!(socat(sock, "disable health postgres/pgb2"), "\n");
     assert!(
@@ -249,6 +264,11 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
     d.simple_query("SELECT 1").await.expect("query");
     drop(d);
 
+    // `clear counters`: the maxima only; `all`: every counter.
+    assert_ne!(harness::csv_field(lb.stats, &srv, "smax").await, "0");
+    assert_eq!(socat(sock, "clear counters"), "\n");
+    assert_eq!(harness::csv_field(lb.stats, &srv, "smax").await, "0");
+    assert_ne!(harness::csv_field(lb.stats, &srv, "stot").await, "0");
     assert_eq!(socat(sock, "clear counters all"), "\n");
     assert!(stable(&socat(sock, "show stat"), "postgres,pgb1").contains(&"stot=0".to_owned()));
 
@@ -268,6 +288,10 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
         String::from_utf8_lossy(&out.stdout),
         "\n> # name\npostgres\n\n> \n> "
     );
+
+    // The socket file goes with the process.
+    lb.pglb.proc.stop();
+    assert!(!sock.exists(), "the socket is removed when pglb stops");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
