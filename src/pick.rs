@@ -316,6 +316,22 @@ pub(crate) mod tests {
         assert_eq!(err.sqlstate(), "57P03");
     }
 
+    /// As HAProxy: an active server at its maxconn makes clients queue for it; the
+    /// backup is for when no active server is usable, not for overflow.
+    #[tokio::test(start_paused = true)]
+    async fn a_full_active_server_queues_clients_rather_than_spilling_to_the_backup() {
+        let l = listen(&[1, 0], &[false, true], Duration::from_secs(60));
+        let held = acquire(&l, &[]).await.expect("slot");
+        assert_eq!(name(&held), "s0");
+        let l2 = Arc::clone(&l);
+        let waiter = tokio::spawn(async move { acquire(&l2, &[]).await.map(|s| name(&s)) });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!waiter.is_finished(), "queued, not sent to the backup");
+        drop(held);
+        let got = waiter.await.expect("join").expect("slot once s0 has room");
+        assert_eq!(got, "s0");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn waiters_are_told_when_servers_vanish() {
         let l = listen(&[1], &[false], Duration::from_secs(60));

@@ -133,7 +133,11 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
 
     // The printed keys: kill pgb2 (DOWN, and an alert printed), start it, drain pgb1.
     writeln!(stdin, "k2").expect("key");
+    let killed = Instant::now();
     wait_status(stats, "pgb2", "DOWN").await;
+    // Query checks every 2 s, fall 3 (faster once one failed): "about 6 s".
+    let down = killed.elapsed();
+    assert!(down < Duration::from_secs(9), "pgb2 DOWN after {down:?}");
     wait_line(&rx, &mut seen, "an alert for pgb2", |l| {
         l.starts_with("ALERT") && l.contains("server 'pgb2'") && l.contains("DOWN")
     });
@@ -145,7 +149,12 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
         l.starts_with("ALERT") && l.contains("server 'pgb1'") && l.contains("DRAIN")
     });
 
-    // `q` stops everything it started.
+    writeln!(stdin, "r1").expect("key");
+    wait_status(stats, "pgb1", "UP").await;
+
+    // `q` stops everything it started: pglb, the PgBouncers and PostgreSQL all ran in the
+    // demo's process group, and none of them is left.
+    let group = Pid::from_raw(demo.0.id() as i32);
     writeln!(stdin, "q").expect("key");
     let deadline = Instant::now() + Duration::from_secs(20);
     while matches!(demo.0.try_wait(), Ok(None)) {
@@ -156,4 +165,31 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "pglb stopped"
     );
+    while killpg(group, None).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "processes of the demo are left:\n{}",
+            group_members(group)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The processes of process group `group`, with their command lines (for the failure).
+fn group_members(group: Pid) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid pgrp …: the fields after the command's closing paren.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if rest.split_whitespace().nth(2) == Some(&group.to_string()) {
+            let cmd = std::fs::read_to_string(entry.path().join("cmdline")).unwrap_or_default();
+            out.push_str(&format!(
+                "{:?}: {}\n",
+                entry.file_name(),
+                cmd.replace('\0', " ")
+            ));
+        }
+    }
+    out
 }

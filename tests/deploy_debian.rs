@@ -14,6 +14,16 @@ use harness::{is_root, pglb_bin, run, run_ok, text};
 /// Runs a maintainer script with PATH holding only recording stand-ins for the commands
 /// it may call, so nothing on this machine changes. Returns the calls, one per line.
 fn run_maintainer_script(script: &Path, args: &[&str], user_exists: bool) -> (bool, String) {
+    run_with_systemctl(script, args, user_exists, 0)
+}
+
+/// `run_maintainer_script` whose `systemctl` stand-in exits `systemctl`.
+fn run_with_systemctl(
+    script: &Path,
+    args: &[&str],
+    user_exists: bool,
+    systemctl: i32,
+) -> (bool, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let log = dir.path().join("calls");
     let getent = if user_exists { 0 } else { 2 };
@@ -30,7 +40,7 @@ fn run_maintainer_script(script: &Path, args: &[&str], user_exists: bool) -> (bo
             ("rm", 0),
             ("rmdir", 0),
             ("cp", 0),
-            ("systemctl", 0),
+            ("systemctl", systemctl),
         ],
     );
     let out = run(Command::new("/bin/sh")
@@ -105,6 +115,40 @@ fn maintainer_scripts_create_and_remove_the_pglb_user() {
     assert!(
         ok && !calls.contains("rm "),
         "upgrade keeps the state: {calls}"
+    );
+}
+
+/// Where systemd runs, a package upgrade (`configure` with the old version) of a running
+/// pglb reloads it, which starts the new binary on the same sockets; a first install or
+/// a stopped service is not reloaded (nor started).
+#[test]
+fn postinst_reloads_a_running_pglb_on_upgrade_only() {
+    // The script as it runs where systemd does: its test for /run/systemd/system pointed
+    // at a directory that exists.
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let script = tmp.path().join("postinst");
+    let text = read("deploy/debian/postinst").replace(
+        "[ -d /run/systemd/system ]",
+        &format!("[ -d {} ]", tmp.path().display()),
+    );
+    std::fs::write(&script, text).expect("write");
+    let (ok, calls) = run_with_systemctl(&script, &["configure", "0.1.0-1"], true, 0);
+    assert!(ok, "{calls}");
+    assert!(
+        calls.contains("systemctl is-active --quiet pglb\nsystemctl reload pglb\n"),
+        "upgrade of a running pglb: {calls}"
+    );
+    let (ok, calls) = run_with_systemctl(&script, &["configure", ""], false, 0);
+    assert!(
+        ok && !calls.contains("reload pglb"),
+        "first install: {calls}"
+    );
+    // `is-active` exits 3 for a stopped unit.
+    let (ok, calls) = run_with_systemctl(&script, &["configure", "0.1.0-1"], true, 3);
+    assert!(ok && !calls.contains("reload pglb"), "stopped: {calls}");
+    assert!(
+        !calls.contains("start") && !calls.contains("restart"),
+        "never started: {calls}"
     );
 }
 

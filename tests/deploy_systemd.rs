@@ -203,7 +203,8 @@ fn the_kernel_relay_drop_in_adds_only_what_bpf_needs() {
 #[test]
 fn systemd_unit_exposure_score_is_low() {
     let (score, out) = exposure(&repo().join("deploy/pglb.service"));
-    assert!(score < 5.0, "exposure {score}:\n{out}");
+    // Measured 1.6 (the README's figure); 5 would be systemd's "medium".
+    assert!(score < 2.0, "exposure {score}:\n{out}");
     // Every capability and namespace check passes.
     for l in out.lines().filter(|l| l.starts_with('✗')) {
         assert!(

@@ -6,6 +6,8 @@
 mod harness;
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use harness::{
@@ -154,7 +156,11 @@ async fn a_sigstopped_pgbouncer_does_not_hang_logins() {
     let _ = kill(Pid::from_raw(stopped as i32), Signal::SIGSTOP);
     let resume = scopeguard(stopped);
     let mut slowest = Duration::ZERO;
-    for i in 0..6 {
+    let passive_down = "consecutive connection errors on live traffic, last: no answer";
+    for i in 0..12 {
+        if i >= 6 && pglb.log().contains(passive_down) {
+            break;
+        }
         let t0 = Instant::now();
         let out = Command::new("timeout")
             .args(["20", "psql", &format!("{} connect_timeout=0", pglb.dsn())])
@@ -178,6 +184,8 @@ async fn a_sigstopped_pgbouncer_does_not_hang_logins() {
     // logins on live traffic are what mark it DOWN.
     let log = pglb.log();
     assert!(log.contains("no answer to the login within 1s"), "{log}");
+    // Each miss counted towards passive health: error_limit (3) of them marked it DOWN.
+    assert!(log.contains(passive_down), "{log}");
     drop(resume);
 }
 
@@ -484,6 +492,13 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
     ];
     let (code, _, _) = http_with(stats, "POST", "/stats", &referer, form).await;
     assert_eq!(code, 403, "cross-site referer");
+    let fetch = [
+        ("Authorization", basic.as_str()),
+        form_type,
+        ("Sec-Fetch-Site", "cross-site"),
+    ];
+    let (code, _, _) = http_with(stats, "POST", "/stats", &fetch, form).await;
+    assert_eq!(code, 403, "Sec-Fetch-Site: cross-site");
     let body = "{\"action\": \"drain\"}";
     let (code, _, _) = http(
         stats,
@@ -520,9 +535,60 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
     .await;
     assert_eq!(code, 200);
 
+    // The form's other shapes: the listen by `#iid`, a weight; and a listen that does
+    // not exist.
+    let weight = "b=%231&s=pgb1&action=weight&weight=30";
+    let (code, _, _) = http_with(stats, "POST", "/stats", &same, weight).await;
+    assert_eq!(code, 303);
+    assert_eq!(csv_field(stats, "pgb1", "weight").await, "30");
+    let (code, _, _) = http(
+        stats,
+        "POST",
+        "/api/servers/nope/pgb1",
+        ADMIN,
+        "{\"action\": \"drain\"}",
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 404, "an unknown listen");
+
     let (code, head, body) = http_with(stats, "HEAD", "/health", &[], "").await;
     assert_eq!(code, 200, "{head}");
     assert!(body.is_empty());
+}
+
+/// Without `[stats.auth]` the dashboard is read-only: an admin action is 403 with or
+/// without credentials, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_credentials_configured_admin_actions_are_refused() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let config = format!(
+        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
+        Pglb::config(port, "", &stack.servers_toml())
+    );
+    let _pglb = Pglb::start(&config, port);
+    let form = ("Content-Type", "application/x-www-form-urlencoded");
+    let (code, _, body) = http_with(
+        stats,
+        "POST",
+        "/stats",
+        &[form],
+        "b=postgres&s=pgb1&action=maint",
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    let (code, _, _) = http(
+        stats,
+        "POST",
+        "/api/servers/postgres/pgb1",
+        ADMIN,
+        "{\"action\": \"drain\"}",
+        "application/json",
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert_eq!(csv_field(stats, "pgb1", "status").await, "no check");
 }
 
 /// Seen: two state changes, then SIGTERM: 0 of 2 alerts delivered with coalesce = "10s".
@@ -557,4 +623,98 @@ async fn alerts_queued_at_sigterm_are_delivered() {
         all.contains("server 'pgb2'") && all.contains("MAINT"),
         "{all}"
     );
+}
+
+/// A webhook that answers every request with `status`, or with `None` never answers
+/// (holding the connection); returns its port and how many requests it got.
+async fn failing_webhook(status: Option<u16>) -> (u16, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&count);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut buf = [0u8; 8192];
+            if !matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                continue;
+            }
+            seen.fetch_add(1, Relaxed);
+            match status {
+                Some(code) => {
+                    let head = format!(
+                        "HTTP/1.1 {code} Failing\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    let _ = s.write_all(head.as_bytes()).await;
+                }
+                None => held.push(s),
+            }
+        }
+    });
+    (port, count)
+}
+
+fn alerts_config(port: u16, stats: u16, stack: &Stack, hook: u16, coalesce: &str) -> String {
+    format!(
+        "{}\n{}\n[alerts]\nwebhook_url = \"http://127.0.0.1:{hook}/hook\"\ncoalesce = \"{coalesce}\"\n",
+        Pglb::config(port, "", &stack.servers_toml()),
+        stats_toml(stats)
+    )
+}
+
+/// A webhook that keeps failing gets five attempts, with backoff, and then the loss is
+/// logged with the message's text; pglb serves on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_the_webhook_keeps_refusing_is_retried_then_logged_as_lost() {
+    let stack = Stack::start(2);
+    let (hook, requests) = failing_webhook(Some(500)).await;
+    let (port, stats) = (free_port(), free_port());
+    let pglb = Pglb::start(&alerts_config(port, stats, &stack, hook, "100ms"), port);
+    let t0 = Instant::now();
+    harness::admin_action(stats, "pgb1", "drain").await;
+    let log = pglb.wait_log(&["alert lost"], 1, Duration::from_secs(20));
+    let took = t0.elapsed();
+    let line = log.lines().find(|l| l.contains("alert lost")).unwrap_or("");
+    assert!(
+        line.contains("HTTP 500")
+            && line.contains("after 5 attempts")
+            && line.contains("server 'pgb1'"),
+        "{line}"
+    );
+    assert_eq!(requests.load(Relaxed), 5, "five attempts");
+    // Backoff 0.5 + 1 + 2 + 4 s between them.
+    assert!(took >= Duration::from_secs(7), "retried too fast: {took:?}");
+    let c = pglb.connect().await.expect("still serving");
+    c.simple_query("SELECT 1").await.expect("query");
+}
+
+/// At SIGTERM, an alert whose webhook does not answer is given up within the 10 s flush
+/// time and logged as lost at shutdown, with its text: the stop stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_a_hung_webhook_cannot_take_is_logged_as_lost_at_shutdown() {
+    let stack = Stack::start(1);
+    let (hook, requests) = failing_webhook(None).await;
+    let (port, stats) = (free_port(), free_port());
+    let mut pglb = Pglb::start(&alerts_config(port, stats, &stack, hook, "1h"), port);
+    harness::admin_action(stats, "pgb1", "maint").await;
+    let t0 = Instant::now();
+    pglb.proc.signal(Signal::SIGTERM);
+    let status = pglb.proc.wait_exit(Duration::from_secs(20));
+    let took = t0.elapsed();
+    let log = pglb.log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("alert lost at shutdown"))
+        .unwrap_or_else(|| panic!("no loss logged:\n{log}"));
+    assert!(
+        line.contains("server 'pgb1'") && line.contains("MAINT"),
+        "{line}"
+    );
+    assert!(requests.load(Relaxed) >= 1, "the flush tried");
+    // linger (100 ms here), then at most the 10 s flush.
+    assert!(took < Duration::from_secs(12), "stop took {took:?}");
 }

@@ -26,9 +26,9 @@ async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
     let text = config(port, stats, &stack, "2s");
     assert!(text.contains("linger = \"2s\"") && text.contains("grace = \"30s\""));
     let mut pglb = Pglb::start(&text, port);
-    let idle = pglb.connect().await.expect("connect");
+    let (idle, idle_conn) = pglb.connect_watched().await.expect("connect");
     idle.simple_query("SELECT 1").await.expect("query");
-    let busy = pglb.connect().await.expect("connect");
+    let (busy, busy_conn) = pglb.connect_watched().await.expect("connect");
     busy.simple_query("BEGIN; SELECT 1").await.expect("begin");
 
     let t0 = Instant::now();
@@ -71,11 +71,18 @@ async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
         idle.is_closed() || err.contains("shutting down") || err.contains("closed"),
         "{err}"
     );
+    let shutting_down = (
+        "57P01".to_owned(),
+        "pglb is shutting down; reconnect to continue".to_owned(),
+    );
+    assert_eq!(harness::fatal_at_end(idle_conn).await, shutting_down);
     // The session inside a transaction finishes it, then ends at the boundary.
     busy.simple_query("SELECT 2")
         .await
         .expect("the transaction goes on");
     busy.simple_query("COMMIT").await.expect("commit");
+    // …and ends at that boundary, with the same words.
+    assert_eq!(harness::fatal_at_end(busy_conn).await, shutting_down);
     let status = pglb.proc.wait_exit(Duration::from_secs(8));
     assert!(
         status.is_some(),
@@ -344,4 +351,131 @@ fn sigusr2_hands_the_unix_runtime_socket_to_the_new_process() {
     );
     let pid = harness::successor_pid(&read_log()).expect("new pid");
     assert!(harness::stop_pid(pid), "new process did not stop");
+}
+
+/// An upgrade that cannot happen is abandoned and the running process goes on serving,
+/// whatever the new binary does wrong: it refuses the configuration, it exits before
+/// serving, or it never says it serves (abandoned after 15 s, and killed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_the_running_process_serving() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = dir.path().join("pglb");
+    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
+    let config = dir.path().join("pglb.toml");
+    let good = self::config(port, stats, &stack, "100ms");
+    std::fs::write(&config, &good).expect("config");
+    let log = dir.path().join("pglb.log");
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let pglb = harness::Proc::spawn(&mut cmd, "pglb", Signal::SIGTERM);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let failures = || {
+        read_log()
+            .matches("upgrade failed, this process goes on serving")
+            .count()
+    };
+    let upgrade = |why: &str, limit: Duration| {
+        let before = failures();
+        pglb.signal(Signal::SIGUSR2);
+        let deadline = Instant::now() + limit;
+        while failures() == before {
+            assert!(
+                Instant::now() < deadline,
+                "{why}: not abandoned:\n{}",
+                read_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let text = read_log();
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.contains("upgrade failed"))
+            .unwrap_or("");
+        assert!(line.contains(why), "{line}");
+    };
+    let dsn = format!(
+        "host=127.0.0.1 port={port} user={} password={} dbname={}",
+        harness::APP_USER,
+        harness::APP_PASSWORD,
+        harness::APP_DB
+    );
+    let serves = || async {
+        let c = harness::connect_dsn(&dsn)
+            .await
+            .expect("the old process serves");
+        c.simple_query("SELECT 1").await.expect("query");
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !read_log().contains("listening listen=postgres") {
+        assert!(Instant::now() < deadline, "{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = harness::connect_dsn(&dsn).await.expect("connect");
+
+    // 1. The configuration on disk no longer passes (the new binary's --check says why).
+    std::fs::write(
+        &config,
+        good.replace("[global]", "[global]\nno_such_key = 1"),
+    )
+    .expect("bad");
+    upgrade(
+        "the new binary refuses the configuration",
+        Duration::from_secs(10),
+    );
+    assert!(read_log().contains("no_such_key"), "{}", read_log());
+    std::fs::write(&config, &good).expect("config");
+    serves().await;
+
+    // 2. and 3. A new "binary" that passes --check, then exits, or then never serves.
+    let script = |body: &str| {
+        let fresh = dir.path().join("pglb.new");
+        let text = format!("#!/bin/sh\nfor a; do [ \"$a\" = --check ] && exit 0; done\n{body}\n");
+        std::fs::write(&fresh, text).expect("script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::rename(&fresh, &binary).expect("replace the binary");
+    };
+    script("exit 3");
+    upgrade(
+        "the new process exited before serving",
+        Duration::from_secs(10),
+    );
+    serves().await;
+    script(&format!(
+        "echo $$ > {}/hung.pid\nexec sleep 60",
+        dir.path().display()
+    ));
+    let t0 = Instant::now();
+    upgrade(
+        "the new process did not serve within 15s",
+        Duration::from_secs(25),
+    );
+    assert!(
+        t0.elapsed() >= Duration::from_secs(14),
+        "{:?}",
+        t0.elapsed()
+    );
+    let hung: i32 = std::fs::read_to_string(dir.path().join("hung.pid"))
+        .expect("the hung successor's pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(
+        kill(Pid::from_raw(hung), None).is_err(),
+        "the hung successor was killed"
+    );
+    serves().await;
+
+    // Throughout, the session held on the old process was never touched, and /health
+    // stayed up.
+    held.simple_query("SELECT 1")
+        .await
+        .expect("the held session");
+    assert_eq!(http_get(stats, "/health").await.0, 200);
+    drop(pglb);
 }

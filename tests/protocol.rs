@@ -115,7 +115,7 @@ async fn drain_waits_for_the_transaction(mode: RelayMode) {
     let (port, stats) = (free_port(), free_port());
     let config = Pglb::config_with_stats(port, mode.listen_key(), &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
-    let client = pglb.connect().await.expect("connect");
+    let (client, conn) = pglb.connect_watched().await.expect("connect");
     let on = if stack.bouncers[0].app_clients().await == 1 {
         "pgb1"
     } else {
@@ -148,6 +148,12 @@ async fn drain_waits_for_the_transaction(mode: RelayMode) {
     assert!(
         err.is_closed() || db_error(&err).is_some_and(|e| e.0 == "57P01"),
         "{err}"
+    );
+    let (code, message) = harness::fatal_at_end(conn).await;
+    assert_eq!(code, "57P01", "{message}");
+    assert_eq!(
+        message,
+        format!("pglb: server '{on}' of listen 'postgres' is being drained; reconnect to continue")
     );
     let log = pglb.wait_log(
         &["drained at a transaction boundary"],

@@ -108,6 +108,7 @@ async fn a_bad_reload_keeps_the_running_config_and_says_why() {
         page.contains("Last configuration reload failed"),
         "the dashboard shows it"
     );
+    assert_eq!(last_reload_success(stats).await, 0.0);
     let c = pglb
         .connect()
         .await
@@ -118,6 +119,36 @@ async fn a_bad_reload_keeps_the_running_config_and_says_why() {
     pglb.wait_log(&["configuration reloaded"], 1, Duration::from_secs(3));
     let (_, body) = http_get(stats, "/health").await;
     assert!(body.starts_with("UP: "), "{body}");
+    assert_eq!(last_reload_success(stats).await, 1.0);
+
+    // What a reload cannot change is said, and the rest of the file still applies.
+    let later = ConfigText::new(good.clone())
+        .set("global", "threads", 7)
+        .set("stats", "bind", format!("127.0.0.1:{}", free_port()))
+        .build();
+    pglb.reload(&later);
+    let log = pglb.wait_log(&["configuration reloaded"], 2, Duration::from_secs(3));
+    for words in [
+        "global threads changes take effect at the next restart",
+        "[stats] changes take effect at the next restart",
+    ] {
+        assert!(log.contains(words), "{words}:\n{log}");
+    }
+    assert_eq!(
+        http_get(stats, "/health").await.0,
+        200,
+        "the stats port stays"
+    );
+}
+
+/// `pglb_process_last_reload_success` as /metrics says it.
+async fn last_reload_success(stats: u16) -> f64 {
+    let (_, metrics) = http_get(stats, "/metrics").await;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("pglb_process_last_reload_success "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no pglb_process_last_reload_success in:\n{metrics}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -733,6 +733,35 @@ impl Pglb {
     }
 }
 
+/// A tokio-postgres client and its connection task, whose result says how the server
+/// ended the connection (a FATAL sent outside a query arrives there, not at the client).
+#[allow(dead_code)] // not every test binary uses every helper
+pub type Watched = (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+);
+
+impl Pglb {
+    /// `connect`, keeping the connection task's result.
+    #[allow(dead_code)]
+    pub async fn connect_watched(&self) -> Result<Watched, tokio_postgres::Error> {
+        let (client, conn) = tokio_postgres::connect(&self.dsn(), tokio_postgres::NoTls).await?;
+        Ok((client, tokio::spawn(conn)))
+    }
+}
+
+/// The FATAL that ended a watched connection: its SQLSTATE and message (panics when it
+/// ended otherwise, or not within 5 s).
+#[allow(dead_code)]
+pub async fn fatal_at_end(
+    conn: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+) -> (String, String) {
+    match tokio::time::timeout(Duration::from_secs(5), conn).await {
+        Ok(Ok(Err(e))) => db_error(&e).unwrap_or_else(|| panic!("ended without a FATAL: {e}")),
+        other => panic!("the connection did not end with an error: {other:?}"),
+    }
+}
+
 pub async fn connect_dsn(dsn: &str) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
     tokio::spawn(conn);
