@@ -3,9 +3,10 @@
 # PostgreSQL 15 (server and client tools, pgbench), PgBouncer, Chromium (dashboard test);
 # for tests/deploy_*.rs: keepalived (--config-test), ruby (ruby -c Vagrantfile),
 # python3-yaml (docker-compose.yml), systemd (systemd-analyze security); for
-# tests/failover_*.rs: keepalived, curl, iproute2 (ip netns); and cargo-deb
-# (the Debian package), from crates.io; psycopg 3 with the libpq 18 its wheel bundles
-# (tests/modern_cancel.rs: libpq 17+'s cancel API), from PyPI.
+# tests/failover_*.rs: keepalived, curl, iproute2 (ip netns); cargo-deb, cargo-nextest
+# and cargo-deny (the Debian package, the test runner, the supply chain) from crates.io;
+# psycopg 3 with the libpq 18 its wheel bundles (tests/modern_cancel.rs: libpq 17+'s
+# cancel API), from PyPI.
 # haproxy and linux-perf are for bench/ (the comparison and profiles).
 # `--demo` installs only what deploy/demo.sh needs.
 # Packages already installed are skipped, so this is cheap to run every time.
@@ -22,6 +23,12 @@ if [ "${1:-}" != "--demo" ]; then
   if ! cargo deb --version >/dev/null 2>&1; then
     echo "installing: cargo-deb"
     cargo install cargo-deb --locked --quiet
+  fi
+  # cargo-nextest runs the suite (tests/run.sh): its test groups keep the network-namespace
+  # labs one at a time, which plain `cargo test` cannot.
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "installing: cargo-nextest"
+    cargo install cargo-nextest --locked --quiet
   fi
   # cargo-deny checks advisories, licenses, bans and sources (tests/supply-chain.sh).
   if ! cargo deny --version >/dev/null 2>&1; then

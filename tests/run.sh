@@ -8,8 +8,5 @@ bash deploy/apt-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 bash tests/supply-chain.sh
-if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --locked --no-fail-fast
-else
-  cargo test --locked --no-fail-fast
-fi
+# deploy/apt-deps.sh installed cargo-nextest where it was missing.
+cargo nextest run --locked --no-fail-fast
