@@ -4,13 +4,14 @@
 use std::path::Path;
 use std::process::Command;
 
-fn pglb(args: &[&str]) -> (bool, String, String) {
+/// Runs pglb: its exit code, stdout and stderr.
+fn pglb(args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_pglb"))
         .args(args)
         .output()
         .expect("run pglb");
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
@@ -19,8 +20,8 @@ fn pglb(args: &[&str]) -> (bool, String, String) {
 #[test]
 fn shipped_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/pglb.toml");
-    let (ok, stdout, stderr) = pglb(&["--config", path.to_str().expect("utf-8 path"), "--check"]);
-    assert!(ok, "{stderr}");
+    let (code, stdout, stderr) = pglb(&["--config", path.to_str().expect("utf-8 path"), "--check"]);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("configuration is valid"));
     // Safe as shipped: the stats port on loopback, admin actions off until the operator
     // sets a password of their own.
@@ -48,6 +49,11 @@ fn bad_configs_are_refused_with_file_line_and_reason() {
             "string \"five seconds\", expected a duration",
         ),
         (
+            "missing_cert.toml",
+            5,
+            "tls: cannot read certificate file /nonexistent/pglb-cert.pem",
+        ),
+        (
             "example_password.toml",
             13,
             "[stats.auth] password is the example password \"change-me\"",
@@ -55,8 +61,8 @@ fn bad_configs_are_refused_with_file_line_and_reason() {
     ] {
         let path = dir.join(file);
         let path = path.to_str().expect("utf-8 path");
-        let (ok, _, stderr) = pglb(&["--config", path, "--check"]);
-        assert!(!ok, "{file} must be refused");
+        let (code, _, stderr) = pglb(&["--config", path, "--check"]);
+        assert_eq!(code, Some(1), "{file} must be refused with exit 1");
         let expected = format!("{path}:{line}: ");
         assert!(
             stderr.contains(&expected),
@@ -67,15 +73,15 @@ fn bad_configs_are_refused_with_file_line_and_reason() {
             "{file}: expected {reason:?} in {stderr:?}"
         );
         // Starting the daemon with it fails the same way, before binding anything.
-        let (ok, _, stderr) = pglb(&["--config", path]);
-        assert!(!ok && stderr.contains(&expected), "{stderr}");
+        let (code, _, stderr) = pglb(&["--config", path]);
+        assert!(code == Some(1) && stderr.contains(&expected), "{stderr}");
     }
 }
 
 #[test]
 fn missing_file_is_named() {
-    let (ok, _, stderr) = pglb(&["--config", "/nonexistent/pglb.toml", "--check"]);
-    assert!(!ok);
+    let (code, _, stderr) = pglb(&["--config", "/nonexistent/pglb.toml", "--check"]);
+    assert_eq!(code, Some(1));
     assert!(
         stderr.contains("/nonexistent/pglb.toml") && stderr.contains("cannot read"),
         "{stderr}"
@@ -84,11 +90,11 @@ fn missing_file_is_named() {
 
 #[test]
 fn version_and_help() {
-    let (ok, stdout, _) = pglb(&["--version"]);
-    assert!(ok && stdout.starts_with("pglb "), "{stdout}");
-    let (ok, stdout, _) = pglb(&["--help"]);
+    let (code, stdout, _) = pglb(&["--version"]);
+    assert!(code == Some(0) && stdout.starts_with("pglb "), "{stdout}");
+    let (code, stdout, _) = pglb(&["--help"]);
     assert!(
-        ok && stdout.contains("--check") && stdout.contains("--config"),
+        code == Some(0) && stdout.contains("--check") && stdout.contains("--config"),
         "{stdout}"
     );
 }

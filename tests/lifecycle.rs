@@ -479,3 +479,26 @@ async fn a_failed_upgrade_leaves_the_running_process_serving() {
     assert_eq!(http_get(stats, "/health").await.0, 200);
     drop(pglb);
 }
+
+/// Ctrl-C in a terminal (SIGINT) stops pglb as SIGTERM does: exit 0, sessions told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_stops_like_sigterm() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let mut pglb = Pglb::start(&config(port, stats, &stack, "100ms"), port);
+    let (idle, conn) = pglb.connect_watched().await.expect("connect");
+    idle.simple_query("SELECT 1").await.expect("query");
+    pglb.proc.signal(Signal::SIGINT);
+    let (code, message) = harness::fatal_at_end(conn).await;
+    assert_eq!(
+        (code.as_str(), message.as_str()),
+        ("57P01", "pglb is shutting down; reconnect to continue")
+    );
+    let status = pglb.proc.wait_exit(Duration::from_secs(8));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        pglb.log()
+    );
+    assert!(pglb.log().contains("SIGINT received"), "{}", pglb.log());
+}

@@ -12,6 +12,8 @@ use harness::{ConfigText, Pglb, Stack, free_port, http_get};
 struct Node {
     pglb: Option<Pglb>,
     port: u16,
+    /// The runtime API's Unix socket.
+    socket: std::path::PathBuf,
     stats: u16,
     config: String,
     _dir: tempfile::TempDir,
@@ -27,15 +29,18 @@ fn node(stack: &Stack, name: &str, port: u16, stats: u16, peer: (&str, u16)) -> 
     .set("global", "node", name)
     .build()
         + &format!(
-            "\n[stats]\nbind = \"127.0.0.1:{stats}\"\nstate_file = \"{}\"\n[stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n\n\
+            "\n[stats]\nbind = \"127.0.0.1:{stats}\"\nstate_file = \"{}\"\nsocket = \"{}\"\n\
+             [stats.auth]\nuser = \"admin\"\npassword = \"s3cret\"\n\n\
              [[peer]]\nname = \"{}\"\nurl = \"http://127.0.0.1:{}\"\n",
             dir.path().join("state.toml").display(),
+            dir.path().join("admin.sock").display(),
             peer.0,
             peer.1
         );
     Node {
         pglb: Some(Pglb::start(&config, port)),
         port,
+        socket: dir.path().join("admin.sock"),
         stats,
         config,
         _dir: dir,
@@ -103,6 +108,43 @@ async fn operator_actions_reach_the_peer_and_survive_restarts() {
     })
     .await;
 
+    // The runtime socket and the dashboard's form reach the peer the same way, and so
+    // do health checks turned off and on.
+    runtime(&lb2.socket, "set server postgres/pgb1 state drain");
+    within(
+        "socket drain reached lb1",
+        Duration::from_secs(1),
+        || async { status(s1, "pgb1").await == "DRAIN" },
+    )
+    .await;
+    let form = [
+        ("Authorization", "Basic YWRtaW46czNjcmV0"),
+        ("Content-Type", "application/x-www-form-urlencoded"),
+    ];
+    let (code, _, _) = harness::http_with(
+        s1,
+        "POST",
+        "/stats",
+        &form,
+        "b=postgres&s=pgb1&action=ready",
+    )
+    .await;
+    assert_eq!(code, 303);
+    within("form ready reached lb2", Duration::from_secs(1), || async {
+        status(s2, "pgb1").await == "UP"
+    })
+    .await;
+    runtime(&lb1.socket, "disable health postgres/pgb1");
+    within("health off reached lb2", Duration::from_secs(1), || async {
+        status(s2, "pgb1").await == "no check"
+    })
+    .await;
+    runtime(&lb2.socket, "enable health postgres/pgb1");
+    within("health on reached lb1", Duration::from_secs(2), || async {
+        status(s1, "pgb1").await == "UP"
+    })
+    .await;
+
     // lb2 down: an action on lb1 still applies locally, the dashboard shows the peer
     // unreachable; lb2 takes the newest state from lb1 before it serves.
     lb2.pglb.take();
@@ -151,4 +193,18 @@ async fn operator_actions_reach_the_peer_and_survive_restarts() {
         .await;
     }
     drop(lb1);
+}
+
+/// One runtime API command through socat, as an operator's script sends it; it must be
+/// taken (HAProxy's empty answer).
+fn runtime(socket: &std::path::Path, command: &str) {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo '{command}' | timeout 5 socat stdio UNIX-CONNECT:{}",
+            socket.display()
+        ))
+        .output()
+        .expect("socat");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "\n", "{command}");
 }

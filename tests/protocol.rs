@@ -311,6 +311,15 @@ async fn idle_and_drain_deadlines_close_sessions_with_their_reason() {
     assert_eq!(closed(&[]), 1, "only the idle session closed:\n{log}");
     drop(busy);
 
+    // A query whose server stays silent past its idle limit: cut, the server blamed.
+    let slow = pglb.connect().await.expect("connect");
+    assert!(slow.simple_query("SELECT pg_sleep(3)").await.is_err());
+    pglb.wait_log(
+        &["term=\"sD\"", "end=server idle timeout"],
+        1,
+        Duration::from_secs(3),
+    );
+
     // Drained inside a transaction: closed at the drain deadline, not at a boundary.
     let open = pglb.connect().await.expect("connect");
     open.simple_query("BEGIN; SELECT 1").await.expect("begin");

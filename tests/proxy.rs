@@ -278,5 +278,12 @@ async fn sigterm_grace_ends_stuck_sessions() {
         started.elapsed() >= Duration::from_millis(900),
         "the grace period was honoured"
     );
-    assert!(pglb.log().contains("closing remaining sessions"));
+    let log = pglb.log();
+    assert!(log.contains("closing remaining sessions"), "{log}");
+    // Its log line says who ended it, in HAProxy's letters: K(illed) at D(ata) phase.
+    let line = log
+        .lines()
+        .find(|l| l.contains("session closed"))
+        .unwrap_or("");
+    assert!(line.contains("term=\"KD\""), "{line}");
 }

@@ -230,6 +230,35 @@ async fn metrics_parse_and_health_flips_when_all_servers_are_down() {
     assert_eq!(value("pglb_server_weight", Some("pgb1")), 100.0);
     drop(c);
 
+    // Drained or in maintenance, a server is still up (its health); the status and the
+    // JSON API say which.
+    harness::admin_action(stats, "pgb1", "drain").await;
+    harness::admin_action(stats, "pgb2", "maint").await;
+    let later = self::scrape(stats).await;
+    assert_eq!(sum(&later, "pglb_server_up", None), 2.0);
+    let state_of = |server: &str| {
+        later
+            .samples
+            .iter()
+            .filter(|s| s.metric == "pglb_server_status" && s.labels.get("server") == Some(server))
+            .find(|s| matches!(s.value, prometheus_parse::Value::Gauge(v) if v == 1.0))
+            .and_then(|s| s.labels.get("state").map(str::to_owned))
+    };
+    assert_eq!(state_of("pgb1").as_deref(), Some("DRAIN"));
+    assert_eq!(state_of("pgb2").as_deref(), Some("MAINT"));
+    let (_, json) = http_get(stats, "/api/servers").await;
+    let api: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    let servers = &api["listens"][0]["servers"];
+    assert_eq!(api["listens"][0]["name"], "postgres", "{json}");
+    for (i, name, admin, status) in [(0, "pgb1", "drain", "DRAIN"), (1, "pgb2", "maint", "MAINT")] {
+        assert_eq!(servers[i]["name"], name, "{json}");
+        assert_eq!(servers[i]["admin"], admin, "{json}");
+        assert_eq!(servers[i]["status"], status, "{json}");
+        assert_eq!(servers[i]["weight"], 100, "{json}");
+    }
+    harness::admin_action(stats, "pgb1", "ready").await;
+    harness::admin_action(stats, "pgb2", "ready").await;
+
     let (code, body) = http_get(stats, "/health").await;
     assert_eq!((code, body.trim()), (200, "UP: 1 listen(s) serving"));
     stack.bouncers[0].kill();

@@ -399,6 +399,11 @@ backup = true
         assert_eq!(l.timeouts.connect, Duration::from_millis(250));
         assert_eq!(l.timeouts.client, Duration::from_secs(1800));
         assert_eq!(l.timeouts.startup, Duration::from_secs(10));
+        // Defaults the README and config/pglb.toml state.
+        assert_eq!(l.timeouts.server, Duration::from_secs(1800));
+        assert_eq!(l.timeouts.login, Duration::from_secs(5));
+        assert_eq!(l.timeouts.queue, Duration::from_secs(30));
+        assert_eq!(l.timeouts.drain, Duration::from_secs(300));
         assert_eq!(l.retries, 3);
         assert_eq!(l.servers[0].weight, 100);
         assert!(l.servers[1].backup);

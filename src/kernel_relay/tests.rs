@@ -325,6 +325,14 @@ fn handed_over() -> u64 {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// (stayed in user space, handed back) since the start: `/metrics`'
+/// `pglb_kernel_relay_sessions_total` outcomes. (One process per test under nextest.)
+fn other_outcomes() -> (u64, u64) {
+    let c = &super::COUNTS;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+    (load(&c.stayed), load(&c.handed_back))
+}
+
 /// A request and, once echoed by `Fake::Echo`, its answer: the program counts the Query
 /// on the way in and the ReadyForQuery (`status`) on the way back.
 fn transaction(status: u8) -> Vec<u8> {
@@ -370,6 +378,7 @@ async fn a_drain_ends_a_kernel_session_at_its_transaction_boundary_not_inside() 
     let rest = read_to_close(&mut c, Duration::from_secs(5)).await;
     assert_eq!(&rest[..close.len()], &close[..], "the answer first");
     assert_drained(&rest[close.len()..]);
+    assert_eq!(other_outcomes(), (0, 1), "handed back for the FATAL");
 }
 
 #[tokio::test]
@@ -437,7 +446,8 @@ async fn a_quiet_kernel_session_ends_at_the_client_idle_limit() {
 }
 
 #[tokio::test]
-async fn a_client_that_sends_before_its_turn_stays_in_user_space_and_loses_nothing() {
+async fn a_query_pipelined_behind_the_startup_is_answered_before_the_hand_over_and_nothing_is_lost()
+{
     let listen = kernel_listen(&[fake(Fake::Echo).await]);
     let (addr, _workers) = serve(&listen, 100);
     let mut c = TcpStream::connect(addr).await.expect("connect");
@@ -452,6 +462,10 @@ async fn a_client_that_sends_before_its_turn_stays_in_user_space_and_loses_nothi
     let later = transaction(b'I');
     c.write_all(&later).await.expect("write");
     assert_eq!(read_exactly(&mut c, later.len()).await, later);
+    // Handed over at the first ReadyForQuery that answered everything (the pipelined
+    // query's, not the login's).
+    assert_eq!(handed_over(), 1);
+    assert_eq!(other_outcomes(), (0, 0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
