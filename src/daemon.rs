@@ -35,6 +35,8 @@ enum ReloadError {
     Config(crate::config::ConfigError),
     #[error("reload task failed: {0}")]
     Task(tokio::task::JoinError),
+    #[error("reading the configuration took longer than {0:?} (server names resolving?)")]
+    Slow(Duration),
     #[error("listen '{listen}': cannot bind {addr}: {source}")]
     Bind {
         listen: String,
@@ -45,6 +47,8 @@ enum ReloadError {
 
 /// Extra time given to sessions to unwind once told to close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long a reload may take to read the file (resolving names, loading certificates).
+const LOAD_WAIT: Duration = Duration::from_secs(30);
 
 /// What the daemon is asked to do while it runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -427,13 +431,22 @@ impl Daemon {
                 Some(r) = requests.recv() => r,
             };
             let path = self.config_path.clone();
-            match request {
-                Request::Reload if !self.binary.replaced() => self.reload(&path).await,
-                _ => {
-                    if self.upgrade().await {
-                        return Ending::HandedOver;
+            // A stop signal wins over a reload or an upgrade in progress (which is then
+            // abandoned: a successor not yet serving is killed).
+            let upgraded = tokio::select! {
+                _ = &mut shutdown => return Ending::Stop,
+                upgraded = async {
+                    match request {
+                        Request::Reload if !self.binary.replaced() => {
+                            self.reload(&path).await;
+                            false
+                        }
+                        _ => self.upgrade().await,
                     }
-                }
+                } => upgraded,
+            };
+            if upgraded {
+                return Ending::HandedOver;
             }
         }
     }
@@ -613,9 +626,11 @@ impl Daemon {
         // Reading the file resolves server names and loads certificates: off this thread,
         // which also serves the stats port and /health (a slow resolver must not stall it).
         let file = path.to_owned();
-        let loaded = match tokio::task::spawn_blocking(move || Config::load(&file)).await {
-            Ok(loaded) => loaded.map_err(ReloadError::Config),
-            Err(e) => Err(ReloadError::Task(e)),
+        let load = tokio::task::spawn_blocking(move || Config::load(&file));
+        let loaded = match tokio::time::timeout(LOAD_WAIT, load).await {
+            Ok(Ok(loaded)) => loaded.map_err(ReloadError::Config),
+            Ok(Err(e)) => Err(ReloadError::Task(e)),
+            Err(_) => Err(ReloadError::Slow(LOAD_WAIT)),
         };
         match loaded.and_then(|config| self.try_reload(config)) {
             Ok(summary) => {

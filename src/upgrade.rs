@@ -30,12 +30,16 @@ const READY_ENV: &str = "PGLB_UPGRADE_READY";
 const STATE_ENV: &str = "PGLB_UPGRADE_STATE";
 /// How long the new process may take to serve before the upgrade is abandoned.
 const READY_WAIT: Duration = Duration::from_secs(15);
+/// How long the new binary's `--check` of the configuration may take.
+const CHECK_WAIT: Duration = Duration::from_secs(30);
 
 /// Why an upgrade did not happen (the running process goes on serving).
 #[derive(Debug, thiserror::Error)]
 pub enum UpgradeError {
     #[error("the new binary refuses the configuration: {0}")]
     Check(String),
+    #[error("the new binary's --check did not finish within {0:?}")]
+    CheckHung(Duration),
     #[error("cannot start the new binary: {0}")]
     Spawn(std::io::Error),
     #[error("the new process did not serve within {0:?}")]
@@ -175,29 +179,49 @@ pub async fn start_successor(
         .env(STATE_ENV, &state_path);
     cmd.fd_mappings(mappings)
         .map_err(|e| UpgradeError::Spawn(std::io::Error::other(e)))?;
-    let mut child = cmd.spawn().map_err(UpgradeError::Spawn)?;
-    let pid = child.id();
+    let mut child = Successor(Some(cmd.spawn().map_err(UpgradeError::Spawn)?));
+    let pid = child.pid();
     info!(pid, binary = %binary.display(), "upgrade: new process started on the same sockets");
     let outcome = wait_ready(&ready, &mut child).await;
     let _ = std::fs::remove_file(&ready_path);
     let _ = std::fs::remove_file(&state_path);
-    match outcome {
-        Ok(()) => Ok(pid),
-        Err(e) => {
+    outcome.map(|()| {
+        // It serves: it lives on without this process.
+        child.0.take();
+        pid
+    })
+}
+
+/// The new process until it serves: killed if the upgrade is abandoned, whether it
+/// failed or this process was told to stop meanwhile.
+struct Successor(Option<std::process::Child>);
+
+impl Successor {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, std::process::Child::id)
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+}
+
+impl Drop for Successor {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
             let _ = child.kill();
             let _ = child.wait();
-            Err(e)
         }
     }
 }
 
 async fn wait_ready(
     ready: &tokio::net::UnixListener,
-    child: &mut std::process::Child,
+    child: &mut Successor,
 ) -> Result<(), UpgradeError> {
     let deadline = tokio::time::Instant::now() + READY_WAIT;
     loop {
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Some(status) = child.exited() {
             return Err(UpgradeError::Exited(status));
         }
         let step = tokio::time::Instant::now() + Duration::from_millis(200);
@@ -213,15 +237,17 @@ async fn wait_ready(
 }
 
 /// The new binary must accept the configuration (`--check`) before it gets the sockets.
+/// A check that hangs is killed at [`CHECK_WAIT`].
 async fn check(binary: &Path, args: &[String]) -> Result<(), UpgradeError> {
-    let (binary, mut args) = (binary.to_owned(), args.to_vec());
-    args.push("--check".into());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&binary).args(&args).output()
-    })
-    .await
-    .map_err(|e| UpgradeError::Check(e.to_string()))?
-    .map_err(UpgradeError::Spawn)?;
+    let run = tokio::process::Command::new(binary)
+        .args(args)
+        .arg("--check")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(CHECK_WAIT, run)
+        .await
+        .map_err(|_| UpgradeError::CheckHung(CHECK_WAIT))?
+        .map_err(UpgradeError::Spawn)?;
     if out.status.success() {
         Ok(())
     } else {

@@ -502,3 +502,80 @@ async fn sigint_stops_like_sigterm() {
     );
     assert!(pglb.log().contains("SIGINT received"), "{}", pglb.log());
 }
+
+/// A stop signal wins over an upgrade in progress: with the new binary's `--check` hung,
+/// SIGTERM still stops pglb at once, and the hung check is killed, not left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_hung_upgrade_check_stops_at_once() {
+    let stack = Stack::start(1);
+    let (port, stats) = (free_port(), free_port());
+    let dir = tempfile::tempdir().expect("tempdir");
+    let binary = dir.path().join("pglb");
+    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
+    let config = dir.path().join("pglb.toml");
+    std::fs::write(&config, self::config(port, stats, &stack, "100ms")).expect("config");
+    let log = dir.path().join("pglb.log");
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.arg("--config")
+        .arg(&config)
+        .stderr(std::fs::File::create(&log).expect("log"));
+    let mut pglb = harness::Proc::spawn(&mut cmd, "pglb", Signal::SIGTERM);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !read_log().contains("listening listen=postgres") {
+        assert!(Instant::now() < deadline, "{}", read_log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The "new binary": its --check never finishes.
+    let pid_file = dir.path().join("check.pid");
+    let fresh = dir.path().join("pglb.new");
+    std::fs::write(
+        &fresh,
+        format!(
+            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
+            pid_file.display()
+        ),
+    )
+    .expect("script");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&fresh, &binary).expect("replace the binary");
+    pglb.signal(Signal::SIGUSR2);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !pid_file.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the check never ran:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let check: i32 = std::fs::read_to_string(&pid_file)
+        .expect("pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let t0 = Instant::now();
+    pglb.signal(Signal::SIGTERM);
+    let status = pglb.wait_exit(Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}\n{}",
+        read_log()
+    );
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t0.elapsed()
+    );
+    // Gone, or a zombie waiting for its new parent to reap it: not sleeping on.
+    let stat = std::fs::read_to_string(format!("/proc/{check}/stat")).unwrap_or_default();
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, r)| r.split_whitespace().next());
+    assert!(
+        matches!(state, None | Some("Z")),
+        "the hung check was not killed: {stat}"
+    );
+}
