@@ -128,7 +128,12 @@ fn watch(hangups: &Hangups) {
                 }
             }
             Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return,
+            Err(e) => {
+                // Closes of kernel-relayed sessions are noticed at their idle limit from
+                // here on: say so.
+                tracing::error!(error = %e, "kernel relay: the hang-up watch stopped; closes are seen at the idle limit only");
+                return;
+            }
         }
     }
 }

@@ -183,14 +183,36 @@ impl Session<'_, '_> {
             }
             Err(e) => {
                 stayed(&e);
-                if let Err(e) = client.write_all(ready).await {
-                    total.end = End::ClientError(e);
+                if let Some(end) = self.forward(&mut client, ready).await {
+                    total.end = end;
                     return Next::Done(Some((client, server)));
                 }
                 add(&self.meters.to_client, ready.len() as u64);
                 total.to_client += ready.len() as u64;
                 Next::User((client, server))
             }
+        }
+    }
+
+    /// Sends the held-back ReadyForQuery to a client the kernel did not take. It may be
+    /// the client that stopped reading (the hand-over failed because it had not
+    /// acknowledged the result): bounded by its idle limit and the session's signals, as
+    /// the user-space relay is. `Some`: how the session ended instead.
+    async fn forward(&self, client: &mut Client, ready: &[u8]) -> Option<End> {
+        let s = self.signals;
+        let drain_over = async {
+            s.drain.cancelled().await;
+            tokio::time::sleep(s.drain_deadline).await;
+        };
+        tokio::select! {
+            sent = tokio::time::timeout(self.idle.client, client.write_all(ready)) => match sent {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(End::ClientError(e)),
+                Err(_) => Some(End::ClientTimeout),
+            },
+            _ = s.shutdown.cancelled() => Some(End::Shutdown),
+            _ = s.kill.cancelled() => Some(End::ServerDown),
+            _ = drain_over => Some(End::DrainTimeout),
         }
     }
 
