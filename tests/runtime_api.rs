@@ -289,6 +289,21 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
         "\n> # name\npostgres\n\n> \n> "
     );
 
+    // Past its 64 connections the socket says so, instead of closing without a word.
+    let held: Vec<_> = (0..64)
+        .map(|_| std::os::unix::net::UnixStream::connect(sock).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut extra = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut said = String::new();
+    use std::io::Read as _;
+    let _ = extra.read_to_string(&mut said);
+    assert_eq!(said, "Too many connections (64); try again.\n\n");
+    drop(held);
+
     // The socket file goes with the process.
     lb.pglb.proc.stop();
     assert!(!sock.exists(), "the socket is removed when pglb stops");

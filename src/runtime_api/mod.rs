@@ -130,7 +130,14 @@ pub async fn serve(listener: Listener, ctx: Arc<Context>, stop: CancellationToke
             }
         };
         let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            debug!("runtime API: too many connections, closing one");
+            debug!("runtime API: too many connections, refusing one");
+            tokio::spawn(async move {
+                let mut stream = stream;
+                let busy = format!("Too many connections ({MAX_CONNECTIONS}); try again.\n\n");
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), stream.write_all(busy.as_bytes()))
+                        .await;
+            });
             continue;
         };
         let ctx = Arc::clone(&ctx);
@@ -198,13 +205,24 @@ async fn connection(stream: Box<dyn Stream>, ctx: &Context) -> io::Result<()> {
             if cli.interactive {
                 answer.push_str(PROMPT);
             }
-            write.write_all(answer.as_bytes()).await?;
+            // A client that stops reading must not hold its connection slot for good.
+            bounded(cli.timeout, write.write_all(answer.as_bytes())).await?;
         }
-        write.flush().await?;
+        bounded(cli.timeout, write.flush()).await?;
         if !cli.interactive {
             return Ok(());
         }
     }
+}
+
+/// `io` within `limit`, else a TimedOut error.
+async fn bounded(limit: Duration, io: impl Future<Output = io::Result<()>>) -> io::Result<()> {
+    tokio::time::timeout(limit, io).await.unwrap_or_else(|_| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not read its answer in time",
+        ))
+    })
 }
 
 /// Splits a line at `;` (a `\;` stays in the command), dropping empty commands.
