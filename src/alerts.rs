@@ -15,6 +15,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Request;
 use tokio::sync::broadcast;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -38,6 +39,9 @@ pub async fn run(
     let client = client();
     let mut pending: Vec<Event> = Vec::new();
     let mut deadline: Option<Instant> = None;
+    // Deliveries run beside the loop, so a slow webhook delays neither the next events
+    // nor the stop.
+    let mut sending = JoinSet::new();
     loop {
         let flush_at = deadline.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
@@ -51,26 +55,64 @@ pub async fn run(
             },
             _ = sleep_until(flush_at), if deadline.is_some() => {
                 for text in messages(&pending, &host) {
-                    deliver(&client, &cfg.webhook_url, &text, None).await;
+                    sending.spawn(send(client.clone(), cfg.webhook_url.clone(), text, None));
                 }
                 pending.clear();
                 deadline = None;
             }
+            Some(_) = sending.join_next(), if !sending.is_empty() => {}
             _ = stop.cancelled() => break,
         }
     }
     // Shutdown: what is still in the channel joins what was coalescing.
-    while let Ok(e) = events.try_recv() {
-        pending.push(e);
+    loop {
+        match events.try_recv() {
+            Ok(e) => pending.push(e),
+            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                warn!(
+                    lost = n,
+                    "alert lost at shutdown: {n} state changes not alerted (the channel overflowed)"
+                );
+            }
+            Err(_) => break,
+        }
     }
     let give_up = Instant::now() + SHUTDOWN_FLUSH;
-    let texts = messages(&pending, &host);
-    let mut sends = tokio::task::JoinSet::new();
-    for text in texts {
-        let (client, url) = (client.clone(), cfg.webhook_url.clone());
-        sends.spawn(async move { deliver(&client, &url, &text, Some(give_up)).await });
+    for text in messages(&pending, &host) {
+        sending.spawn(send(
+            client.clone(),
+            cfg.webhook_url.clone(),
+            text,
+            Some(give_up),
+        ));
     }
-    while sends.join_next().await.is_some() {}
+    // Deliveries already under way get the same time; what is still going at its end is
+    // stopped, and each logs its text as lost.
+    let all = async { while sending.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout_at(give_up, all).await;
+    sending.shutdown().await;
+}
+
+/// Delivers one message (see `deliver`); if stopped first, logs it as lost with its text.
+async fn send(client: WebClient, url: String, text: String, give_up: Option<Instant>) {
+    let mut unsent = Unsent(Some(text));
+    if let Some(text) = &unsent.0 {
+        deliver(&client, &url, text, give_up).await;
+    }
+    unsent.0 = None;
+}
+
+/// A message whose delivery was stopped at shutdown before it ended.
+struct Unsent(Option<String>);
+
+impl Drop for Unsent {
+    fn drop(&mut self) {
+        if let Some(text) = &self.0 {
+            warn!(
+                "alert lost at shutdown: delivery still under way when the flush time ran out: {text}"
+            );
+        }
+    }
 }
 
 /// One message per server (or listen) with its chain of states in order.
