@@ -256,7 +256,8 @@ impl ServerState {
             .unwrap_or(0);
         let mut v = lock(&self.op_version);
         *v = OpVersion {
-            ms: now.max(v.ms + 1),
+            // Saturating: a version from a peer or a file may be anything.
+            ms: now.max(v.ms.saturating_add(1)),
             node: node.to_owned(),
         };
         v.clone()
