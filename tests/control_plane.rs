@@ -67,10 +67,7 @@ async fn a_flooded_stats_port_fakes_no_failover() {
         harness::APP_PASSWORD,
         harness::APP_DB
     );
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(port, &check, &stack.servers_toml())
-    );
+    let config = Pglb::config_with_open_stats(port, &check, &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     pglb.wait_log(&["is UP"], 3, Duration::from_secs(10));
 

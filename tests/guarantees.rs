@@ -563,10 +563,7 @@ async fn admin_actions_only_from_the_dashboards_own_origin() {
 async fn without_credentials_configured_admin_actions_are_refused() {
     let stack = Stack::start(1);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(port, "", &stack.servers_toml())
-    );
+    let config = Pglb::config_with_open_stats(port, "", &stack.servers_toml(), stats);
     let _pglb = Pglb::start(&config, port);
     let form = ("Content-Type", "application/x-www-form-urlencoded");
     let (code, _, body) = http_with(

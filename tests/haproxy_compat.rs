@@ -125,10 +125,7 @@ async fn csv_columns_match_haproxy_2_6_on_the_same_pgbouncers() {
         "[listen.check]\ntype = \"pgsql\"\nuser = \"{}\"\ninterval = \"200ms\"\nrise = 2\nfall = 3\n",
         harness::APP_USER
     );
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(port, &check, &stack.servers_toml())
-    );
+    let config = Pglb::config_with_open_stats(port, &check, &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     pglb.wait_log(&["is UP"], 2, Duration::from_secs(5));
     // The same traffic through both: a few sessions each.
@@ -188,14 +185,8 @@ async fn csv_columns_match_haproxy_2_6_on_the_same_pgbouncers() {
 async fn promtool_accepts_metrics_and_the_grafana_dashboard_uses_only_them() {
     let stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(
-            port,
-            "[listen.check]\ntype = \"tcp\"",
-            &stack.servers_toml()
-        )
-    );
+    let check = "[listen.check]\ntype = \"tcp\"";
+    let config = Pglb::config_with_open_stats(port, check, &stack.servers_toml(), stats);
     let pglb = Pglb::start(&config, port);
     pglb.wait_log(&["is UP"], 2, Duration::from_secs(5));
     let c = pglb.connect().await.expect("connect");
@@ -259,10 +250,7 @@ async fn promtool_accepts_metrics_and_the_grafana_dashboard_uses_only_them() {
 async fn haproxys_csv_url_forms_answer_csv() {
     let stack = Stack::start(1);
     let (port, stats) = (free_port(), free_port());
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(port, "", &stack.servers_toml())
-    );
+    let config = Pglb::config_with_open_stats(port, "", &stack.servers_toml(), stats);
     let _pglb = Pglb::start(&config, port);
     let deadline = Instant::now() + Duration::from_secs(2);
     for path in [
@@ -291,10 +279,7 @@ async fn a_server_down_since_start_reads_as_in_haproxy() {
     );
     let (port, stats) = (free_port(), free_port());
     let check = "[listen.check]\ntype = \"tcp\"\ninterval = \"100ms\"\ndowninter = \"100ms\"\nrise = 2\nfall = 3\n";
-    let config = format!(
-        "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
-        Pglb::config(port, check, &servers)
-    );
+    let config = Pglb::config_with_open_stats(port, check, &servers, stats);
     let _pglb = Pglb::start(&config, port);
     tokio::time::sleep(Duration::from_millis(2200)).await;
     let (_, csv) = http_get(stats, "/stats;csv").await;

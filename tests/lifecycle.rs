@@ -19,6 +19,77 @@ fn config(port: u16, stats: u16, stack: &Stack, linger: &str) -> String {
         + &format!("\n[stats]\nbind = \"127.0.0.1:{stats}\"\n")
 }
 
+/// pglb run from its own copy of the binary, as a package installs it, so a test can
+/// replace the file under the running process.
+struct Installed {
+    dir: tempfile::TempDir,
+    binary: std::path::PathBuf,
+    config: std::path::PathBuf,
+    log: std::path::PathBuf,
+}
+
+impl Installed {
+    fn new(config: &str) -> Installed {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let binary = dir.path().join("pglb");
+        std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
+        let (log, path) = (dir.path().join("pglb.log"), dir.path().join("pglb.toml"));
+        std::fs::write(&path, config).expect("config");
+        Installed {
+            dir,
+            binary,
+            config: path,
+            log,
+        }
+    }
+
+    /// Starts it (stopped by pid when the guard goes) and waits until it listens.
+    fn start(&self) -> harness::Proc {
+        let mut cmd = std::process::Command::new(&self.binary);
+        cmd.arg("--config")
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&self.log).expect("log"));
+        let pglb = harness::Proc::spawn(&mut cmd, "pglb", Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains("listening listen=postgres") {
+            assert!(Instant::now() < deadline, "{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        pglb
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Replaces the binary with a copy of `file`: a new inode, as a package upgrade does.
+    fn replace_binary(&self, file: &std::path::Path) {
+        let fresh = self.dir.path().join("pglb.new");
+        std::fs::copy(file, &fresh).expect("copy");
+        std::fs::rename(&fresh, &self.binary).expect("replace the binary");
+    }
+
+    /// Replaces the binary with a shell script of `lines`.
+    fn replace_with_script(&self, lines: &str) {
+        let script = self.dir.path().join("script");
+        std::fs::write(&script, format!("#!/bin/sh\n{lines}\n")).expect("script");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        self.replace_binary(&script);
+    }
+
+    /// The app user's libpq connection string for `port`.
+    fn dsn(port: u16) -> String {
+        format!(
+            "host=127.0.0.1 port={port} user={} password={} dbname={}",
+            harness::APP_USER,
+            harness::APP_PASSWORD,
+            harness::APP_DB
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_says_down_keeps_accepting_and_ends_idle_sessions_at_once() {
     let stack = Stack::start(2);
@@ -154,35 +225,14 @@ fn a_descriptor_limit_below_maxconn_is_warned_about_at_start() {
 async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_anyone() {
     let stack = Stack::start(2);
     let (port, stats) = (free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let binary = dir.path().join("pglb");
-    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
-    let config = dir.path().join("pglb.toml");
     // The runtime API on TCP too: it must be handed over like the other sockets.
     let api = free_port();
-    let text =
-        self::config(port, stats, &stack, "100ms") + &format!("socket = \"127.0.0.1:{api}\"\n");
-    std::fs::write(&config, text).expect("config");
-    let log = dir.path().join("pglb.log");
-    let mut old = std::process::Command::new(&binary)
-        .arg("--config")
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("start pglb");
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !read_log().contains("listening listen=postgres") {
-        assert!(Instant::now() < deadline, "{}", read_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let dsn = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname={}",
-        harness::APP_USER,
-        harness::APP_PASSWORD,
-        harness::APP_DB
+    let installed = Installed::new(
+        &(self::config(port, stats, &stack, "100ms") + &format!("socket = \"127.0.0.1:{api}\"\n")),
     );
+    let mut old = installed.start();
+    let read_log = || installed.log();
+    let dsn = Installed::dsn(port);
     let idle = harness::connect_dsn(&dsn).await.expect("connect");
     idle.simple_query("SELECT 1").await.expect("query");
     let busy = harness::connect_dsn(&dsn).await.expect("connect");
@@ -220,11 +270,8 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // The package replaces the file (a new inode), then reloads.
-    let fresh = dir.path().join("pglb.new");
-    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &fresh).expect("copy");
-    std::fs::rename(&fresh, &binary).expect("replace the binary");
-    // The pglb this test started.
-    let _ = kill(Pid::from_raw(old.id() as i32), Signal::SIGHUP);
+    installed.replace_binary(std::path::Path::new(env!("CARGO_BIN_EXE_pglb")));
+    old.signal(Signal::SIGHUP);
     let deadline = Instant::now() + Duration::from_secs(15);
     while !read_log().contains("upgrade: the new process serves") {
         assert!(Instant::now() < deadline, "no hand-over:\n{}", read_log());
@@ -240,15 +287,11 @@ async fn a_replaced_binary_takes_over_the_sockets_on_reload_without_refusing_any
     busy.simple_query("COMMIT")
         .await
         .expect("the transaction finished on the old process");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while matches!(old.try_wait(), Ok(None)) {
-        assert!(
-            Instant::now() < deadline,
-            "old process still running:\n{}",
-            read_log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        old.wait_exit(Duration::from_secs(10)).is_some(),
+        "old process still running:\n{}",
+        read_log()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = clients.await.expect("clients");
@@ -360,19 +403,11 @@ fn sigusr2_hands_the_unix_runtime_socket_to_the_new_process() {
 async fn a_failed_upgrade_leaves_the_running_process_serving() {
     let stack = Stack::start(1);
     let (port, stats) = (free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let binary = dir.path().join("pglb");
-    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
-    let config = dir.path().join("pglb.toml");
     let good = self::config(port, stats, &stack, "100ms");
-    std::fs::write(&config, &good).expect("config");
-    let log = dir.path().join("pglb.log");
-    let mut cmd = std::process::Command::new(&binary);
-    cmd.arg("--config")
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).expect("log"));
-    let pglb = harness::Proc::spawn(&mut cmd, "pglb", Signal::SIGTERM);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let installed = Installed::new(&good);
+    let config = &installed.config;
+    let pglb = installed.start();
+    let read_log = || installed.log();
     let failures = || {
         read_log()
             .matches("upgrade failed, this process goes on serving")
@@ -398,28 +433,18 @@ async fn a_failed_upgrade_leaves_the_running_process_serving() {
             .unwrap_or("");
         assert!(line.contains(why), "{line}");
     };
-    let dsn = format!(
-        "host=127.0.0.1 port={port} user={} password={} dbname={}",
-        harness::APP_USER,
-        harness::APP_PASSWORD,
-        harness::APP_DB
-    );
+    let dsn = Installed::dsn(port);
     let serves = || async {
         let c = harness::connect_dsn(&dsn)
             .await
             .expect("the old process serves");
         c.simple_query("SELECT 1").await.expect("query");
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !read_log().contains("listening listen=postgres") {
-        assert!(Instant::now() < deadline, "{}", read_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let held = harness::connect_dsn(&dsn).await.expect("connect");
 
     // 1. The configuration on disk no longer passes (the new binary's --check says why).
     std::fs::write(
-        &config,
+        config,
         good.replace("[global]", "[global]\nno_such_key = 1"),
     )
     .expect("bad");
@@ -428,17 +453,13 @@ async fn a_failed_upgrade_leaves_the_running_process_serving() {
         Duration::from_secs(10),
     );
     assert!(read_log().contains("no_such_key"), "{}", read_log());
-    std::fs::write(&config, &good).expect("config");
+    std::fs::write(config, &good).expect("config");
     serves().await;
 
     // 2. and 3. A new "binary" that passes --check, then exits, or then never serves.
     let script = |body: &str| {
-        let fresh = dir.path().join("pglb.new");
-        let text = format!("#!/bin/sh\nfor a; do [ \"$a\" = --check ] && exit 0; done\n{body}\n");
-        std::fs::write(&fresh, text).expect("script");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-        std::fs::rename(&fresh, &binary).expect("replace the binary");
+        let check = "for a; do [ \"$a\" = --check ] && exit 0; done";
+        installed.replace_with_script(&format!("{check}\n{body}"));
     };
     script("exit 3");
     upgrade(
@@ -448,7 +469,7 @@ async fn a_failed_upgrade_leaves_the_running_process_serving() {
     serves().await;
     script(&format!(
         "echo $$ > {}/hung.pid\nexec sleep 60",
-        dir.path().display()
+        installed.dir.path().display()
     ));
     let t0 = Instant::now();
     upgrade(
@@ -460,7 +481,7 @@ async fn a_failed_upgrade_leaves_the_running_process_serving() {
         "{:?}",
         t0.elapsed()
     );
-    let hung: i32 = std::fs::read_to_string(dir.path().join("hung.pid"))
+    let hung: i32 = std::fs::read_to_string(installed.dir.path().join("hung.pid"))
         .expect("the hung successor's pid")
         .trim()
         .parse()
@@ -509,37 +530,12 @@ async fn sigint_stops_like_sigterm() {
 async fn sigterm_during_a_hung_upgrade_check_stops_at_once() {
     let stack = Stack::start(1);
     let (port, stats) = (free_port(), free_port());
-    let dir = tempfile::tempdir().expect("tempdir");
-    let binary = dir.path().join("pglb");
-    std::fs::copy(env!("CARGO_BIN_EXE_pglb"), &binary).expect("copy binary");
-    let config = dir.path().join("pglb.toml");
-    std::fs::write(&config, self::config(port, stats, &stack, "100ms")).expect("config");
-    let log = dir.path().join("pglb.log");
-    let mut cmd = std::process::Command::new(&binary);
-    cmd.arg("--config")
-        .arg(&config)
-        .stderr(std::fs::File::create(&log).expect("log"));
-    let mut pglb = harness::Proc::spawn(&mut cmd, "pglb", Signal::SIGTERM);
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !read_log().contains("listening listen=postgres") {
-        assert!(Instant::now() < deadline, "{}", read_log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let installed = Installed::new(&self::config(port, stats, &stack, "100ms"));
+    let mut pglb = installed.start();
+    let read_log = || installed.log();
     // The "new binary": its --check never finishes.
-    let pid_file = dir.path().join("check.pid");
-    let fresh = dir.path().join("pglb.new");
-    std::fs::write(
-        &fresh,
-        format!(
-            "#!/bin/sh\necho $$ > {}\nexec sleep 60\n",
-            pid_file.display()
-        ),
-    )
-    .expect("script");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    std::fs::rename(&fresh, &binary).expect("replace the binary");
+    let pid_file = installed.dir.path().join("check.pid");
+    installed.replace_with_script(&format!("echo $$ > {}\nexec sleep 60", pid_file.display()));
     pglb.signal(Signal::SIGUSR2);
     let deadline = Instant::now() + Duration::from_secs(5);
     while !pid_file.exists() {

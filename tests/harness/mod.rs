@@ -680,6 +680,20 @@ impl Pglb {
         )
     }
 
+    /// `config` with `[stats]` on `stats` and no credentials: a read-only dashboard.
+    #[allow(dead_code)] // not every test binary uses every helper
+    pub fn config_with_open_stats(
+        port: u16,
+        listen_extra: &str,
+        servers_toml: &str,
+        stats: u16,
+    ) -> String {
+        format!(
+            "{}\n[stats]\nbind = \"127.0.0.1:{stats}\"\n",
+            Pglb::config(port, listen_extra, servers_toml)
+        )
+    }
+
     /// `config` with `[stats]` on `stats` and the tests' admin credentials.
     pub fn config_with_stats(
         port: u16,
