@@ -323,7 +323,9 @@ struct Pump<'m, R, W> {
     /// The chunk in `buf` was scanned when read (hand-over armed).
     scanned: bool,
     moved: u64,
-    /// When this side last sent bytes, in ms since the relay began.
+    /// When this side last sent bytes, in ns since the relay began (fine enough that a
+    /// request and the answer before it never share a tick: the idle rule blames the side
+    /// that fell quiet first).
     last_read: u64,
     meters: [&'m StripedCounter; 2],
 }
@@ -402,7 +404,7 @@ impl<'m, R: Source, W: AsyncWrite + Unpin> Pump<'m, R, W> {
             match ready!(self.from.poll_chunk(cx, &mut self.buf)) {
                 Ok(0) => self.eof = true,
                 Ok(_) => {
-                    self.last_read = epoch.elapsed().as_millis() as u64;
+                    self.last_read = epoch.elapsed().as_nanos() as u64;
                     // Client requests are counted before they can reach the server, so a
                     // ReadyForQuery is never mistaken for the answer to a later one.
                     if let (Some(t), Side::Client) = (tracker, self.side) {
@@ -682,11 +684,11 @@ impl<R1: Source, W1: AsyncWrite + Unpin, R2: Source, W2: AsyncWrite + Unpin>
         } else {
             (lc, self.idle.server, End::ServerTimeout)
         };
-        let idle_at = epoch + Duration::from_millis(quiet_since) + limit;
+        let idle_at = epoch + Duration::from_nanos(quiet_since) + limit;
         let quiet_check = self.drain_deadline.is_some()
             && tracker.is_some()
             && *self.drain_checked != Some((lc, ls));
-        let quiet_at = epoch + Duration::from_millis(lc.max(ls)) + DRAIN_QUIET;
+        let quiet_at = epoch + Duration::from_nanos(lc.max(ls)) + DRAIN_QUIET;
         let mut wake = idle_at;
         if quiet_check {
             wake = wake.min(quiet_at);
