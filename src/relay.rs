@@ -836,6 +836,31 @@ mod tests {
         }
     }
 
+    /// A client that resets its connection mid-session (a killed process, a NAT that
+    /// dropped it): "client error", HAProxy's CD; the server's reset is SD.
+    #[tokio::test]
+    async fn a_reset_ends_the_session_as_an_error_of_the_side_that_sent_it() {
+        for client_resets in [true, false] {
+            let (mut ends, task) = start(false, Arc::new(Tokens::default()), IDLE).await;
+            ends.client.write_all(b"Q").await.expect("write");
+            let mut b = [0u8; 1];
+            ends.server.read_exact(&mut b).await.expect("relayed");
+            let gone = if client_resets {
+                ends.client
+            } else {
+                ends.server
+            };
+            // SO_LINGER 0: the close sends an RST.
+            socket2::SockRef::from(&gone)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger");
+            drop(gone);
+            let (out, _) = task.await.expect("relay");
+            let want = if client_resets { "CD" } else { "SD" };
+            assert_eq!(out.end.code(), want, "{:?}", out.end);
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_quiet_session_ends_at_the_client_idle_limit() {
         let (_ends, task) = start(false, Arc::new(Tokens::default()), IDLE).await;
