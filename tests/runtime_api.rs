@@ -304,6 +304,31 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
     assert_eq!(said, "Too many connections (64); try again.\n\n");
     drop(held);
 
+    // A client that asks for many answers and does not read them is closed once a
+    // write has waited its CLI timeout (1 s here), instead of holding its place.
+    let mut greedy = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    let line = format!("set timeout cli 1;{}\n", "show stat typed;".repeat(3500));
+    use std::io::Write as _;
+    greedy.write_all(line.as_bytes()).expect("request");
+    std::thread::sleep(Duration::from_secs(4));
+    greedy
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let (mut total, mut chunk) = (0usize, vec![0u8; 1 << 16]);
+    loop {
+        match greedy.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => total += n,
+            Err(e) => panic!("still open after {total} bytes: {e}"),
+        }
+    }
+    let one = socat(sock, "show stat typed").len();
+    assert!(
+        total < one * 3500 / 2,
+        "closed early: {total} of {} bytes",
+        one * 3500
+    );
+
     // The socket file goes with the process.
     lb.pglb.proc.stop();
     assert!(!sock.exists(), "the socket is removed when pglb stops");
