@@ -304,11 +304,20 @@ async fn socat_scripts_drive_the_socket_like_haproxys() {
     assert_eq!(said, "Too many connections (64); try again.\n\n");
     drop(held);
 
+    // A line past the limit is answered, not just dropped.
+    use std::io::Write as _;
+    let mut long = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    long.write_all(&[b'x'; 70_000]).expect("write");
+    long.set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let mut said = String::new();
+    let _ = long.read_to_string(&mut said);
+    assert_eq!(said, "Command line too long (64 KiB at most).\n\n");
+
     // A client that asks for many answers and does not read them is closed once a
     // write has waited its CLI timeout (1 s here), instead of holding its place.
     let mut greedy = std::os::unix::net::UnixStream::connect(sock).expect("connect");
     let line = format!("set timeout cli 1;{}\n", "show stat typed;".repeat(3500));
-    use std::io::Write as _;
     greedy.write_all(line.as_bytes()).expect("request");
     std::thread::sleep(Duration::from_secs(4));
     greedy

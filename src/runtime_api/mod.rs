@@ -191,8 +191,12 @@ async fn connection(stream: Box<dyn Stream>, ctx: &Context) -> io::Result<()> {
             Ok(r) => r?,
             Err(_) => return Ok(()),
         };
+        if n as u64 == MAX_LINE && !line.ends_with('\n') {
+            let said = "Command line too long (64 KiB at most).\n\n";
+            return bounded(cli.timeout, write.write_all(said.as_bytes())).await;
+        }
         if n == 0 || !line.ends_with('\n') {
-            // EOF, or a line longer than the limit.
+            // EOF, or the client's last line without its newline.
             return Ok(());
         }
         for command in split_commands(line.trim_end_matches(['\n', '\r'])) {
