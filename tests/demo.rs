@@ -66,8 +66,16 @@ async fn wait_status(stats: u16, server: &str, want: &str) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
+/// The demo, running as a newcomer starts it, in a process group of its own.
+struct Started {
+    demo: Demo,
+    stdin: std::process::ChildStdin,
+    lines: mpsc::Receiver<String>,
+    port: u16,
+    stats: u16,
+}
+
+fn start_demo() -> Started {
     // The demo is an example of this crate: build it as deploy/demo.sh does (dev profile
     // here; the script builds release).
     let built = Command::new(env!("CARGO"))
@@ -92,13 +100,83 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
         .expect("start the demo");
     let mut demo = Demo(child);
     let stdout = demo.0.stdout.take().expect("stdout");
-    let mut stdin = demo.0.stdin.take().expect("stdin");
-    let (tx, rx) = mpsc::channel();
+    let stdin = demo.0.stdin.take().expect("stdin");
+    let (tx, lines) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             let _ = tx.send(line);
         }
     });
+    Started {
+        demo,
+        stdin,
+        lines,
+        port,
+        stats,
+    }
+}
+
+/// The demo has exited, pglb's port is closed, and nothing of its process group (pglb,
+/// the PgBouncers, PostgreSQL) is left.
+fn assert_all_gone(demo: &mut Demo, port: u16, seen: &str) {
+    let group = Pid::from_raw(demo.0.id() as i32);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while matches!(demo.0.try_wait(), Ok(None)) {
+        assert!(Instant::now() < deadline, "the demo did not stop:\n{seen}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "pglb stopped"
+    );
+    while killpg(group, None).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "processes of the demo are left:\n{}",
+            group_members(group)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Ctrl-C in the demo's terminal (SIGINT to its whole process group) stops pglb, the
+/// PgBouncers and PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_the_demo_and_everything_it_started() {
+    // (Its stdin stays open: at end of input the demo quits as on `q`.)
+    let Started {
+        mut demo,
+        stdin: _stdin,
+        lines,
+        port,
+        stats,
+    } = start_demo();
+    let mut seen = String::new();
+    wait_line(&lines, &mut seen, "the keys", |l| {
+        l.starts_with("keys (then Enter):")
+    });
+    harness::wait_listening(
+        std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
+        "the demo's dashboard",
+        Duration::from_secs(10),
+    );
+    for s in ["pgb1", "pgb2", "pgb3"] {
+        wait_status(stats, s, "UP").await;
+    }
+    let group = Pid::from_raw(demo.0.id() as i32);
+    killpg(group, Signal::SIGINT).expect("Ctrl-C");
+    assert_all_gone(&mut demo, port, &seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
+    let Started {
+        mut demo,
+        mut stdin,
+        lines: rx,
+        port,
+        stats,
+    } = start_demo();
     let mut seen = String::new();
     let dashboard = wait_line(&rx, &mut seen, "the dashboard URL", |l| {
         l.starts_with("dashboard:")
@@ -154,25 +232,8 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
 
     // `q` stops everything it started: pglb, the PgBouncers and PostgreSQL all ran in the
     // demo's process group, and none of them is left.
-    let group = Pid::from_raw(demo.0.id() as i32);
     writeln!(stdin, "q").expect("key");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while matches!(demo.0.try_wait(), Ok(None)) {
-        assert!(Instant::now() < deadline, "the demo did not stop:\n{seen}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
-        "pglb stopped"
-    );
-    while killpg(group, None).is_ok() {
-        assert!(
-            Instant::now() < deadline,
-            "processes of the demo are left:\n{}",
-            group_members(group)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    assert_all_gone(&mut demo, port, &seen);
 }
 
 /// The processes of process group `group`, with their command lines (for the failure).
