@@ -95,21 +95,26 @@ pub async fn run(
 
 /// Delivers one message (see `deliver`); if stopped first, logs it as lost with its text.
 async fn send(client: WebClient, url: String, text: String, give_up: Option<Instant>) {
-    let mut unsent = Unsent(Some(text));
-    if let Some(text) = &unsent.0 {
-        deliver(&client, &url, text, give_up).await;
-    }
-    unsent.0 = None;
+    let mut unsent = Unsent {
+        text: &text,
+        ended: false,
+    };
+    deliver(&client, &url, &text, give_up).await;
+    unsent.ended = true;
 }
 
-/// A message whose delivery was stopped at shutdown before it ended.
-struct Unsent(Option<String>);
+/// A delivery that was stopped (its task dropped at shutdown) before it ended.
+struct Unsent<'a> {
+    text: &'a str,
+    ended: bool,
+}
 
-impl Drop for Unsent {
+impl Drop for Unsent<'_> {
     fn drop(&mut self) {
-        if let Some(text) = &self.0 {
+        if !self.ended {
             warn!(
-                "alert lost at shutdown: delivery still under way when the flush time ran out: {text}"
+                "alert lost at shutdown: delivery still under way when the flush time ran out: {}",
+                self.text
             );
         }
     }

@@ -139,6 +139,18 @@ fn assert_all_gone(demo: &mut Demo, port: u16, seen: &str) {
     }
 }
 
+/// The demo's dashboard listens and shows its three PgBouncers UP.
+async fn wait_serving(stats: u16) {
+    harness::wait_listening(
+        std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
+        "the demo's dashboard",
+        Duration::from_secs(10),
+    );
+    for s in ["pgb1", "pgb2", "pgb3"] {
+        wait_status(stats, s, "UP").await;
+    }
+}
+
 /// Ctrl-C in the demo's terminal (SIGINT to its whole process group) stops pglb, the
 /// PgBouncers and PostgreSQL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,14 +167,7 @@ async fn ctrl_c_stops_the_demo_and_everything_it_started() {
     wait_line(&lines, &mut seen, "the keys", |l| {
         l.starts_with("keys (then Enter):")
     });
-    harness::wait_listening(
-        std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
-        "the demo's dashboard",
-        Duration::from_secs(10),
-    );
-    for s in ["pgb1", "pgb2", "pgb3"] {
-        wait_status(stats, s, "UP").await;
-    }
+    wait_serving(stats).await;
     let group = Pid::from_raw(demo.0.id() as i32);
     killpg(group, Signal::SIGINT).expect("Ctrl-C");
     assert_all_gone(&mut demo, port, &seen);
@@ -193,15 +198,8 @@ async fn the_demo_shows_the_dashboard_and_reacts_to_its_keys() {
         wait_line(&rx, &mut seen, line, |l| l.starts_with(line));
     }
 
-    harness::wait_listening(
-        std::net::SocketAddr::from(([127, 0, 0, 1], stats)),
-        "the demo's dashboard",
-        Duration::from_secs(10),
-    );
     // Three green PgBouncers on the dashboard (query checks pass every 2 s).
-    for s in ["pgb1", "pgb2", "pgb3"] {
-        wait_status(stats, s, "UP").await;
-    }
+    wait_serving(stats).await;
     let (_, page) = http_get(stats, "/stats").await;
     assert_eq!(
         page.matches("<tr class=\"up\"").count(),
